@@ -1,0 +1,237 @@
+"""The ``mmtrain`` command: prep, tokenizer, train, sample, caption, eval, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from mmtrain.config import ConfigError, load_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- prep
+
+
+def cmd_prep(args: argparse.Namespace) -> int:
+    from mmtrain.data.shards import write_synthetic_shards
+    from mmtrain.data.synthetic import SyntheticConfig
+
+    cfg = SyntheticConfig(image_size=args.image_size, seed=args.seed, min_shapes=args.min_shapes, max_shapes=args.max_shapes)
+    stats = write_synthetic_shards(args.out, args.num, cfg, samples_per_shard=args.samples_per_shard,
+                                   image_format=args.format, progress=not args.quiet)
+    print(f"wrote {stats['num_samples']} samples in {stats['num_shards']} shards to {args.out} (stats: {Path(args.out) / 'stats.json'})")
+    return 0
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from mmtrain.data.shards import iter_shard_samples
+    from mmtrain.tokenize.text import TextTokenizerConfig, train_text_tokenizer
+
+    cfg = TextTokenizerConfig(vocab_size=args.vocab_size, model_type=args.model_type, max_sentences=args.max_sentences)
+    captions = (s["caption"] for s in iter_shard_samples(args.shards))
+    tok = train_text_tokenizer(captions, args.out, cfg, progress=not args.quiet)
+    print(f"tokenizer: {args.out}.model ({tok.vocab_size} pieces; specials {json.dumps(tok.state()['special_token_ids'])})")
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+
+
+def preflight(config_path: str, overrides: list[str]):
+    """Fail fast, before any rank starts, on a bad config, missing shards or tokenizer."""
+    from mmtrain.data.shards import list_shards
+
+    cfg = load_config(config_path, overrides)
+    list_shards(cfg.data.train_shards)
+    if not Path(cfg.text_model_path).is_file():
+        raise FileNotFoundError(f"text tokenizer {cfg.text_model_path} not found (set tokenizer.text_model, or run `mmtrain tokenizer train`)")
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = preflight(args.config, args.overrides)
+    if "RANK" in os.environ:  # already inside a launcher (torchrun / srun)
+        from mmtrain.train import main as train_main
+
+        return train_main([args.config, *args.overrides])
+    nproc = cfg.train.nproc_per_node
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    if not _cuda_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+           "-m", "mmtrain.train", args.config, *args.overrides]
+    return subprocess.call(cmd, env=env)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _sample_cfg(run, overrides: list[str]):
+    from mmtrain.config import SampleConfig, apply_overrides, build_dataclass
+
+    tree = apply_overrides(dict(vars(run.cfg.sample)), [o.removeprefix("sample.") for o in overrides])
+    return build_dataclass(SampleConfig, tree, "sample")
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from mmtrain.inference import generate_images, image_grid, load_run
+
+    run = load_run(args.run_dir)
+    sample = _sample_cfg(run, args.overrides)
+    prompts = [p for p in args.prompt for _ in range(args.num_per_prompt)]
+    images = generate_images(run, prompts, sample)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, prompts, cols=args.num_per_prompt, scale=3).save(out)
+    print(f"wrote {len(images)} samples to {out} (step {run.step}, {sample.ar_steps} AR steps, cfg {sample.cfg_scale})")
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    import itertools
+
+    from PIL import Image
+
+    from mmtrain.data.shards import iter_shard_samples
+    from mmtrain.inference import caption_images, load_run
+
+    run = load_run(args.run_dir)
+    sample = _sample_cfg(run, args.overrides)
+    if args.shards:
+        items = [(s["key"], s["image"]) for s in itertools.islice(iter_shard_samples(args.shards), args.num)]
+    else:
+        items = []
+        for path in args.images:
+            try:
+                items.append((path, Image.open(path).convert("RGB")))
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{path}: cannot read image ({exc})") from None
+    if not items:
+        raise ValueError("nothing to caption: give image files or --shards")
+    captions = caption_images(run, [im for _, im in items], sample, top_p=args.top_p)
+    for (name, _), caption in zip(items, captions):
+        print(f"{name}\t{caption}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mmtrain.evaluate import evaluate_synthetic
+    from mmtrain.inference import load_run
+
+    run = load_run(args.run_dir)
+    sample = _sample_cfg(run, args.overrides)
+    out = args.out or str(Path(args.run_dir) / "eval" / f"step{run.step:08d}")
+    report = evaluate_synthetic(run, args.shards or run.cfg.data.val_shards, args.num, sample, out)
+    print(json.dumps({k: report[k] for k in ("step", "num_samples", "caption_accuracy", "image_accuracy", "reference_image_accuracy")}, indent=2))
+    print(f"report: {Path(out) / 'metrics.json'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mmtrain.demo import run_demo
+
+    return run_demo(args.out, args.overrides)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmtrain", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    prep = sub.add_parser("prep", help="write datasets into webdataset shards")
+    prep_sub = prep.add_subparsers(dest="source", required=True)
+    syn = prep_sub.add_parser("synthetic", help="the embedded procedural shapes dataset (no download)")
+    syn.add_argument("--out", required=True)
+    syn.add_argument("--num", type=int, required=True)
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--image-size", type=int, default=32)
+    syn.add_argument("--min-shapes", type=int, default=1)
+    syn.add_argument("--max-shapes", type=int, default=2)
+    syn.add_argument("--samples-per-shard", type=int, default=1000)
+    syn.add_argument("--format", choices=["png", "jpg"], default="png")
+    syn.add_argument("--quiet", action="store_true")
+    syn.set_defaults(func=cmd_prep)
+
+    tok = sub.add_parser("tokenizer", help="train tokenizers")
+    tok_sub = tok.add_subparsers(dest="what", required=True)
+    tt = tok_sub.add_parser("train", help="train the sentencepiece text tokenizer on shard captions")
+    tt.add_argument("--shards", required=True, help="shard directory, .tar or brace pattern")
+    tt.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.json")
+    tt.add_argument("--vocab-size", type=int, default=256)
+    tt.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    tt.add_argument("--max-sentences", type=int, default=1_000_000)
+    tt.add_argument("--quiet", action="store_true")
+    tt.set_defaults(func=cmd_tokenizer_train)
+
+    tr = sub.add_parser("train", help="train with DeepSpeed on this node's ranks (resumes from the run dir)")
+    tr.add_argument("config")
+    tr.add_argument("overrides", nargs="*", help="key.sub=value")
+    tr.set_defaults(func=cmd_train)
+
+    sa = sub.add_parser("sample", help="captions -> PNG grid of generated images")
+    sa.add_argument("run_dir")
+    sa.add_argument("--prompt", action="append", required=True)
+    sa.add_argument("--num-per-prompt", type=int, default=4)
+    sa.add_argument("--out", default="samples.png")
+    sa.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="sample setting override, repeatable, e.g. --set ar_steps=8 --set cfg_scale=2")
+    sa.set_defaults(func=cmd_sample)
+
+    ca = sub.add_parser("caption", help="images -> captions")
+    ca.add_argument("run_dir")
+    ca.add_argument("images", nargs="*")
+    ca.add_argument("--shards", help="caption the first --num samples of these shards instead")
+    ca.add_argument("--num", type=int, default=8)
+    ca.add_argument("--top-p", type=float, default=0.0, help="0 = greedy")
+    ca.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="sample setting override")
+    ca.set_defaults(func=cmd_caption)
+
+    ev = sub.add_parser("eval", help="attribute accuracy of captions and generated images (synthetic data)")
+    ev.add_argument("run_dir")
+    ev.add_argument("--shards", help="held-out shards (default: the run's data.val_shards)")
+    ev.add_argument("--num", type=int, default=64)
+    ev.add_argument("--out", help="report directory (default: RUN_DIR/eval/stepN)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="sample setting override")
+    ev.set_defaults(func=cmd_eval)
+
+    de = sub.add_parser("demo", help="data -> tokenizer -> train -> sample/caption -> eval, on the embedded dataset")
+    de.add_argument("--out", default="demo_out")
+    de.add_argument("overrides", nargs="*", help="config overrides for the demo run")
+    de.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"mmtrain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

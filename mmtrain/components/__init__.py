@@ -1,0 +1,1 @@
+"""Training components, one concern each."""

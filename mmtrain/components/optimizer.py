@@ -1,0 +1,79 @@
+"""AdamW with the papers' settings, its LR schedule, and the DeepSpeed config around it."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer and schedule.
+
+    Args:
+        lr: peak learning rate. Default 1e-3.
+        betas: AdamW betas. Default [0.9, 0.95] (CausalFusion / MAR).
+        eps: AdamW epsilon. Default 1e-8.
+        weight_decay: applied to matrices only, never to norms, biases or embeddings. Default 0.0.
+        warmup_steps: linear warm-up length. Default 20.
+        schedule: ``constant`` (after warm-up) or ``cosine`` (to ``min_lr_ratio * lr``). Default ``constant``.
+        min_lr_ratio: floor of the cosine schedule. Default 0.1.
+        grad_clip: global gradient-norm clip (0 = off). Default 1.0.
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"optim.schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas: expected two numbers, got {self.betas!r}")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only weight matrices; norms, biases and embedding tables are left alone."""
+    decay, no_decay = [], []
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or id(p) in embedding_params or name.endswith("_pos"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_multiplier(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, total_steps: int):
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(cfg, s, total_steps))
+    return opt, sched
+
+
+def deepspeed_config(cfg: OptimizerConfig, micro_batch_size: int, grad_accum: int, zero_stage: int, precision: str) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }

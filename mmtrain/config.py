@@ -1,0 +1,267 @@
+"""YAML configs loaded into typed dataclasses, with ``key.sub=value`` overrides.
+
+Every component owns a small ``Config`` dataclass next to its code; this module only
+composes them into the run-level :class:`Config`, loads YAML into it and validates.
+Unknown keys and values of the wrong type are errors that name the file and the key:
+a silently ignored typo in a training config costs a cluster day.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmtrain.components.checkpoint import CheckpointConfig
+from mmtrain.components.data import DataConfig
+from mmtrain.components.metrics import LoggingConfig
+from mmtrain.components.optimizer import OptimizerConfig
+from mmtrain.data.synthetic import SyntheticConfig
+from mmtrain.models.causalfusion import ModelConfig
+from mmtrain.models.diffusion import DiffusionConfig
+from mmtrain.tokenize.image import ImageTokenizerConfig
+from mmtrain.tokenize.text import TextTokenizerConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and key."""
+
+
+@dataclass
+class TokenizerPaths:
+    """Where the run's tokenizers live.
+
+    Args:
+        text_model: path of the sentencepiece ``.model`` (its ``.json`` sidecar sits next
+            to it). Default ``""``: ``<run_dir>/tokenizer/text.model``.
+        text: settings used when ``mmtrain tokenizer train`` builds it.
+        image: the continuous image tokenizer (pixels for now; VAEs plug in later).
+    """
+
+    text_model: str = ""
+    text: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)
+    image: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    Args:
+        run_dir: everything of a run lands here (config, checkpoints, logs, samples).
+            Restarting with the same run_dir resumes. Default ``runs/default``.
+        steps: optimizer steps to train in total (not per restart). Default 200.
+        micro_batch_size: samples per rank per forward. Default 16.
+        grad_accum: micro-batches per optimizer step. Default 1.
+        nproc_per_node: ranks ``mmtrain train`` starts on this node. Default 2.
+        precision: ``fp32`` or ``bf16``. Default ``fp32`` (CPU friendly).
+        zero_stage: DeepSpeed ZeRO stage 0-3. Default 3.
+        seed: global seed; rank r uses ``seed * 1000 + r`` for its noise. Default 0.
+        dist_timeout_s: collective timeout, so a dead rank ends the job. Default 600.
+    """
+
+    run_dir: str = "runs/default"
+    steps: int = 200
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    nproc_per_node: int = 2
+    precision: str = "fp32"
+    zero_stage: int = 3
+    seed: int = 0
+    dist_timeout_s: int = 600
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision: expected 'fp32' or 'bf16', got {self.precision!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage: expected 0..3, got {self.zero_stage!r}")
+        for name in ("steps", "micro_batch_size", "grad_accum", "nproc_per_node"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class SampleConfig:
+    """Inference defaults for ``mmtrain sample`` / ``caption`` / ``eval``.
+
+    Args:
+        ar_steps: autoregressive steps S per image (1 = pure diffusion). Default 4.
+        diffusion_steps: respaced DDPM steps per AR step. Default 50.
+        cfg_scale: classifier-free guidance scale on the text prompt. Default 3.0.
+        max_caption_len: tokens generated at most when captioning. Default 40.
+        seed: sampling seed. Default 0.
+        clip_x0: clamp predicted clean latents to [-clip_x0, clip_x0]; 0 = off (VAE latents).
+            Default 1.0, right for pixel "latents" in [-1, 1].
+    """
+
+    ar_steps: int = 4
+    diffusion_steps: int = 50
+    cfg_scale: float = 3.0
+    max_caption_len: int = 40
+    seed: int = 0
+    clip_x0: float = 1.0
+
+
+@dataclass
+class Config:
+    """A whole run. See ``configs/*.yaml`` for annotated examples."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    tokenizer: TokenizerPaths = field(default_factory=TokenizerPaths)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @property
+    def text_model_path(self) -> str:
+        return self.tokenizer.text_model or str(Path(self.train.run_dir) / "tokenizer" / "text.model")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected the form key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r}: empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Set ``a.b.c=value`` items into a nested dict (values parsed as YAML scalars)."""
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping (section), got {value!r}")
+        return build_dataclass(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (arg, *_rest) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def build_dataclass(cls: type, tree: dict, where: str) -> Any:
+    """Construct dataclass ``cls`` from a nested dict, checking keys and types; ``where`` prefixes errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in tree.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown key {path!r} (known keys here: {known})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from exc
+
+
+def config_from_dict(tree: dict, source: str = "<dict>") -> Config:
+    try:
+        return build_dataclass(Config, tree or {}, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config, apply ``key.sub=value`` overrides and validate everything."""
+    tree: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        if not Path(path).is_file():
+            raise ConfigError(f"{source}: config file not found")
+        with open(path) as fh:
+            try:
+                tree = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        apply_overrides(tree, list(overrides or []))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config_from_dict(tree, source)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (temp file + rename, never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
+    os.replace(tmp, path)

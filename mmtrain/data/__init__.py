@@ -1,0 +1,1 @@
+"""Data: the embedded synthetic dataset, shard writing and reading."""

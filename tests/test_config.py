@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmtrain.config import Config, ConfigError, load_config, save_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["demo", "tiny", "small"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert isinstance(cfg, Config)
+    assert cfg.model.hidden_size % cfg.model.num_heads == 0
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.depth=5", "optim.lr=3e-4", "train.run_dir=/x/y",
+                                                       "logging.wandb=false", "optim.betas=[0.8,0.9]"])
+    assert cfg.model.depth == 5 and cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.train.run_dir == "/x/y" and cfg.logging.wandb is False
+    assert tuple(cfg.optim.betas) == (0.8, 0.9)
+
+
+def test_unknown_key_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  hiden_size: 64\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "bad.yaml" in str(err.value) and "model.hiden_size" in str(err.value)
+
+
+def test_unknown_override_key():
+    with pytest.raises(ConfigError, match=r"train\.stepz"):
+        load_config(REPO / "configs" / "tiny.yaml", ["train.stepz=3"])
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"model\.depth.*integer"):
+        load_config(None, ["model.depth=deep"])
+
+
+def test_invalid_value_names_field():
+    with pytest.raises(ConfigError, match=r"train\.precision"):
+        load_config(None, ["train.precision=fp8"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/config.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["model.depth=3"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["depth"] == 3

@@ -1,0 +1,108 @@
+"""The generalized causal mask against the rules of the CausalFusion paper, pair by pair."""
+import random
+
+import pytest
+import torch
+
+from mmtrain.models.causalfusion import (CLEAN, NOISY, PAD, TEXT, CausalFusion, ModelConfig, ar_loss_weights,
+                                         caption_mask, draw_ar_split, generate_mask)
+
+
+def roles(cond_len, split):
+    """(role, step, index) per sequence position for [cond | clean 1..S-1 | noisy 1..S]."""
+    out = [("cond", -1, i) for i in range(cond_len)]
+    for s, size in enumerate(split[:-1]):
+        out += [("clean", s, None)] * size
+    for s, size in enumerate(split):
+        out += [("noisy", s, None)] * size
+    return out
+
+
+def paper_rule(q, k, causal_cond):
+    (qr, qs, qi), (kr, ks, ki) = q, k
+    if qr == "cond":
+        return kr == "cond" and (ki <= qi if causal_cond else True)
+    if kr == "cond":
+        return True
+    if qr == "clean":
+        return kr == "clean" and ks <= qs
+    # noisy tokens of step i: clean tokens of steps < i and noisy tokens of step i
+    return (kr == "clean" and ks < qs) or (kr == "noisy" and ks == qs)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("causal_cond", [True, False])
+def test_generate_mask_matches_paper_rules(seed, causal_cond):
+    rng = random.Random(seed)
+    L = rng.choice([4, 9, 16])
+    split = draw_ar_split(L, 0.9, rng)
+    cond_len = rng.randint(1, 6)
+    mask = generate_mask(cond_len, split, cond_causal=causal_cond)
+    r = roles(cond_len, split)
+    assert mask.shape == (len(r), len(r))
+    for i, q in enumerate(r):
+        for j, k in enumerate(r):
+            assert bool(mask[i, j]) == paper_rule(q, k, causal_cond), (split, i, j, q, k)
+
+
+def test_single_step_is_pure_diffusion():
+    mask = generate_mask(3, [5])
+    # no clean tokens: noisy tokens see the condition and each other
+    assert mask.shape == (8, 8)
+    assert mask[3:, :].all()
+
+
+def test_draw_ar_split_properties():
+    rng = random.Random(0)
+    counts = {}
+    for _ in range(3000):
+        split = draw_ar_split(16, 0.9, rng)
+        assert sum(split) == 16 and all(s >= 1 for s in split)
+        counts[len(split)] = counts.get(len(split), 0) + 1
+    # P(S=k) ~ 0.9^(k-1): one step is the most likely, and more likely than 16 steps
+    assert counts[1] > counts.get(8, 0) > counts.get(16, 0)
+    assert 0.8 < counts[2] / counts[1] < 1.0
+
+
+def test_ar_loss_weights_linear_and_cosine():
+    w = ar_loss_weights([2, 2], 2.0, 1.0, "linear")
+    assert w.tolist() == [2.0, 2.0, 1.5, 1.5]
+    c = ar_loss_weights([1, 1], 2.0, 1.0, "cosine")
+    assert c[0] == pytest.approx(2.0) and c[1] == pytest.approx(1.5)
+
+
+def test_caption_mask():
+    m = caption_mask(image_len=4, text_len=3)
+    assert m[:5, :5].all()  # <boi> + image: bidirectional
+    assert not m[:5, 5:].any()  # image never sees text
+    assert m[5:, :5].all()  # text sees the whole image
+    assert torch.equal(m[5:, 5:], torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+def test_batch_layout_mixes_directions_and_hides_pads():
+    cfg = ModelConfig(hidden_size=32, depth=1, num_heads=2, patch_size=8, max_text_len=6)
+    model = CausalFusion(cfg, vocab_size=20, latent_channels=3, latent_size=16, special_ids=dict(pad=0, bos=2, eos=3, boi=4, eoi=5))
+    L = model.num_image_tokens  # 4
+    text = torch.tensor([[2, 7, 8, 3, 0, 0], [2, 9, 3, 0, 0, 0]])
+    text_len = torch.tensor([4, 3])
+    order = torch.stack([torch.randperm(L) for _ in range(2)])
+    lay = model.layout(text, text_len, torch.tensor([False, True]), order, [1, 3], ar_loss_weights([1, 3], 2, 1, "linear"))
+    # row 0 (generate): pads at text slots 4,5 are invisible to every other query
+    gen = lay.kind[0]
+    assert gen[:4].eq(TEXT).all() and gen[4:6].eq(PAD).all() and gen[6] == TEXT
+    assert (gen == CLEAN).sum() == 1 and (gen == NOISY).sum() == L
+    pads = (gen == PAD).nonzero().flatten()
+    others = (gen != PAD).nonzero().flatten()
+    assert not lay.mask[0][others][:, pads].any()
+    # clean slot holds the first token in AR order, noisy slots all tokens in AR order
+    assert lay.img_idx[0][gen == CLEAN].tolist() == order[0, :1].tolist()
+    assert lay.img_idx[0][gen == NOISY].tolist() == order[0].tolist()
+    # only noisy slots carry diffusion loss weight, text slots carry next-token targets
+    assert (lay.loss_weight[0] > 0).eq(gen == NOISY).all()
+    assert lay.target[0, :3].tolist() == [7, 8, 3] and lay.target[0, 3] == -100
+    # row 1 (caption): [<boi> | image | <eoi> | text]; the image is in raster order
+    cap = lay.kind[1]
+    assert lay.token[1, 0] == 4 and lay.token[1, L + 1] == 5
+    assert lay.img_idx[1, 1:L + 1].tolist() == list(range(L))
+    assert lay.target[1, L + 2:L + 4].tolist() == [9, 3]
+    assert not lay.mask[1, 1:L + 1, L + 1:].any()  # image never sees the caption
