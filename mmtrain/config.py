@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from mmtrain.atomic import atomic_write_text
+
 from mmtrain.components.checkpoint import CheckpointConfig
 from mmtrain.components.data import DataConfig
 from mmtrain.components.metrics import LoggingConfig
@@ -260,8 +262,4 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (temp file + rename, never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))

@@ -13,10 +13,10 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
+from mmtrain.atomic import atomic_write_text
 from mmtrain.config import SampleConfig
 from mmtrain.data.attributes import estimate_shapes
 from mmtrain.data.shards import iter_shard_samples
@@ -25,12 +25,6 @@ from mmtrain.data.synthetic import parse_caption
 from mmtrain.inference import LoadedRun, caption_images, generate_images, image_grid
 
 log = logging.getLogger("mmtrain.eval")
-
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def evaluate_synthetic(run: LoadedRun, val_shards: str, num_samples: int, sample: SampleConfig, out_dir: str | Path) -> dict:
@@ -70,7 +64,7 @@ def evaluate_synthetic(run: LoadedRun, val_shards: str, num_samples: int, sample
         "examples": [{"truth": s["caption"], "caption": c} for s, c in zip(samples[:8], captions[:8])],
         "files": {"generated_grid": str(out_dir / "generated.png"), "caption_grid": str(out_dir / "captions.png")},
     }
-    _atomic_json(out_dir / "metrics.json", report)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(report, indent=2))
     log.info("caption exact %.3f, image exact %.3f (reference %.3f)", report["caption_accuracy"]["exact"],
              report["image_accuracy"]["exact"], report["reference_image_accuracy"]["exact"])
     return report

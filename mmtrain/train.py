@@ -7,7 +7,6 @@ re-seeded from the resumed step so the run continues instead of replaying.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mmtrain.atomic import atomic_write_bytes
 from mmtrain.components import checkpoint
 from mmtrain.components.data import build_train_loader
 from mmtrain.components.metrics import MetricsLogger
@@ -56,9 +56,7 @@ def _prepare_run_dir(cfg: Config, rank: int) -> Path:
         for suffix in (".model", ".json"):
             dst = tok_dir / f"text{suffix}"
             if src.with_suffix(suffix).resolve() != dst.resolve():
-                tmp = dst.with_name(f".{dst.name}.tmp")
-                tmp.write_bytes(src.with_suffix(suffix).read_bytes())
-                os.replace(tmp, dst)
+                atomic_write_bytes(dst, src.with_suffix(suffix).read_bytes())
     dist.barrier()
     return run_dir
 

@@ -101,7 +101,7 @@ def test_batch_layout_mixes_directions_and_hides_pads():
     assert (lay.loss_weight[0] > 0).eq(gen == NOISY).all()
     assert lay.target[0, :3].tolist() == [7, 8, 3] and lay.target[0, 3] == -100
     # row 1 (caption): [<boi> | image | <eoi> | text]; the image is in raster order
-    cap = lay.kind[1]
+    assert lay.kind[1, 1:L + 1].eq(CLEAN).all()
     assert lay.token[1, 0] == 4 and lay.token[1, L + 1] == 5
     assert lay.img_idx[1, 1:L + 1].tolist() == list(range(L))
     assert lay.target[1, L + 2:L + 4].tolist() == [9, 3]

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mmtrain.atomic import atomic_write_text
+
 
 @dataclass
 class CheckpointConfig:
@@ -53,12 +55,6 @@ def latest_tag(run_dir: str | os.PathLike) -> str | None:
     return tag
 
 
-def _write_latest(root: Path, tag: str) -> None:
-    tmp = root / ".latest.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, root / "latest")
-
-
 def save(engine, run_dir: str | os.PathLike, step: int, state: dict, keep_last: int) -> str:
     """Collective: every rank must call it. ``state`` is stored under the ``mmtrain`` key."""
     root = checkpoint_root(run_dir)
@@ -67,7 +63,7 @@ def save(engine, run_dir: str | os.PathLike, step: int, state: dict, keep_last: 
     if dist.is_initialized():
         dist.barrier()
     if not dist.is_initialized() or dist.get_rank() == 0:
-        _write_latest(root, tag)
+        atomic_write_text(root / "latest", tag)
         _prune(root, keep_last)
     if dist.is_initialized():
         dist.barrier()

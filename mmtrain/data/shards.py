@@ -24,6 +24,7 @@ from braceexpand import braceexpand
 from PIL import Image
 from tqdm import tqdm
 
+from mmtrain.atomic import atomic_write_text
 from mmtrain.data.synthetic import COLORS, KINDS, POSITIONS, SIZES, SyntheticConfig, generate_sample
 
 logger = logging.getLogger("mmtrain.data")
@@ -406,11 +407,7 @@ def write_synthetic_shards(
         "samples_per_s": num / max(elapsed, 1e-9),
     }
     stats_path = os.path.join(out_dir, STATS_FILENAME)
-    tmp_path = _atomic_path(stats_path)
-    with open(tmp_path, "w", encoding="utf-8") as f:
-        json.dump(stats, f, indent=2)
-        f.write("\n")
-    os.replace(tmp_path, stats_path)
+    atomic_write_text(stats_path, json.dumps(stats, indent=2) + "\n")
     logger.info(
         "wrote %d synthetic samples in %d shard(s) to %s in %.2fs (%.1f samples/s)",
         num, len(paths), out_dir, elapsed, stats["samples_per_s"],

@@ -31,8 +31,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import uuid
 from collections.abc import Iterable, Sequence, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +39,8 @@ from typing import Any
 import sentencepiece as spm
 import torch
 from tqdm import tqdm
+
+from mmtrain.atomic import atomic_write_bytes
 
 # name -> (piece, fixed id). Order matters: ids are assigned by position below.
 SPECIAL_TOKENS: dict[str, tuple[str, int]] = {
@@ -123,27 +123,6 @@ class TextTokenizerConfig:
                 f"tokens, plus one per distinct character in the corpus), got "
                 f"vocab_size={self.vocab_size}; raise vocab_size or set byte_fallback: false"
             )
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory + os.replace.
-
-    Readers (other ranks, a concurrent job) then see either the old file or
-    the complete new one, never a half-written model.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Unique name (pid + random) so concurrent writers never share a temp
-    # file; plain open() so the file gets the usual umask permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _sha256(data: bytes) -> str:
@@ -248,8 +227,8 @@ def train_text_tokenizer(
         "config": asdict(cfg),
     }
     # Model first, sidecar last: a present sidecar implies a complete model.
-    _atomic_write_bytes(model_path, model_bytes)
-    _atomic_write_bytes(json_path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(model_path, model_bytes)
+    atomic_write_bytes(json_path, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
     return TextTokenizer(model_bytes, meta, model_path=model_path)
 
 
