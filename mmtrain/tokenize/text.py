@@ -156,8 +156,9 @@ def train_text_tokenizer(
     # Collect first (instead of streaming into the trainer) so we can count
     # sentences, type-check them and fail before SentencePiece's C++ does.
     sentences: list[str] = []
-    # A sized input gives the bar a real total; a stream counts up to the cap.
-    total = min(len(texts), cfg.max_sentences) if isinstance(texts, Sized) else cfg.max_sentences
+    # A sized input gives the bar a real total; a stream just counts (its length is
+    # unknown, and the cap as a total would show a false ETA)
+    total = min(len(texts), cfg.max_sentences) if isinstance(texts, Sized) else None
     with tqdm(total=total, desc="collect texts", unit="txt", disable=not progress) as bar:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
