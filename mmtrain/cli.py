@@ -58,6 +58,9 @@ def preflight(config_path: str, overrides: list[str]):
     list_shards(cfg.data.train_shards)
     if not Path(cfg.text_model_path).is_file():
         raise FileNotFoundError(f"text tokenizer {cfg.text_model_path} not found (set tokenizer.text_model, or run `mmtrain tokenizer train`)")
+    from mmtrain.train import check_run_tokenizer
+
+    check_run_tokenizer(cfg)
     return cfg
 
 
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError) as exc:  # TokenizerMismatchError is a ValueError
         print(f"mmtrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -44,8 +44,17 @@ def _init_distributed(cfg: Config) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def check_run_tokenizer(cfg: Config) -> None:
+    """A run keeps the tokenizer it started with: refuse a different one before anything is written."""
+    kept = Path(cfg.train.run_dir) / "tokenizer" / "text.model"
+    if kept.is_file():
+        TextTokenizer.from_file(kept).check_matches(TextTokenizer.from_file(cfg.text_model_path).fingerprint,
+                                                   where=f"tokenizer.text_model={cfg.text_model_path} vs the copy in {kept.parent}")
+
+
 def _prepare_run_dir(cfg: Config, rank: int) -> Path:
     run_dir = Path(cfg.train.run_dir)
+    check_run_tokenizer(cfg)  # every rank, so a refusal never leaves the others waiting at the barrier
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")

@@ -56,3 +56,17 @@ def test_corrupt_image_in_training_stream_names_shard_and_key(tmp_path):
 def test_not_a_run_dir(tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_resuming_with_a_different_tokenizer_is_refused_before_writing(synthetic_data, tmp_path, capsys):
+    from mmtrain.tokenize.text import TextTokenizerConfig, train_text_tokenizer
+
+    run_dir = tmp_path / "run"
+    kept = run_dir / "tokenizer" / "text"
+    train_text_tokenizer(["a red circle", "a blue square at the top"] * 50, kept, TextTokenizerConfig(vocab_size=40), progress=False)
+    before = kept.with_suffix(".model").read_bytes()
+    rc = cli.main(["train", str(REPO / "configs" / "tiny.yaml"), *tiny_overrides(synthetic_data, run_dir)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "tokenizer mismatch" in err and synthetic_data["tokenizer"] in err
+    assert kept.with_suffix(".model").read_bytes() == before  # the run's own copy is untouched
