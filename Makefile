@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmtrain-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,9 +22,6 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
-
-bench: $(STAMP)
-	$(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) demo_out
