@@ -58,9 +58,10 @@ def preflight(config_path: str, overrides: list[str]):
     list_shards(cfg.data.train_shards)
     if not Path(cfg.text_model_path).is_file():
         raise FileNotFoundError(f"text tokenizer {cfg.text_model_path} not found (set tokenizer.text_model, or run `mmtrain tokenizer train`)")
+    from mmtrain.tokenize.text import TextTokenizer
     from mmtrain.train import check_run_tokenizer
 
-    check_run_tokenizer(cfg)
+    check_run_tokenizer(cfg, TextTokenizer.from_file(cfg.text_model_path))
     return cfg
 
 

@@ -19,7 +19,6 @@ from typing import Any
 import yaml
 
 from mmtrain.atomic import atomic_write_text
-
 from mmtrain.components.checkpoint import CheckpointConfig
 from mmtrain.components.data import DataConfig
 from mmtrain.components.metrics import LoggingConfig

@@ -44,17 +44,17 @@ def _init_distributed(cfg: Config) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def check_run_tokenizer(cfg: Config) -> None:
+def check_run_tokenizer(cfg: Config, text_tok: TextTokenizer) -> None:
     """A run keeps the tokenizer it started with: refuse a different one before anything is written."""
     kept = Path(cfg.train.run_dir) / "tokenizer" / "text.model"
     if kept.is_file():
-        TextTokenizer.from_file(kept).check_matches(TextTokenizer.from_file(cfg.text_model_path).fingerprint,
+        TextTokenizer.from_file(kept).check_matches(text_tok.fingerprint,
                                                    where=f"tokenizer.text_model={cfg.text_model_path} vs the copy in {kept.parent}")
 
 
-def _prepare_run_dir(cfg: Config, rank: int) -> Path:
+def _prepare_run_dir(cfg: Config, rank: int, text_tok: TextTokenizer) -> Path:
     run_dir = Path(cfg.train.run_dir)
-    check_run_tokenizer(cfg)  # every rank, so a refusal never leaves the others waiting at the barrier
+    check_run_tokenizer(cfg, text_tok)  # every rank, so a refusal never leaves the others waiting at the barrier
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -75,7 +75,7 @@ def train(cfg: Config) -> dict:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     text_tok = TextTokenizer.from_file(cfg.text_model_path)
-    run_dir = _prepare_run_dir(cfg, rank)
+    run_dir = _prepare_run_dir(cfg, rank, text_tok)
     image_tok = build_image_tokenizer(cfg.tokenizer.image)
     model = build_model(cfg.model, cfg.data.image_size, text_tok, image_tok)
     diffusion = GaussianDiffusion(cfg.diffusion)
