@@ -1,4 +1,4 @@
-"""The ``mmtrain`` command: prep, tokenizer, train, sample, caption, eval, demo."""
+"""The ``mmtrain`` command: prep, tokenizer, train, sample, caption, edit, eval, convert, demo."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,10 @@ def preflight(config_path: str, overrides: list[str]):
 
     cfg = load_config(config_path, overrides)
     list_shards(cfg.data.train_shards)
+    if cfg.train.init_from and not (Path(cfg.train.init_from) / "model.safetensors").is_file() and not Path(cfg.train.init_from).is_file():
+        raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no model.safetensors there")
+    if cfg.model.condition == "class":
+        return cfg
     if not Path(cfg.text_model_path).is_file():
         raise FileNotFoundError(f"text tokenizer {cfg.text_model_path} not found (set tokenizer.text_model, or run `mmtrain tokenizer train`)")
     from mmtrain.tokenize.text import TextTokenizer
@@ -102,12 +106,61 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     run = load_run(args.run_dir)
     sample = _sample_cfg(run, args.overrides)
-    prompts = [p for p in args.prompt for _ in range(args.num_per_prompt)]
-    images = generate_images(run, prompts, sample)
+    conditions = _conditions(run, args)
+    conditions = [c for c in conditions for _ in range(args.num_per_prompt)]
+    images = generate_images(run, conditions, sample)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, prompts, cols=args.num_per_prompt, scale=3).save(out)
+    image_grid(images, [str(c) for c in conditions], cols=args.num_per_prompt, scale=3).save(out)
     print(f"wrote {len(images)} samples to {out} (step {run.step}, {sample.ar_steps} AR steps, cfg {sample.cfg_scale})")
+    return 0
+
+
+def _conditions(run, args: argparse.Namespace) -> list:
+    """--prompt for text models, --class for class-conditional ones."""
+    if run.cfg.model.condition == "class":
+        if not args.label:
+            raise ValueError("this model is class-conditional: give --class LABEL (repeatable)")
+        return list(args.label)
+    if not args.prompt:
+        raise ValueError("give --prompt TEXT (repeatable)")
+    return list(args.prompt)
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from mmtrain.inference import edit_image, image_grid, load_run, region_token_mask
+
+    run = load_run(args.run_dir)
+    sample = _sample_cfg(run, args.overrides)
+    try:
+        image = Image.open(args.image).convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{args.image}: cannot read image ({exc})") from None
+    box = tuple(float(v) for v in args.region.split(","))
+    if len(box) != 4:
+        raise ValueError(f"--region {args.region!r}: expected x0,y0,x1,y1 as fractions of the image")
+    region = region_token_mask(run, box)
+    if args.outpaint:
+        region = ~region
+    condition = _conditions(run, args)[0]
+    images = edit_image(run, image, region, condition, sample, num=args.num)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    size = images[0].size
+    image_grid([image.resize(size)] + images, ["input"] + [str(condition)] * len(images), cols=len(images) + 1, scale=3).save(out)
+    kept = int((~region).sum())
+    print(f"wrote {len(images)} edits to {out} ({kept}/{region.numel()} tokens kept as context, {sample.ar_steps} AR steps)")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from mmtrain.models.convert import convert_causalfusion_official
+
+    out = convert_causalfusion_official(args.checkpoint, args.out, patch_size=args.patch_size, image_downsample=args.image_downsample,
+                                        image_tokenizer=args.image_tokenizer, scale_factor=args.scale_factor)
+    print(f"converted {args.checkpoint} -> {out}/model.safetensors + config.yaml")
     return 0
 
 
@@ -194,9 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key.sub=value")
     tr.set_defaults(func=cmd_train)
 
-    sa = sub.add_parser("sample", help="captions -> PNG grid of generated images")
-    sa.add_argument("run_dir")
-    sa.add_argument("--prompt", action="append", required=True)
+    sa = sub.add_parser("sample", help="prompts (or class labels) -> PNG grid of generated images")
+    sa.add_argument("run_dir", help="a training run directory or a converted model directory")
+    sa.add_argument("--prompt", action="append", default=[])
+    sa.add_argument("--class", dest="label", type=int, action="append", default=[], help="class label (class-conditional models)")
     sa.add_argument("--num-per-prompt", type=int, default=4)
     sa.add_argument("--out", default="samples.png")
     sa.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -211,6 +265,29 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--top-p", type=float, default=0.0, help="0 = greedy")
     ca.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="sample setting override")
     ca.set_defaults(func=cmd_caption)
+
+    ed = sub.add_parser("edit", help="zero-shot in-context editing: regenerate a region of an image under a new prompt/class")
+    ed.add_argument("run_dir")
+    ed.add_argument("image")
+    ed.add_argument("--region", required=True, help="x0,y0,x1,y1 as fractions of the image, e.g. 0.5,0,1,1 = right half")
+    ed.add_argument("--outpaint", action="store_true", help="regenerate everything outside the region instead")
+    ed.add_argument("--prompt", action="append", default=[])
+    ed.add_argument("--class", dest="label", type=int, action="append", default=[])
+    ed.add_argument("--num", type=int, default=4, help="edits to draw")
+    ed.add_argument("--out", default="edit.png")
+    ed.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="sample setting override")
+    ed.set_defaults(func=cmd_edit)
+
+    cv = sub.add_parser("convert", help="import checkpoints from other code bases")
+    cv_sub = cv.add_subparsers(dest="source", required=True)
+    cfo = cv_sub.add_parser("causalfusion-official", help="official CausalFusion .pt (state_dict or training dict with 'ema')")
+    cfo.add_argument("checkpoint")
+    cfo.add_argument("out", help="output model directory (model.safetensors + config.yaml)")
+    cfo.add_argument("--patch-size", type=int, default=1, help="latent patch size (released models: 1)")
+    cfo.add_argument("--image-downsample", type=int, default=16, help="image pixels per latent pixel (MAR KL-16: 16)")
+    cfo.add_argument("--image-tokenizer", default="mar_kl16", help="tokenizer.image.kind written into config.yaml")
+    cfo.add_argument("--scale-factor", type=float, default=0.2325, help="latent scale (official sampler: 0.2325)")
+    cfo.set_defaults(func=cmd_convert)
 
     ev = sub.add_parser("eval", help="attribute accuracy of captions and generated images (synthetic data)")
     ev.add_argument("run_dir")

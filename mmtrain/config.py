@@ -65,6 +65,8 @@ class TrainConfig:
         zero_stage: DeepSpeed ZeRO stage 0-3. Default 3.
         seed: global seed; rank r uses ``seed * 1000 + r`` for its noise. Default 0.
         dist_timeout_s: collective timeout, so a dead rank ends the job. Default 600.
+        init_from: a model directory (``model.safetensors``, e.g. from ``mmtrain convert``)
+            whose weights start a fresh run; ignored once the run has a checkpoint. Default "".
     """
 
     run_dir: str = "runs/default"
@@ -76,6 +78,7 @@ class TrainConfig:
     zero_stage: int = 3
     seed: int = 0
     dist_timeout_s: int = 600
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
@@ -93,8 +96,13 @@ class SampleConfig:
 
     Args:
         ar_steps: autoregressive steps S per image (1 = pure diffusion). Default 4.
-        diffusion_steps: respaced DDPM steps per AR step. Default 50.
-        cfg_scale: classifier-free guidance scale on the text prompt. Default 3.0.
+        diffusion_steps: respaced DDPM (or Euler flow) steps per AR step. Default 50.
+        cfg_scale: classifier-free guidance scale on the prompt or class. Default 3.0.
+        cfg_schedule: ``constant``; ``linear`` (from 1 up to cfg_scale with the fraction of
+            tokens generated, as MAR); or ``interval`` (cfg_scale only while
+            cfg_interval[0] <= t < cfg_interval[1], model time 0..1000, as the official
+            ``cfg_interval``). Default ``constant``.
+        cfg_interval: the timestep interval of the ``interval`` schedule. Default [0, 1000].
         max_caption_len: tokens generated at most when captioning. Default 40.
         seed: sampling seed. Default 0.
         clip_x0: clamp predicted clean latents to [-clip_x0, clip_x0]; 0 = off (VAE latents).
@@ -104,9 +112,19 @@ class SampleConfig:
     ar_steps: int = 4
     diffusion_steps: int = 50
     cfg_scale: float = 3.0
+    cfg_schedule: str = "constant"
+    cfg_interval: tuple[float, float] = (0.0, 1000.0)
     max_caption_len: int = 40
     seed: int = 0
     clip_x0: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.cfg_schedule not in ("constant", "linear", "interval"):
+            raise ValueError(f"sample.cfg_schedule: expected 'constant', 'linear' or 'interval', got {self.cfg_schedule!r}")
+        if len(self.cfg_interval) != 2 or self.cfg_interval[0] > self.cfg_interval[1]:
+            raise ValueError(f"sample.cfg_interval: expected [low, high] with low <= high, got {list(self.cfg_interval)}")
+        if self.ar_steps < 1 or self.diffusion_steps < 1:
+            raise ValueError(f"sample.ar_steps and sample.diffusion_steps must be >= 1, got {self.ar_steps}, {self.diffusion_steps}")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Load a trained run on one process and use it: text -> image, image -> text."""
+"""Load a trained (or converted) model on one process and use it: condition -> image,
+image -> text, and in-context editing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from mmtrain.components.checkpoint import load_model_state
 from mmtrain.config import Config, SampleConfig, load_config
 from mmtrain.models import build_model
 from mmtrain.models.causalfusion import CausalFusion, generate_caption_ids, sample_image_tokens
-from mmtrain.models.diffusion import GaussianDiffusion
+from mmtrain.models.diffusion import build_diffusion
 from mmtrain.tokenize.image import ImageTokenizer, build_image_tokenizer, patchify, pil_to_tensor, tensor_to_pil, unpatchify
 from mmtrain.tokenize.text import TextTokenizer
 
@@ -20,21 +21,67 @@ from mmtrain.tokenize.text import TextTokenizer
 class LoadedRun:
     cfg: Config
     model: CausalFusion
-    text_tok: TextTokenizer
-    image_tok: ImageTokenizer
+    text_tok: TextTokenizer | None  # None in class mode
+    image_tok: ImageTokenizer | None  # None when its kind is not available here (tokens only)
     step: int
     checkpoint: str
 
+    def require_image_tokenizer(self) -> ImageTokenizer:
+        if self.image_tok is None:
+            raise ValueError(f"tokenizer.image.kind={self.cfg.tokenizer.image.kind!r} of {self.checkpoint} is not available; "
+                             f"images cannot be encoded or decoded (set tokenizer.image in its config.yaml)")
+        return self.image_tok
+
+
+def _image_tokenizer_or_none(cfg: Config) -> ImageTokenizer | None:
+    try:
+        return build_image_tokenizer(cfg.tokenizer.image)
+    except ValueError:
+        return None
+
+
+def load_model_dir(path: str | Path) -> LoadedRun:
+    """A model directory: ``config.yaml`` + ``model.safetensors`` (what ``mmtrain convert`` writes)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for name in ("config.yaml", "model.safetensors"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path}: not a model directory (no {name})")
+    cfg = load_config(path / "config.yaml")
+    text_tok = None
+    if cfg.model.condition == "text":
+        text_tok = TextTokenizer.from_file(path / "tokenizer" / "text.model")
+    state = load_file(str(path / "model.safetensors"))
+    image_tok = _image_tokenizer_or_none(cfg)
+    model = _build_for_state(cfg, text_tok, image_tok, state)
+    model.load_state_dict(state, strict=True)
+    return LoadedRun(cfg, model.eval(), text_tok, image_tok, 0, str(path / "model.safetensors"))
+
+
+def _build_for_state(cfg: Config, text_tok, image_tok, state: dict) -> CausalFusion:
+    if image_tok is not None:
+        return build_model(cfg.model, cfg.data.image_size, text_tok, image_tok)
+    # no image tokenizer: the latent geometry comes from the weights
+    P = state["x_proj.weight"].shape[1]
+    grid = round(state["pos_embed"].shape[1] ** 0.5)
+    return CausalFusion(cfg.model, latent_channels=P // cfg.model.patch_size**2, latent_size=grid * cfg.model.patch_size)
+
 
 def load_run(run_dir: str | Path, tag: str | None = None) -> LoadedRun:
-    """Model weights from the run's latest (or ``tag``) DeepSpeed checkpoint, with its config and tokenizer."""
+    """Model weights from the run's latest (or ``tag``) DeepSpeed checkpoint, with its config and tokenizers;
+    or a model directory written by ``mmtrain convert``."""
     run_dir = Path(run_dir)
+    if (run_dir / "model.safetensors").is_file() and not (run_dir / "checkpoints").is_dir():
+        return load_model_dir(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml); pass the train.run_dir of a training run")
     cfg = load_config(run_dir / "config.yaml")
-    text_tok = TextTokenizer.from_file(run_dir / "tokenizer" / "text.model")
     state, meta = load_model_state(run_dir, tag)
-    text_tok.check_matches(meta["tokenizer_fingerprint"], where=f"checkpoint step {meta['step']} of {run_dir}")
+    text_tok = None
+    if cfg.model.condition == "text":
+        text_tok = TextTokenizer.from_file(run_dir / "tokenizer" / "text.model")
+        text_tok.check_matches(meta["tokenizer_fingerprint"], where=f"checkpoint step {meta['step']} of {run_dir}")
     image_tok = build_image_tokenizer(cfg.tokenizer.image)
     model = build_model(cfg.model, cfg.data.image_size, text_tok, image_tok)
     model.load_state_dict(state, strict=True)
@@ -42,35 +89,92 @@ def load_run(run_dir: str | Path, tag: str | None = None) -> LoadedRun:
     return LoadedRun(cfg, model, text_tok, image_tok, meta["step"], str(run_dir / "checkpoints"))
 
 
-def generate_images(run: LoadedRun, prompts: list[str], sample: SampleConfig, batch_size: int = 16) -> list[Image.Image]:
-    diffusion = GaussianDiffusion(run.cfg.diffusion, sample_steps=sample.diffusion_steps)
+def _condition_batch(run: LoadedRun, conditions: list) -> dict:
+    """Prompts (text mode) or class labels (class mode) -> sampler keyword arguments."""
+    if run.cfg.model.condition == "class":
+        labels = [int(c) for c in conditions]
+        bad = [c for c in labels if not 0 <= c < run.cfg.model.num_classes]
+        if bad:
+            raise ValueError(f"class labels {bad} outside [0, {run.cfg.model.num_classes}) (model.num_classes)")
+        return {"labels": torch.tensor(labels)}
+    text, text_len = run.text_tok.encode_batch([str(c) for c in conditions], run.cfg.model.max_text_len)
+    return {"text": text, "text_len": text_len}
+
+
+def _sampler_kwargs(sample: SampleConfig) -> dict:
+    return dict(ar_steps=sample.ar_steps, cfg_scale=sample.cfg_scale, cfg_schedule=sample.cfg_schedule,
+                cfg_interval=tuple(sample.cfg_interval), clip_x0=sample.clip_x0)
+
+
+def generate_tokens(run: LoadedRun, conditions: list, sample: SampleConfig, batch_size: int = 16) -> torch.Tensor:
+    """Image tokens (N, L, P, raster order) for prompts or class labels."""
+    diffusion = build_diffusion(run.cfg.diffusion, sample.diffusion_steps)
     gen = torch.Generator().manual_seed(sample.seed)
-    latent = run.cfg.data.image_size // run.image_tok.downsample
-    images: list[Image.Image] = []
-    for i in range(0, len(prompts), batch_size):
-        text, text_len = run.text_tok.encode_batch(prompts[i:i + batch_size], run.cfg.model.max_text_len)
-        tokens = sample_image_tokens(run.model, text, text_len, diffusion, sample.ar_steps, sample.cfg_scale, gen,
-                                     clip_x0=sample.clip_x0)
-        latents = unpatchify(tokens.float(), run.cfg.model.patch_size, latent, latent)
-        with torch.no_grad():
-            images += tensor_to_pil(run.image_tok.decode(latents))
-    return images
+    out = []
+    for i in range(0, len(conditions), batch_size):
+        cond = _condition_batch(run, conditions[i:i + batch_size])
+        out.append(sample_image_tokens(run.model, diffusion, generator=gen, **cond, **_sampler_kwargs(sample)))
+    return torch.cat(out)
+
+
+def tokens_to_images(run: LoadedRun, tokens: torch.Tensor) -> list[Image.Image]:
+    image_tok = run.require_image_tokenizer()
+    latent = run.model.latent_size
+    latents = unpatchify(tokens.float(), run.cfg.model.patch_size, latent, latent)
+    with torch.no_grad():
+        return tensor_to_pil(image_tok.decode(latents))
+
+
+def images_to_tokens(run: LoadedRun, images: list[Image.Image]) -> torch.Tensor:
+    image_tok = run.require_image_tokenizer()
+    size = run.cfg.data.image_size
+    images = [im.convert("RGB").resize((size, size), resample=3) if im.size != (size, size) else im.convert("RGB") for im in images]
+    with torch.no_grad():
+        return patchify(image_tok.encode(pil_to_tensor(images)), run.cfg.model.patch_size)
+
+
+def generate_images(run: LoadedRun, conditions: list, sample: SampleConfig, batch_size: int = 16) -> list[Image.Image]:
+    return tokens_to_images(run, generate_tokens(run, conditions, sample, batch_size))
+
+
+def region_token_mask(run: LoadedRun, box: tuple[float, float, float, float]) -> torch.Tensor:
+    """Tokens (L,) whose patch centre lies inside ``box`` = (x0, y0, x1, y1) in [0, 1] image fractions: True = regenerate."""
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise ValueError(f"edit region {box}: expected x0 < x1 and y0 < y1, all within [0, 1]")
+    grid = run.model.grid
+    centres = (torch.arange(grid) + 0.5) / grid
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    inside = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+    if not inside.any():
+        raise ValueError(f"edit region {box} covers no token centre of the {grid}x{grid} token grid; make it larger")
+    return inside.flatten()
+
+
+def edit_image(run: LoadedRun, image: Image.Image, regenerate: torch.Tensor, condition, sample: SampleConfig,
+               num: int = 4) -> list[Image.Image]:
+    """Zero-shot in-context editing: keep the tokens outside ``regenerate`` (L,) as clean context
+    and generate the others under ``condition`` (a prompt or class label). Inpainting is a
+    region inside the image, outpainting the region around it."""
+    diffusion = build_diffusion(run.cfg.diffusion, sample.diffusion_steps)
+    gen = torch.Generator().manual_seed(sample.seed)
+    known = images_to_tokens(run, [image]).expand(num, -1, -1)
+    cond = _condition_batch(run, [condition] * num)
+    tokens = sample_image_tokens(run.model, diffusion, generator=gen, known_tokens=known, known_mask=~regenerate.bool(),
+                                 **cond, **_sampler_kwargs(sample))
+    return tokens_to_images(run, tokens)
 
 
 def caption_images(run: LoadedRun, images: list[Image.Image], sample: SampleConfig, top_p: float = 0.0, batch_size: int = 32) -> list[str]:
+    if run.cfg.model.condition != "text":
+        raise ValueError("captioning needs a text model (model.condition=text); this model is class-conditional")
     gen = torch.Generator().manual_seed(sample.seed)
-    size = run.cfg.data.image_size
     captions: list[str] = []
     for i in range(0, len(images), batch_size):
-        chunk = [im.convert("RGB").resize((size, size), resample=3) if im.size != (size, size) else im.convert("RGB")
-                 for im in images[i:i + batch_size]]
-        with torch.no_grad():
-            tokens = patchify(run.image_tok.encode(pil_to_tensor(chunk)), run.cfg.model.patch_size)
+        tokens = images_to_tokens(run, images[i:i + batch_size])
         ids = generate_caption_ids(run.model, tokens, sample.max_caption_len, gen, top_p=top_p)
         captions += [run.text_tok.decode(x) for x in ids]
     return captions
-
-
 def image_grid(images: list[Image.Image], captions: list[str] | None = None, cols: int = 8, scale: int = 2) -> Image.Image:
     """A PNG-ready grid; when captions are given each cell is labelled underneath (truncated)."""
     from PIL import ImageDraw

@@ -25,7 +25,7 @@ from mmtrain.components.optimizer import build_optimizer, deepspeed_config
 from mmtrain.config import Config, load_config, save_config
 from mmtrain.models import build_model
 from mmtrain.models.causalfusion import training_inputs
-from mmtrain.models.diffusion import GaussianDiffusion
+from mmtrain.models.diffusion import build_diffusion
 from mmtrain.tokenize.image import build_image_tokenizer, patchify
 from mmtrain.tokenize.text import TextTokenizer
 
@@ -44,41 +44,68 @@ def _init_distributed(cfg: Config) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def check_run_tokenizer(cfg: Config, text_tok: TextTokenizer) -> None:
+def check_run_tokenizer(cfg: Config, text_tok: TextTokenizer | None) -> None:
     """A run keeps the tokenizer it started with: refuse a different one before anything is written."""
+    if text_tok is None:
+        return
     kept = Path(cfg.train.run_dir) / "tokenizer" / "text.model"
     if kept.is_file():
         TextTokenizer.from_file(kept).check_matches(text_tok.fingerprint,
                                                    where=f"tokenizer.text_model={cfg.text_model_path} vs the copy in {kept.parent}")
 
 
-def _prepare_run_dir(cfg: Config, rank: int, text_tok: TextTokenizer) -> Path:
+def _prepare_run_dir(cfg: Config, rank: int, text_tok: TextTokenizer | None) -> Path:
     run_dir = Path(cfg.train.run_dir)
     check_run_tokenizer(cfg, text_tok)  # every rank, so a refusal never leaves the others waiting at the barrier
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        # the run carries its own tokenizer copy so sampling never depends on outside paths
-        tok_dir = run_dir / "tokenizer"
-        tok_dir.mkdir(exist_ok=True)
-        src = Path(cfg.text_model_path)
-        for suffix in (".model", ".json"):
-            dst = tok_dir / f"text{suffix}"
-            if src.with_suffix(suffix).resolve() != dst.resolve():
-                atomic_write_bytes(dst, src.with_suffix(suffix).read_bytes())
+        if text_tok is not None:
+            # the run carries its own tokenizer copy so sampling never depends on outside paths
+            tok_dir = run_dir / "tokenizer"
+            tok_dir.mkdir(exist_ok=True)
+            src = Path(cfg.text_model_path)
+            for suffix in (".model", ".json"):
+                dst = tok_dir / f"text{suffix}"
+                if src.with_suffix(suffix).resolve() != dst.resolve():
+                    atomic_write_bytes(dst, src.with_suffix(suffix).read_bytes())
     dist.barrier()
     return run_dir
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, shards: str) -> None:
+    if (labels < 0).any():
+        raise ValueError(f"model.condition=class but samples in {shards} have no 'cls' field (class label)")
+    if (labels >= num_classes).any():
+        raise ValueError(f"class label {int(labels.max())} in {shards} is >= model.num_classes ({num_classes})")
+
+
+def load_initial_weights(model: torch.nn.Module, path: str) -> None:
+    """Start a fresh run from a model directory (``mmtrain convert`` output or an export)."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"train.init_from={path}: no model.safetensors there")
+    state = load_file(str(file))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"train.init_from={path}: weights do not fit model config: {exc}") from None
+    log.info("initial weights from %s", file)
 
 
 def train(cfg: Config) -> dict:
     rank, world = _init_distributed(cfg)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    text_tok = TextTokenizer.from_file(cfg.text_model_path)
+    text_tok = TextTokenizer.from_file(cfg.text_model_path) if cfg.model.condition == "text" else None
     run_dir = _prepare_run_dir(cfg, rank, text_tok)
     image_tok = build_image_tokenizer(cfg.tokenizer.image)
     model = build_model(cfg.model, cfg.data.image_size, text_tok, image_tok)
-    diffusion = GaussianDiffusion(cfg.diffusion)
+    if cfg.train.init_from and checkpoint.latest_tag(run_dir) is None:
+        load_initial_weights(model, cfg.train.init_from)
+    diffusion = build_diffusion(cfg.diffusion)
     opt, sched = build_optimizer(model, cfg.optim, cfg.train.steps)
 
     import deepspeed
@@ -90,7 +117,8 @@ def train(cfg: Config) -> dict:
     step, samples_seen = 0, 0
     state = checkpoint.resume(engine, run_dir)
     if state is not None:
-        text_tok.check_matches(state["tokenizer_fingerprint"], where=f"checkpoint in {run_dir}")
+        if text_tok is not None:
+            text_tok.check_matches(state["tokenizer_fingerprint"], where=f"checkpoint in {run_dir}")
         step, samples_seen = state["step"], state["samples_seen"]
         log.info("resumed from step %d (%d samples seen)", step, samples_seen)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
@@ -106,7 +134,7 @@ def train(cfg: Config) -> dict:
 
     def save() -> None:
         checkpoint.save(engine, run_dir, step, {
-            "step": step, "samples_seen": samples_seen, "tokenizer_fingerprint": text_tok.fingerprint,
+            "step": step, "samples_seen": samples_seen, "tokenizer_fingerprint": text_tok.fingerprint if text_tok else None,
             "config": cfg.to_dict(), "world_size": world,
         }, cfg.checkpoint.keep_last)
 
@@ -114,11 +142,15 @@ def train(cfg: Config) -> dict:
     try:
         while step < cfg.train.steps:
             for _ in range(cfg.train.grad_accum):
-                images, captions = next(data_iter)
-                text, text_len = text_tok.encode_batch(captions, cfg.model.max_text_len)
+                images, captions, labels = next(data_iter)
                 with torch.no_grad():
                     tokens = patchify(image_tok.encode(images), cfg.model.patch_size).to(dtype)
-                batch = training_inputs(model, tokens, text, text_len, diffusion, gen, rng)
+                if text_tok is not None:
+                    text, text_len = text_tok.encode_batch(captions, cfg.model.max_text_len)
+                    batch = training_inputs(model, tokens, diffusion, gen, rng, text=text, text_len=text_len)
+                else:
+                    check_labels(labels, cfg.model.num_classes, cfg.data.train_shards)
+                    batch = training_inputs(model, tokens, diffusion, gen, rng, labels=labels)
                 out = engine(**batch)
                 engine.backward(out["loss"])
                 engine.step()

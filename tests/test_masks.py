@@ -81,19 +81,20 @@ def test_caption_mask():
 
 def test_batch_layout_mixes_directions_and_hides_pads():
     cfg = ModelConfig(hidden_size=32, depth=1, num_heads=2, patch_size=8, max_text_len=6)
-    model = CausalFusion(cfg, vocab_size=20, latent_channels=3, latent_size=16, special_ids=dict(pad=0, bos=2, eos=3, boi=4, eoi=5))
+    model = CausalFusion(cfg, latent_channels=3, latent_size=16, vocab_size=20, special_ids=dict(pad=0, bos=2, eos=3, boi=4, eoi=5))
     L = model.num_image_tokens  # 4
     text = torch.tensor([[2, 7, 8, 3, 0, 0], [2, 9, 3, 0, 0, 0]])
     text_len = torch.tensor([4, 3])
     order = torch.stack([torch.randperm(L) for _ in range(2)])
-    lay = model.layout(text, text_len, torch.tensor([False, True]), order, [1, 3], ar_loss_weights([1, 3], 2, 1, "linear"))
+    lay = model.layout(order, [1, 3], ar_loss_weights([1, 3], 2, 1, "linear"), text, text_len, torch.tensor([False, True]))
+    mask = lay.attention_mask()
     # row 0 (generate): pads at text slots 4,5 are invisible to every other query
     gen = lay.kind[0]
     assert gen[:4].eq(TEXT).all() and gen[4:6].eq(PAD).all() and gen[6] == TEXT
     assert (gen == CLEAN).sum() == 1 and (gen == NOISY).sum() == L
     pads = (gen == PAD).nonzero().flatten()
     others = (gen != PAD).nonzero().flatten()
-    assert not lay.mask[0][others][:, pads].any()
+    assert not mask[0][others][:, pads].any()
     # clean slot holds the first token in AR order, noisy slots all tokens in AR order
     assert lay.img_idx[0][gen == CLEAN].tolist() == order[0, :1].tolist()
     assert lay.img_idx[0][gen == NOISY].tolist() == order[0].tolist()
@@ -105,4 +106,57 @@ def test_batch_layout_mixes_directions_and_hides_pads():
     assert lay.token[1, 0] == 4 and lay.token[1, L + 1] == 5
     assert lay.img_idx[1, 1:L + 1].tolist() == list(range(L))
     assert lay.target[1, L + 2:L + 4].tolist() == [9, 3]
-    assert not lay.mask[1, 1:L + 1, L + 1:].any()  # image never sees the caption
+    assert not mask[1, 1:L + 1, L + 1:].any()  # image never sees the caption
+
+
+def _random_layout(seed, condition):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    if condition == "class":
+        cfg = ModelConfig(hidden_size=32, depth=1, num_heads=2, patch_size=4, condition="class", num_classes=5, num_cond_tokens=3)
+        model = CausalFusion(cfg, latent_channels=3, latent_size=16)
+        kw = {}
+    else:
+        cfg = ModelConfig(hidden_size=32, depth=1, num_heads=2, patch_size=4, max_text_len=6)
+        model = CausalFusion(cfg, latent_channels=3, latent_size=16, vocab_size=20, special_ids=dict(pad=0, bos=2, eos=3, boi=4, eoi=5))
+        kw = dict(text=torch.randint(6, 20, (3, 6)), text_len=torch.tensor([2, 6, 4]), caption_rows=torch.tensor([False, True, False]))
+    L = model.num_image_tokens
+    split = draw_ar_split(L, 0.9, rng)
+    order = torch.stack([torch.randperm(L) for _ in range(3)])
+    return model, model.layout(order, split, ar_loss_weights(split, 2, 1, "linear"), **kw), split, kw
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("condition", ["text", "class"])
+def test_layout_mask_equals_reference_masks(seed, condition):
+    """The role/level rule reproduces generate_mask / caption_mask for every row (pads aside)."""
+    model, lay, split, kw = _random_layout(seed, condition)
+    mask = lay.attention_mask()
+    for b in range(3):
+        if condition == "class":
+            ref = generate_mask(model.cfg.num_cond_tokens, split, cond_causal=False)
+            n = ref.shape[0]
+            assert torch.equal(mask[b, :n, :n], ref)
+            continue
+        T, L = 6, model.num_image_tokens
+        n_text = int(kw["text_len"][b])
+        if kw["caption_rows"][b]:
+            ref = caption_mask(L, T)
+            keep = torch.tensor(list(range(L + 2 + n_text)))
+        else:
+            ref = generate_mask(T + 1, split, cond_causal=True)
+            keep = torch.tensor(list(range(n_text)) + list(range(T, ref.shape[0])))
+        assert torch.equal(mask[b][keep][:, keep], ref[keep][:, keep])
+
+
+@pytest.mark.parametrize("condition", ["text", "class"])
+def test_flex_attention_matches_sdpa(condition):
+    """FlexAttention with the block mask built from slot roles gives the numbers of SDPA + dense mask."""
+    model, lay, split, kw = _random_layout(3, condition)
+    model.eval()
+    B, N = lay.kind.shape
+    h = torch.randn(B, N, 32)
+    with torch.no_grad():
+        ref = model.run_blocks(h, lay.attention_mask("sdpa"))
+        out = model.run_blocks(h, lay.attention_mask("flex"))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)

@@ -38,16 +38,17 @@ class DataConfig:
     num_workers: int = 1
 
 
-def _to_training_pair(sample: dict, image_size: int) -> tuple[torch.Tensor, str]:
+def _to_training_example(sample: dict, image_size: int) -> tuple[torch.Tensor, str, int]:
     image = sample["image"]
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), resample=3)  # bicubic
-    return pil_to_tensor([image])[0], sample["caption"]  # 3, H, W in [-1, 1]
+    label = sample.get("label")
+    return pil_to_tensor([image])[0], sample["caption"], -1 if label is None else label  # 3, H, W in [-1, 1]
 
 
-def _collate(batch: list) -> tuple[torch.Tensor, list[str]]:
-    images, captions = zip(*batch)
-    return torch.stack(images), list(captions)
+def _collate(batch: list) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    images, captions, labels = zip(*batch)
+    return torch.stack(images), list(captions), torch.tensor(labels, dtype=torch.long)
 
 
 def _worker_seed(base: int) -> int:
@@ -63,7 +64,7 @@ class _SeededShards(wds.ResampledShards):
 
 
 def build_train_loader(cfg: DataConfig, micro_batch_size: int, rank: int, seed: int, resume_step: int) -> DataLoader:
-    """An endless loader of (images B,3,H,W in [-1,1], captions) for this rank."""
+    """An endless loader of (images B,3,H,W in [-1,1], captions, labels B; -1 = none) for this rank."""
     urls = list_shards(cfg.train_shards)
     stream_seed = (seed * 1_000_003 + rank) * 1_000_003 + resume_step
     pipeline = wds.DataPipeline(
@@ -71,7 +72,7 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, rank: int, seed: 
         wds.tarfile_to_samples(),
         wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 100), rng=random.Random(stream_seed)),
         wds.map(decode_sample),
-        wds.map(lambda s: _to_training_pair(s, cfg.image_size)),
+        wds.map(lambda s: _to_training_example(s, cfg.image_size)),
     )
     return DataLoader(pipeline, batch_size=micro_batch_size, num_workers=cfg.num_workers, collate_fn=_collate,
                       persistent_workers=cfg.num_workers > 0)

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmtrain.atomic import atomic_write_text
-from mmtrain.data.synthetic import COLORS, KINDS, POSITIONS, SIZES, SyntheticConfig, generate_sample
+from mmtrain.data.synthetic import COLORS, KINDS, POSITIONS, SIZES, SyntheticConfig, generate_sample, synthetic_class
 
 logger = logging.getLogger("mmtrain.data")
 
@@ -88,12 +88,17 @@ def _encode_sample(sample: Mapping[str, Any], image_format: str, position: int) 
         attributes = json.dumps(sample["attributes"], sort_keys=True)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: field 'attributes' is not JSON-serialisable: {exc}") from exc
-    return {
+    encoded = {
         "__key__": key,
         image_format: _encode_image(sample["image"], image_format, where),
         "txt": sample["caption"].encode("utf-8"),
         "json": attributes.encode("utf-8"),
     }
+    if sample.get("label") is not None:  # optional class label, webdataset's ``.cls`` convention
+        if isinstance(sample["label"], bool) or not isinstance(sample["label"], int) or sample["label"] < 0:
+            raise ValueError(f"{where}: field 'label' must be an int >= 0, got {sample['label']!r}")
+        encoded["cls"] = str(sample["label"]).encode()
+    return encoded
 
 
 class _ShardFile:
@@ -295,7 +300,13 @@ def decode_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
         raise ShardDataError(
             f"{where}: field 'json' holds a {type(attributes).__name__}, expected a JSON object"
         )
-    return {"key": key, "url": url, "image": image, "caption": caption, "attributes": attributes}
+    label = None
+    if "cls" in raw:
+        try:
+            label = int(_field(raw, "cls", where, "an integer class label").decode())
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ShardDataError(f"{where}: cannot decode field 'cls' (expected an integer class label): {exc}") from exc
+    return {"key": key, "url": url, "image": image, "caption": caption, "attributes": attributes, "label": label}
 
 
 def iter_shard_samples(source: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
@@ -373,6 +384,7 @@ def write_synthetic_shards(
         for index in range(num):
             sample = generate_sample(index, cfg)
             shapes = sample["attributes"]["shapes"]
+            sample["label"] = synthetic_class(shapes[0])
             for shape in shapes:
                 for field, counter in counts.items():
                     counter[shape[field]] += 1

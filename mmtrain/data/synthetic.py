@@ -128,6 +128,12 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, 
         draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=rgb)
 
 
+def synthetic_class(shape: dict) -> int:
+    """Class label of a sample for class-conditional training: kind x colour of its first shape
+    (``len(KINDS) * len(COLORS)`` = 18 classes)."""
+    return KINDS.index(shape["kind"]) * len(COLORS) + COLORS.index(shape["color"])
+
+
 def generate_sample(index: int, cfg: SyntheticConfig) -> dict[str, Any]:
     """Generate sample ``index`` of the dataset described by ``cfg``.
 

@@ -1,18 +1,26 @@
-"""CausalFusion: one decoder-only transformer over text tokens and image latent tokens.
+"""CausalFusion: one decoder-only transformer over a condition and image latent tokens.
 
-Two directions share the weights (Deng et al. 2024, "Causal Diffusion Transformers"):
+Deng et al. 2024, "Causal Diffusion Transformers". One set of weights, three layouts:
 
-* **generate** (text -> image):
-  ``[text (T) | <boi> | clean image tokens of AR steps 1..S-1 | noisy image tokens (L)]``
-  Text gets next-token cross-entropy; the noisy tokens get the DDPM eps loss. Image
-  tokens are put in a random order per sample; the order is cut into S AR steps.
-* **caption** (image -> text):
+* **generate** (condition -> image):
+  ``[condition | clean image tokens of AR steps 1..S-1 | noisy image tokens (L)]``.
+  The condition is either a text prompt ``[text (T) | <boi>]`` (next-token cross-entropy)
+  or ``num_cond_tokens`` class tokens (the official class-conditional model). Image tokens
+  are put in a random order per sample (clean and noisy share it) and the order is cut
+  into S AR steps; the noisy tokens carry the diffusion loss, weighted per AR step.
+* **caption** (image -> text, text mode only):
   ``[<boi> | clean image tokens (L) | <eoi> | text (T)]`` with next-token cross-entropy.
 
-The generalized causal mask (see :func:`generate_mask`):
-condition tokens see earlier condition tokens; clean tokens of step i see the condition
-and clean tokens of steps <= i; noisy tokens of step i see the condition, clean tokens of
-steps < i and noisy tokens of step i.
+Every slot has an attention *role* and a *level*; one rule (:func:`attention_allowed`)
+turns them into the generalized causal mask, either as a boolean matrix for SDPA or as
+a FlexAttention block mask. Condition tokens see the condition (text causally, class
+tokens bidirectionally); clean tokens of step i see the condition and clean tokens of
+steps <= i; noisy tokens of step i see the condition, clean tokens of steps < i and the
+noisy tokens of step i.
+
+Parameter names follow the official code (``x_proj``, ``t_embedder``, ``pos_embed``,
+``cond_pos_embed``, ``blocks.N.attn.qkv`` ...), so :mod:`mmtrain.models.convert` is a
+short key map.
 
 Shapes: B batch, T text slots, L image tokens, N sequence, D width, P = p*p*C token dim.
 """
@@ -28,8 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# slot kinds in a laid-out sequence
-PAD, TEXT, CLEAN, NOISY = 0, 1, 2, 3
+# what a slot embeds
+PAD, TEXT, CLASS, CLEAN, NOISY = 0, 1, 2, 3, 4
+# how a slot attends (see attention_allowed)
+ROLE_PAD, ROLE_BIDIR, ROLE_CAUSAL, ROLE_CLEAN, ROLE_NOISY = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -42,14 +52,25 @@ class ModelConfig:
         num_heads: attention heads. Default 6.
         mlp_ratio: MLP hidden = mlp_ratio * D. Default 4.0.
         patch_size: latent pixels per token side. Default 4.
+        condition: ``text`` (multimodal: prompts, captions) or ``class`` (the official
+            class-conditional model: ``num_cond_tokens`` tokens from a label embedding).
+            Default ``text``.
+        num_classes: labels in class mode; label ``num_classes`` is the null class used
+            for classifier-free guidance. Default 1000.
+        num_cond_tokens: condition tokens per label in class mode. Default 4.
+        trainable_pos: learn the image position embedding (starts as 2-D sin-cos; the
+            official L/XL/H models learn it). Default false.
         max_text_len: text slots T including <s> and </s>. Default 32.
         ar_step_decay: P(S = k) proportional to decay^(k-1) when drawing AR steps. Default 0.9.
         max_ar_weight: diffusion-loss weight of the first AR step. Default 2.0.
         min_ar_weight: weight of the last AR step. Default 1.0.
         ar_weight_schedule: ``linear`` or ``cosine`` between the two. Default ``linear``.
         text_loss_weight: coefficient of the text cross-entropy. Default 1.0.
-        cond_drop_prob: probability to drop the prompt (for classifier-free guidance). Default 0.1.
-        caption_prob: fraction of samples laid out image -> text. Default 0.5.
+        cond_drop_prob: probability to drop the prompt or label (for classifier-free
+            guidance). Default 0.1.
+        caption_prob: fraction of samples laid out image -> text (text mode). Default 0.5.
+        attention: ``sdpa`` (boolean mask, any device) or ``flex`` (FlexAttention block
+            mask built from the slot roles; compiled on CUDA). Same numbers. Default ``sdpa``.
         grad_checkpoint: recompute block activations in backward. Default false.
     """
 
@@ -58,6 +79,10 @@ class ModelConfig:
     num_heads: int = 6
     mlp_ratio: float = 4.0
     patch_size: int = 4
+    condition: str = "text"
+    num_classes: int = 1000
+    num_cond_tokens: int = 4
+    trainable_pos: bool = False
     max_text_len: int = 32
     ar_step_decay: float = 0.9
     max_ar_weight: float = 2.0
@@ -66,24 +91,33 @@ class ModelConfig:
     text_loss_weight: float = 1.0
     cond_drop_prob: float = 0.1
     caption_prob: float = 0.5
+    attention: str = "sdpa"
     grad_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+        if self.hidden_size % 4:
+            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by 4 (2-D sin-cos positions)")
+        if self.condition not in ("text", "class"):
+            raise ValueError(f"model.condition: expected 'text' or 'class', got {self.condition!r}")
         if self.ar_weight_schedule not in ("linear", "cosine"):
             raise ValueError(f"model.ar_weight_schedule: expected 'linear' or 'cosine', got {self.ar_weight_schedule!r}")
+        if self.attention not in ("sdpa", "flex"):
+            raise ValueError(f"model.attention: expected 'sdpa' or 'flex', got {self.attention!r}")
         if not 0.0 <= self.caption_prob <= 1.0:
             raise ValueError(f"model.caption_prob: expected a probability, got {self.caption_prob}")
         if self.max_text_len < 2:
             raise ValueError(f"model.max_text_len: expected >= 2, got {self.max_text_len}")
+        if self.num_classes < 1 or self.num_cond_tokens < 1:
+            raise ValueError(f"model.num_classes and model.num_cond_tokens must be >= 1, got {self.num_classes}, {self.num_cond_tokens}")
 
 
 # --------------------------------------------------------------------------- AR split
 
 
 def draw_ar_split(num_tokens: int, decay: float, rng: random.Random) -> list[int]:
-    """Step sizes of a random AR split: S ~ decay^(S-1), cut points uniform."""
+    """Step sizes of a random AR split: P(S = k) ~ decay^(k-1), cut points uniform."""
     if decay == 1.0:
         steps = rng.randint(1, num_tokens)
     else:
@@ -119,8 +153,45 @@ def ar_loss_weights(split: list[int], max_w: float, min_w: float, schedule: str)
 # --------------------------------------------------------------------------- masks
 
 
+def attention_allowed(role_q, level_q, idx_q, role_k, level_k, idx_k):
+    """The generalized causal rule on slot descriptors (broadcasting tensors).
+
+    Roles: BIDIR (class tokens; <boi> + image when captioning) see BIDIR keys; CAUSAL
+    (text) sees condition keys at or before itself; CLEAN of level i sees the condition
+    and CLEAN keys of level <= i; NOISY of level i sees the condition, CLEAN of level < i
+    and NOISY of level i. Pads are invisible; every slot sees itself so softmax stays finite.
+    """
+    cond_k = (role_k == ROLE_BIDIR) | (role_k == ROLE_CAUSAL)
+    allowed = (
+        ((role_q == ROLE_BIDIR) & (role_k == ROLE_BIDIR))
+        | ((role_q == ROLE_CAUSAL) & cond_k & (idx_k <= idx_q))
+        | ((role_q == ROLE_CLEAN) & (cond_k | ((role_k == ROLE_CLEAN) & (level_k <= level_q))))
+        | ((role_q == ROLE_NOISY) & (cond_k | ((role_k == ROLE_CLEAN) & (level_k < level_q))
+                                     | ((role_k == ROLE_NOISY) & (level_k == level_q))))
+    )
+    return (allowed & (role_k != ROLE_PAD)) | (idx_q == idx_k)
+
+
+def dense_mask(role: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """Boolean allowed-attention matrix (B, N, N) for slots described by role/level (B, N)."""
+    idx = torch.arange(role.shape[1], device=role.device)
+    return attention_allowed(role[:, :, None], level[:, :, None], idx[None, :, None],
+                             role[:, None, :], level[:, None, :], idx[None, None, :])
+
+
+def flex_block_mask(role: torch.Tensor, level: torch.Tensor):
+    """The same rule as a FlexAttention BlockMask: no N x N matrix is materialised."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, k):
+        return attention_allowed(role[b, q], level[b, q], q, role[b, k], level[b, k], k)
+
+    B, N = role.shape
+    return create_block_mask(mask_mod, B, None, N, N, device=role.device)
+
+
 def generate_mask(cond_len: int, split: list[int], cond_causal: bool = True) -> torch.Tensor:
-    """Allowed-attention mask (True = may attend) for ``[cond | clean 1..S-1 | noisy]``."""
+    """Reference: allowed mask for ``[cond | clean 1..S-1 | noisy]`` written from the paper's rules."""
     L = sum(split)
     n_clean = L - split[-1]
     N = cond_len + n_clean + L
@@ -131,18 +202,17 @@ def generate_mask(cond_len: int, split: list[int], cond_causal: bool = True) -> 
     q_st, k_st = st[:, None], st[None, :]
     idx = torch.arange(N)
     cond_rule = idx[None, :] <= idx[:, None] if cond_causal else torch.ones(N, N, dtype=torch.bool)
-    allowed = (
+    return (
         ((q_kind == 0) & (k_kind == 0) & cond_rule)
         | ((q_kind > 0) & (k_kind == 0))
         | ((q_kind == 1) & (k_kind == 1) & (k_st <= q_st))
         | ((q_kind == 2) & (k_kind == 1) & (k_st < q_st))
         | ((q_kind == 2) & (k_kind == 2) & (k_st == q_st))
     )
-    return allowed
 
 
 def caption_mask(image_len: int, text_len: int) -> torch.Tensor:
-    """``[<boi> | image (L) | <eoi> | text]``: image block bidirectional, text causal over it."""
+    """Reference: ``[<boi> | image (L) | <eoi> | text]``, image block bidirectional, text causal."""
     ctx = 1 + image_len
     N = ctx + 1 + text_len
     idx = torch.arange(N)
@@ -155,16 +225,19 @@ def caption_mask(image_len: int, text_len: int) -> torch.Tensor:
 
 
 def sincos_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding, (grid*grid, dim), rows in raster order."""
-    assert dim % 4 == 0, "hidden_size must be divisible by 4 for 2-D sin-cos positions"
+    """Fixed 2-D sin-cos position embedding (grid*grid, dim), rows in raster order.
+
+    The first half encodes the column and the second the row, as the official code
+    (MAE / DiT lineage) does, so a fresh model starts where an official one did.
+    """
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
 
     def emb(pos: torch.Tensor) -> torch.Tensor:
         out = pos.reshape(-1, 1) * omega[None]
         return torch.cat([out.sin(), out.cos()], dim=1)
 
-    return torch.cat([emb(ys), emb(xs)], dim=1).float()
+    return torch.cat([emb(cols), emb(rows)], dim=1).float()
 
 
 class TimestepEmbedder(nn.Module):
@@ -181,7 +254,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with qk-norm, a boolean mask and an optional KV cache."""
+    """Multi-head attention with qk-norm; a boolean mask or a FlexAttention block mask; optional KV cache."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -191,7 +264,7 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: dict | None = None, update_cache: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask, cache: dict | None = None, update_cache: bool = False) -> torch.Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # B, H, N, d
         q, k = self.q_norm(q), self.k_norm(k)
@@ -201,8 +274,36 @@ class Attention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)
             if update_cache:
                 cache["k"], cache["v"] = k, v
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # mask: B, N, Nk
+        if isinstance(mask, torch.Tensor):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # mask: B, N, Nk
+        else:
+            out = _flex_attention(q, k, v, mask)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+_compiled_flex = None
+
+
+def _flex_attention(q, k, v, block_mask):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask)
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -211,8 +312,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x, mask, cache=None, update_cache=False):
         x = x + self.attn(self.norm1(x), mask, cache, update_cache)
@@ -224,24 +324,31 @@ class Block(nn.Module):
 
 @dataclass
 class Layout:
-    """A batch laid out as one sequence per sample (all tensors B, N unless noted)."""
+    """A batch laid out as one sequence per sample (all tensors B, N)."""
 
-    kind: torch.Tensor  # PAD / TEXT / CLEAN / NOISY
-    token: torch.Tensor  # text id for TEXT slots
-    text_pos: torch.Tensor  # position row for TEXT slots
-    img_idx: torch.Tensor  # raster index of the image token for CLEAN / NOISY slots
-    target: torch.Tensor  # next-token target for TEXT slots, -100 elsewhere
-    loss_weight: torch.Tensor  # diffusion loss weight for NOISY slots (0 elsewhere)
-    mask: torch.Tensor  # B, N, N allowed attention
+    kind: torch.Tensor  # PAD / TEXT / CLASS / CLEAN / NOISY: what the slot embeds
+    token: torch.Tensor  # text id of TEXT slots
+    pos: torch.Tensor  # text position row (TEXT) or condition token index (CLASS)
+    img_idx: torch.Tensor  # raster index of the image token of CLEAN / NOISY slots, -1 elsewhere
+    role: torch.Tensor  # ROLE_*: how the slot attends
+    level: torch.Tensor  # AR step (1-based) of CLEAN / NOISY slots, 0 elsewhere
+    target: torch.Tensor | None = None  # next-token target of TEXT slots, -100 elsewhere
+    loss_weight: torch.Tensor | None = None  # diffusion loss weight of NOISY slots, 0 elsewhere
+    noisy_start: int = 0  # first noisy slot of generation rows
+
+    def attention_mask(self, backend: str = "sdpa"):
+        return dense_mask(self.role, self.level) if backend == "sdpa" else flex_block_mask(self.role, self.level)
 
 
 class CausalFusion(nn.Module):
-    """The joint text + image decoder. ``forward`` returns the training losses."""
+    """The decoder. ``forward`` returns the training losses."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, latent_channels: int, latent_size: int, special_ids: dict):
+    def __init__(self, cfg: ModelConfig, latent_channels: int, latent_size: int, vocab_size: int = 0, special_ids: dict | None = None):
         super().__init__()
         if latent_size % cfg.patch_size:
             raise ValueError(f"latent size {latent_size} is not divisible by model.patch_size {cfg.patch_size}")
+        if cfg.condition == "text" and (vocab_size < 1 or not special_ids):
+            raise ValueError("model.condition=text needs a text tokenizer (vocab_size and special ids)")
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.latent_channels = latent_channels
@@ -249,18 +356,23 @@ class CausalFusion(nn.Module):
         self.grid = latent_size // cfg.patch_size
         self.num_image_tokens = self.grid**2
         self.token_dim = cfg.patch_size**2 * latent_channels
-        self.ids = dict(special_ids)  # pad, bos, eos, boi, eoi
+        self.ids = dict(special_ids or {})  # pad, bos, eos, boi, eoi
         D = cfg.hidden_size
 
-        self.tok_embed = nn.Embedding(vocab_size, D)
-        self.text_pos = nn.Parameter(torch.zeros(cfg.max_text_len + 2, D))  # + rows for <boi>, <eoi>
         self.x_proj = nn.Linear(self.token_dim, D)
-        self.register_buffer("img_pos", sincos_2d(D, self.grid), persistent=False)
-        self.t_embed = TimestepEmbedder(D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.pos_embed = nn.Parameter(sincos_2d(D, self.grid)[None], requires_grad=cfg.trainable_pos)  # 1, L, D
+        if cfg.condition == "text":
+            self.tok_embed = nn.Embedding(vocab_size, D)
+            self.text_pos = nn.Parameter(torch.zeros(cfg.max_text_len + 2, D))  # + rows for <boi>, <eoi>
+        else:
+            self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.num_cond_tokens * D)  # last row: null class
+            self.cond_pos_embed = nn.Parameter(torch.zeros(1, cfg.num_cond_tokens, D))
         self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(D)
-        self.eps_head = nn.Linear(D, self.token_dim)
-        self.lm_head = nn.Linear(D, vocab_size, bias=False)
+        self.final_norm = nn.LayerNorm(D)
+        self.diffusion_head = nn.Linear(D, self.token_dim)
+        if cfg.condition == "text":
+            self.lm_head = nn.Linear(D, vocab_size, bias=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -269,259 +381,367 @@ class CausalFusion(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.normal_(self.tok_embed.weight, std=0.02)
-        nn.init.normal_(self.text_pos, std=0.02)
-        nn.init.normal_(self.lm_head.weight, std=0.02)
-        nn.init.zeros_(self.eps_head.weight)
-        nn.init.zeros_(self.eps_head.bias)
+        if self.cfg.condition == "text":
+            nn.init.normal_(self.tok_embed.weight, std=0.02)
+            nn.init.normal_(self.text_pos, std=0.02)
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+        else:
+            nn.init.normal_(self.class_embed.weight, std=0.02)
+            nn.init.normal_(self.cond_pos_embed, std=0.02)
+        nn.init.zeros_(self.diffusion_head.weight)
+        nn.init.zeros_(self.diffusion_head.bias)
 
     # ---------------------------------------------------------------- embedding
 
-    def embed(self, layout: Layout, clean: torch.Tensor, noisy: torch.Tensor | None, t: torch.Tensor | None) -> torch.Tensor:
+    def class_tokens(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels (B,) -> condition tokens (B, num_cond_tokens, D); label num_classes is the null class."""
+        n, D = self.cfg.num_cond_tokens, self.cfg.hidden_size
+        return self.class_embed(labels).view(-1, n, D) + self.cond_pos_embed
+
+    def image_embed(self, tokens: torch.Tensor, idx: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Image tokens (B, n, P) at raster positions ``idx`` (B, n) -> B, n, D; with ``t``: noisy tokens."""
+        h = self.x_proj(tokens.to(self.x_proj.weight.dtype)) + self.pos_embed[0][idx]
+        return h if t is None else h + self.t_embedder(t)[:, None]
+
+    def embed(self, lay: Layout, clean: torch.Tensor, noisy: torch.Tensor | None, t: torch.Tensor | None,
+              labels: torch.Tensor | None = None) -> torch.Tensor:
         """Slot embeddings (B, N, D). ``clean``/``noisy``: B, L, P in raster order."""
-        B, N = layout.kind.shape
-        idx = layout.img_idx.clamp(min=0)
+        B, N = lay.kind.shape
+        idx = lay.img_idx.clamp(min=0)
         gather = idx[..., None].expand(B, N, self.token_dim)
         src = torch.gather(clean, 1, gather)  # B, N, P
         if noisy is not None:
-            src = torch.where((layout.kind == NOISY)[..., None], torch.gather(noisy, 1, gather), src)
-        img = self.x_proj(src) + self.img_pos[idx]
+            src = torch.where((lay.kind == NOISY)[..., None], torch.gather(noisy, 1, gather), src)
+        h = self.x_proj(src.to(self.x_proj.weight.dtype)) + self.pos_embed[0][idx]
         if t is not None:
-            img = img + (layout.kind == NOISY)[..., None] * self.t_embed(t)[:, None]
-        text = self.tok_embed(layout.token) + self.text_pos[layout.text_pos]
-        is_text = (layout.kind == TEXT)[..., None]
-        is_img = ((layout.kind == CLEAN) | (layout.kind == NOISY))[..., None]
-        return torch.where(is_text, text, torch.where(is_img, img, torch.zeros_like(img)))
+            h = h + (lay.kind == NOISY)[..., None] * self.t_embedder(t)[:, None]
+        if self.cfg.condition == "text":
+            text = self.tok_embed(lay.token) + self.text_pos[lay.pos]
+            h = torch.where((lay.kind == TEXT)[..., None], text, h)
+        else:
+            cls = torch.gather(self.class_tokens(labels), 1, lay.pos.clamp(max=self.cfg.num_cond_tokens - 1)[..., None].expand(B, N, h.shape[-1]))
+            h = torch.where((lay.kind == CLASS)[..., None], cls, h)
+        return torch.where((lay.kind == PAD)[..., None], torch.zeros_like(h), h)
 
-    def run_blocks(self, h: torch.Tensor, mask: torch.Tensor, caches: list | None = None, update_cache: bool = False) -> torch.Tensor:
+    def run_blocks(self, h: torch.Tensor, mask, caches: list | None = None, update_cache: bool = False) -> torch.Tensor:
+        """Transformer blocks then the final norm. ``mask``: bool (B, N, Nk) or a flex BlockMask."""
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
             if self.cfg.grad_checkpoint and self.training and cache is None:
                 h = checkpoint(block, h, mask, use_reentrant=False)
             else:
                 h = block(h, mask, cache, update_cache)
-        return self.norm(h)
+        return self.final_norm(h)
 
     # ---------------------------------------------------------------- layout
 
-    def layout(self, text: torch.Tensor, text_len: torch.Tensor, caption_rows: torch.Tensor, order: torch.Tensor, split: list[int], loss_weights: torch.Tensor) -> Layout:
-        """Lay out a training batch. ``text`` B, T ids; ``order`` B, L random token order."""
-        B, T = text.shape
-        L = self.num_image_tokens
-        dev = text.device
-        gen_mask = generate_mask(T + 1, split)  # cond = text + <boi>
-        cap_mask = caption_mask(L, T)
-        N = max(gen_mask.shape[0], cap_mask.shape[0])
+    def layout(self, order: torch.Tensor, split: list[int], loss_weights: torch.Tensor, text: torch.Tensor | None = None,
+               text_len: torch.Tensor | None = None, caption_rows: torch.Tensor | None = None) -> Layout:
+        """Lay out a training batch. ``order``: B, L random token order; ``text``: B, T ids (text mode)."""
+        B, L = order.shape
+        dev = order.device
         n_clean = L - split[-1]
+        step = torch.repeat_interleave(torch.arange(1, len(split) + 1, device=dev), torch.tensor(split, device=dev))  # L
+        img_level = torch.cat([step[:n_clean], step]).expand(B, -1)
+        img_role = torch.cat([torch.full((n_clean,), ROLE_CLEAN), torch.full((L,), ROLE_NOISY)]).to(dev).expand(B, -1)
+        img_kind = torch.cat([torch.full((n_clean,), CLEAN), torch.full((L,), NOISY)]).to(dev).expand(B, -1)
+        img_idx = torch.cat([order[:, :n_clean], order], 1)
+        img_w = torch.cat([torch.zeros(B, n_clean, device=dev), loss_weights.to(dev).expand(B, L)], 1)
+        zeros = lambda n: torch.zeros(B, n, dtype=torch.long, device=dev)  # noqa: E731
+        full = lambda n, v: torch.full((B, n), v, dtype=torch.long, device=dev)  # noqa: E731
 
-        def pad_to(x: torch.Tensor, value) -> torch.Tensor:
-            return F.pad(x, (0, N - x.shape[-1]), value=value)
+        if self.cfg.condition == "class":
+            n = self.cfg.num_cond_tokens
+            return Layout(
+                kind=torch.cat([full(n, CLASS), img_kind], 1), token=zeros(n + n_clean + L),
+                pos=torch.cat([torch.arange(n, device=dev).expand(B, n), zeros(n_clean + L)], 1),
+                img_idx=torch.cat([full(n, -1), img_idx], 1), role=torch.cat([full(n, ROLE_BIDIR), img_role], 1),
+                level=torch.cat([zeros(n), img_level], 1), target=full(n + n_clean + L, -100),
+                loss_weight=torch.cat([torch.zeros(B, n, device=dev), img_w], 1), noisy_start=n + n_clean)
 
+        T = text.shape[1]
         ar = torch.arange(T, device=dev)
         valid = ar[None] < text_len[:, None]  # B, T
         tok = text.masked_fill(~valid, self.ids["pad"])
         next_tok = torch.where(ar[None] + 1 < text_len[:, None], F.pad(text, (0, 1))[:, 1:], torch.full_like(text, -100))
+        text_kind = torch.where(valid, TEXT, PAD)
+        text_role = torch.where(valid, ROLE_CAUSAL, ROLE_PAD)
 
-        # generate direction: [text | boi | clean | noisy]
-        g_kind = torch.cat([torch.where(valid, TEXT, PAD), torch.full((B, 1), TEXT, device=dev), torch.full((B, n_clean + L), CLEAN, device=dev)], 1)
-        g_kind[:, T + 1 + n_clean:] = NOISY
-        g_tok = torch.cat([tok, torch.full((B, 1), self.ids["boi"], device=dev), torch.zeros(B, n_clean + L, dtype=torch.long, device=dev)], 1)
-        g_pos = torch.cat([ar.expand(B, T), torch.full((B, 1), T, device=dev), torch.zeros(B, n_clean + L, dtype=torch.long, device=dev)], 1)
-        g_img = torch.cat([torch.full((B, T + 1), -1, device=dev), order[:, :n_clean], order], 1)
-        g_tgt = torch.cat([next_tok, torch.full((B, 1 + n_clean + L), -100, device=dev)], 1)
-        g_w = torch.cat([torch.zeros(B, T + 1 + n_clean, device=dev), loss_weights.to(dev).expand(B, L)], 1)
-
-        # caption direction: [boi | image | eoi | text]
-        raster = torch.arange(L, device=dev).expand(B, L)
-        c_kind = torch.cat([torch.full((B, 1), TEXT, device=dev), torch.full((B, L), CLEAN, device=dev), torch.full((B, 1), TEXT, device=dev), torch.where(valid, TEXT, PAD)], 1)
-        c_tok = torch.cat([torch.full((B, 1), self.ids["boi"], device=dev), torch.zeros(B, L, dtype=torch.long, device=dev), torch.full((B, 1), self.ids["eoi"], device=dev), tok], 1)
-        c_pos = torch.cat([torch.full((B, 1), T, device=dev), torch.zeros(B, L, dtype=torch.long, device=dev), torch.full((B, 1), T + 1, device=dev), ar.expand(B, T)], 1)
-        c_img = torch.cat([torch.full((B, 1), -1, device=dev), raster, torch.full((B, 1 + T), -1, device=dev)], 1)
-        c_tgt = torch.cat([torch.full((B, L + 2), -100, device=dev), next_tok], 1)
-        c_w = torch.zeros(B, c_kind.shape[1], device=dev)
-
-        cap = caption_rows[:, None]
-        pick = lambda g, c, v: torch.where(cap, pad_to(c, v), pad_to(g, v))  # noqa: E731
-        kind = pick(g_kind, c_kind, PAD)
-        base = torch.where(cap[..., None], F.pad(cap_mask, (0, N - cap_mask.shape[0], 0, N - cap_mask.shape[0])).to(dev)[None],
-                           F.pad(gen_mask, (0, N - gen_mask.shape[0], 0, N - gen_mask.shape[0])).to(dev)[None])
-        # pads are invisible; a pad query sees only itself so softmax stays finite
-        mask = (base & (kind != PAD)[:, None, :]) | torch.eye(N, dtype=torch.bool, device=dev)[None]
-        return Layout(kind=kind, token=pick(g_tok, c_tok, 0), text_pos=pick(g_pos, c_pos, 0), img_idx=pick(g_img, c_img, -1),
-                      target=pick(g_tgt, c_tgt, -100), loss_weight=pick(g_w, c_w, 0.0), mask=mask)
+        # generate: [text | <boi> | clean | noisy]
+        gen = dict(
+            kind=torch.cat([text_kind, full(1, TEXT), img_kind], 1),
+            token=torch.cat([tok, full(1, self.ids["boi"]), zeros(n_clean + L)], 1),
+            pos=torch.cat([ar.expand(B, T), full(1, T), zeros(n_clean + L)], 1),
+            img_idx=torch.cat([full(T + 1, -1), img_idx], 1),
+            role=torch.cat([text_role, full(1, ROLE_CAUSAL), img_role], 1),
+            level=torch.cat([zeros(T + 1), img_level], 1),
+            target=torch.cat([next_tok, full(1 + n_clean + L, -100)], 1),
+            loss_weight=torch.cat([torch.zeros(B, T + 1, device=dev), img_w], 1),
+        )
+        # caption: [<boi> | image | <eoi> | text]
+        cap = dict(
+            kind=torch.cat([full(1, TEXT), full(L, CLEAN), full(1, TEXT), text_kind], 1),
+            token=torch.cat([full(1, self.ids["boi"]), zeros(L), full(1, self.ids["eoi"]), tok], 1),
+            pos=torch.cat([full(1, T), zeros(L), full(1, T + 1), ar.expand(B, T)], 1),
+            img_idx=torch.cat([full(1, -1), torch.arange(L, device=dev).expand(B, L), full(1 + T, -1)], 1),
+            role=torch.cat([full(1 + L, ROLE_BIDIR), full(1, ROLE_CAUSAL), text_role], 1),
+            level=zeros(L + 2 + T),
+            target=torch.cat([full(L + 2, -100), next_tok], 1),
+            loss_weight=torch.zeros(B, L + 2 + T, device=dev),
+        )
+        N = max(T + 1 + n_clean + L, L + 2 + T)
+        pad_value = dict(kind=PAD, token=0, pos=0, img_idx=-1, role=ROLE_PAD, level=0, target=-100, loss_weight=0.0)
+        rows = caption_rows if caption_rows is not None else torch.zeros(B, dtype=torch.bool, device=dev)
+        fields = {}
+        for name, v in pad_value.items():
+            g = F.pad(gen[name], (0, N - gen[name].shape[1]), value=v)
+            c = F.pad(cap[name], (0, N - cap[name].shape[1]), value=v)
+            fields[name] = torch.where(rows[:, None], c, g)
+        return Layout(**fields, noisy_start=T + 1 + n_clean)
 
     # ---------------------------------------------------------------- training
 
-    def forward(self, text, text_len, caption_rows, latents_tokens, noisy_tokens, t, target, order, split, loss_weights) -> dict:
+    def forward(self, *, latents_tokens, noisy_tokens, t, target, order, split, loss_weights, text=None, text_len=None,
+                caption_rows=None, labels=None, return_pred: bool = False) -> dict:
         """Training losses.
 
         Args:
-            text, text_len: B, T ids (prompt already dropped for CFG where chosen) and lengths.
-            caption_rows: B bool, True = image -> text layout.
-            latents_tokens: B, L, P clean tokens (raster order); noisy_tokens: same shape,
-                ``q_sample`` of them at timesteps ``t`` (B,); target: what the diffusion head
-                regresses (the noise for eps-prediction, the clean tokens for x0-prediction).
+            latents_tokens: B, L, P clean tokens (raster order); noisy_tokens: the same noised
+                to model-time ``t`` (B,); target: what the diffusion head regresses (eps, x0 or
+                velocity, per the diffusion process), raster order.
             order: B, L random AR order; split: AR step sizes; loss_weights: L (AR order).
+            text, text_len, caption_rows: text mode: B, T ids (prompt already dropped for
+                CFG where chosen), lengths, True = image -> text layout.
+            labels: class mode: B labels (num_classes = dropped).
+            return_pred: also return ``pred`` (B, L, P): the diffusion head on the noisy
+                tokens of generation rows, in AR order.
         """
-        lay = self.layout(text, text_len, caption_rows, order, split, loss_weights)
-        h = self.embed(lay, latents_tokens, noisy_tokens, t)
-        h = self.run_blocks(h, lay.mask)
+        lay = self.layout(order, split, loss_weights, text, text_len, caption_rows)
+        h = self.embed(lay, latents_tokens, noisy_tokens, t, labels)
+        h = self.run_blocks(h, lay.attention_mask(self.cfg.attention))
 
-        logits = self.lm_head(h).float()  # B, N, V
-        ce = F.cross_entropy(logits.transpose(1, 2), lay.target, ignore_index=-100, reduction="sum")
-        n_text = (lay.target != -100).sum()
-        text_loss = ce / n_text.clamp(min=1)
-
-        pred = self.eps_head(h).float()  # B, N, P
-        target = torch.gather(target, 1, lay.img_idx.clamp(min=0)[..., None].expand_as(pred))
-        per_tok = ((pred - target.float()) ** 2).mean(-1)
+        pred = self.diffusion_head(h).float()  # B, N, P
+        tgt = torch.gather(target, 1, lay.img_idx.clamp(min=0)[..., None].expand_as(pred))
+        per_tok = ((pred - tgt.float()) ** 2).mean(-1)
         is_noisy = lay.kind == NOISY
         diff_loss = (per_tok * lay.loss_weight * is_noisy).sum() / is_noisy.sum().clamp(min=1)
+        if self.cfg.condition == "text":
+            logits = self.lm_head(h).float()  # B, N, V
+            ce = F.cross_entropy(logits.transpose(1, 2), lay.target, ignore_index=-100, reduction="sum")
+            n_text = (lay.target != -100).sum()
+            text_loss = ce / n_text.clamp(min=1)
+        else:
+            n_text, text_loss = torch.zeros((), dtype=torch.long, device=h.device), torch.zeros((), device=h.device)
         loss = diff_loss + self.cfg.text_loss_weight * text_loss
-        return {"loss": loss, "diffusion_loss": diff_loss.detach(), "text_loss": text_loss.detach(),
-                "text_tokens": n_text.detach(), "image_tokens": is_noisy.sum().detach()}
+        out = {"loss": loss, "diffusion_loss": diff_loss.detach(), "text_loss": text_loss.detach(),
+               "text_tokens": n_text.detach(), "image_tokens": is_noisy.sum().detach()}
+        if return_pred:
+            out["pred"] = pred[:, lay.noisy_start:lay.noisy_start + order.shape[1]]
+        return out
 
 
 # --------------------------------------------------------------------------- training inputs
 
 
-def training_inputs(model: CausalFusion, latent_tokens: torch.Tensor, text: torch.Tensor, text_len: torch.Tensor,
-                    diffusion, gen: torch.Generator, rng: random.Random) -> dict:
+def training_inputs(model: CausalFusion, latent_tokens: torch.Tensor, diffusion, gen: torch.Generator, rng: random.Random,
+                    text: torch.Tensor | None = None, text_len: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict:
     """Draw everything random about one training batch: direction, CFG drop, t, noise, order, split.
 
-    ``latent_tokens``: B, L, P clean tokens in raster order; ``text``: B, T ids.
-    ``gen`` drives tensor randomness and ``rng`` the AR split, so a seeded run is repeatable.
+    ``latent_tokens``: B, L, P clean tokens in raster order; ``text``/``text_len`` (text mode)
+    or ``labels`` (class mode). ``gen`` drives tensor randomness and ``rng`` the AR split,
+    so a seeded run is repeatable.
     """
     cfg = model.cfg
     B, L, _ = latent_tokens.shape
     dev = latent_tokens.device
-    caption_rows = torch.rand(B, generator=gen) < cfg.caption_prob
-    # classifier-free guidance: a dropped prompt becomes the empty caption "<s></s>"
-    drop = (torch.rand(B, generator=gen) < cfg.cond_drop_prob) & ~caption_rows
-    text = text.clone()
-    text[drop, 0], text[drop, 1] = model.ids["bos"], model.ids["eos"]
-    text_len = torch.where(drop, torch.full_like(text_len, 2), text_len)
-    t = torch.randint(0, diffusion.num_timesteps, (B,), generator=gen)
+    cond = {}
+    if cfg.condition == "text":
+        caption_rows = torch.rand(B, generator=gen) < cfg.caption_prob
+        # classifier-free guidance: a dropped prompt becomes the empty caption "<s></s>"
+        drop = (torch.rand(B, generator=gen) < cfg.cond_drop_prob) & ~caption_rows
+        text = text.clone()
+        text[drop, 0], text[drop, 1] = model.ids["bos"], model.ids["eos"]
+        text_len = torch.where(drop, torch.full_like(text_len, 2), text_len)
+        cond = {"text": text.to(dev), "text_len": text_len.to(dev), "caption_rows": caption_rows.to(dev)}
+    else:
+        if labels is None:
+            raise ValueError("model.condition=class needs class labels in the batch (the shards' 'cls' field)")
+        drop = torch.rand(B, generator=gen) < cfg.cond_drop_prob
+        cond = {"labels": torch.where(drop, cfg.num_classes, labels.long()).to(dev)}
+    t = diffusion.sample_train_t(B, gen)
     noise = torch.randn(latent_tokens.shape, generator=gen)
     order = torch.argsort(torch.rand(B, L, generator=gen), dim=1)
     split = draw_ar_split(L, cfg.ar_step_decay, rng)
     weights = ar_loss_weights(split, cfg.max_ar_weight, cfg.min_ar_weight, cfg.ar_weight_schedule)
     noise, t = noise.to(dev, latent_tokens.dtype), t.to(dev)
     return {
-        "text": text.to(dev), "text_len": text_len.to(dev), "caption_rows": caption_rows.to(dev),
-        "latents_tokens": latent_tokens, "noisy_tokens": diffusion.q_sample(latent_tokens, t, noise), "t": t,
-        "target": diffusion.target(latent_tokens, noise), "order": order.to(dev), "split": split, "loss_weights": weights.to(dev),
+        **cond, "latents_tokens": latent_tokens, "noisy_tokens": diffusion.q_sample(latent_tokens, t, noise),
+        "t": diffusion.model_time(t), "target": diffusion.target(latent_tokens, noise), "order": order.to(dev),
+        "split": split, "loss_weights": weights.to(dev),
     }
 
 
 # --------------------------------------------------------------------------- inference
 
 
-def _prompt_layout(model: CausalFusion, text: torch.Tensor, text_len: torch.Tensor):
-    """Embeddings, key validity and mask of the condition ``[text | <boi>]`` (B, T+1)."""
+def condition_prefix(model: CausalFusion, text: torch.Tensor | None = None, text_len: torch.Tensor | None = None,
+                     labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (B, C, D) and roles (B, C) of the condition: ``[text | <boi>]`` or the class tokens."""
+    if model.cfg.condition == "class":
+        h = model.class_tokens(labels)
+        return h, torch.full(h.shape[:2], ROLE_BIDIR, device=h.device)
     B, T = text.shape
     dev = text.device
     valid = torch.arange(T, device=dev)[None] < text_len[:, None]
     tok = torch.cat([text.masked_fill(~valid, model.ids["pad"]), torch.full((B, 1), model.ids["boi"], device=dev)], 1)
-    pos = torch.arange(T + 1, device=dev).expand(B, T + 1)
-    h = model.tok_embed(tok) + model.text_pos[pos]
-    key_valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)
-    causal = torch.ones(T + 1, T + 1, dtype=torch.bool, device=dev).tril()
-    mask = (causal[None] & key_valid[:, None, :]) | torch.eye(T + 1, dtype=torch.bool, device=dev)[None]
-    return h, key_valid, mask
+    h = model.tok_embed(tok) + model.text_pos[torch.arange(T + 1, device=dev)]
+    role = torch.cat([torch.where(valid, ROLE_CAUSAL, ROLE_PAD), torch.full((B, 1), ROLE_CAUSAL, device=dev)], 1)
+    return h, role
+
+
+def null_condition(model: CausalFusion, text: torch.Tensor | None = None, text_len: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None) -> dict:
+    """The unconditional input for CFG: the empty caption ``<s></s>`` or the null class."""
+    if model.cfg.condition == "class":
+        return {"labels": torch.full_like(labels, model.cfg.num_classes)}
+    empty = torch.full_like(text, model.ids["pad"])
+    empty[:, 0], empty[:, 1] = model.ids["bos"], model.ids["eos"]
+    return {"text": empty, "text_len": torch.full_like(text_len, 2)}
+
+
+class ARContext:
+    """What noisy tokens attend to while sampling: the condition plus clean tokens of finished steps.
+
+    With ``use_cache`` those are held as per-layer keys/values (computed once); without
+    it the whole sequence is re-run under the generalized causal mask (the reference).
+    """
+
+    def __init__(self, model: CausalFusion, h: torch.Tensor, role: torch.Tensor, use_cache: bool = True):
+        self.model, self.use_cache = model, use_cache
+        self.role, self.level = role, torch.zeros_like(role)
+        self.next_level = 1
+        if use_cache:
+            self.caches = [dict() for _ in model.blocks]
+            model.run_blocks(h, dense_mask(role, self.level), self.caches, update_cache=True)
+        else:
+            self.h = h
+
+    def _mask_over_cache(self, n: int) -> torch.Tensor:
+        B = self.role.shape[0]
+        keys = (self.role != ROLE_PAD)[:, None, :].expand(B, n, -1)
+        return torch.cat([keys, torch.ones(B, n, n, dtype=torch.bool, device=keys.device)], 2)
+
+    def _run(self, x: torch.Tensor, role: int, update: bool) -> torch.Tensor:
+        n = x.shape[1]
+        if self.use_cache:
+            return self.model.run_blocks(x, self._mask_over_cache(n), self.caches, update_cache=update)
+        B = x.shape[0]
+        role_all = torch.cat([self.role, torch.full((B, n), role, device=x.device)], 1)
+        level_all = torch.cat([self.level, torch.full((B, n), self.next_level, device=x.device)], 1)
+        seq = torch.cat([self.h, x], 1)
+        if update:
+            self.h = seq
+        return self.model.run_blocks(seq, dense_mask(role_all, level_all))[:, -n:]
+
+    def predict(self, noisy_h: torch.Tensor) -> torch.Tensor:
+        """Diffusion-head output (B, n, P, float32) for embedded noisy tokens of the next step."""
+        return self.model.diffusion_head(self._run(noisy_h, ROLE_NOISY, update=False)).float()
+
+    def add_clean(self, clean_h: torch.Tensor) -> None:
+        """Append the finished step's clean tokens (embedded) as context for later steps."""
+        self._run(clean_h, ROLE_CLEAN, update=True)
+        B, n = clean_h.shape[:2]
+        self.role = torch.cat([self.role, torch.full((B, n), ROLE_CLEAN, device=clean_h.device)], 1)
+        self.level = torch.cat([self.level, torch.full((B, n), self.next_level, device=clean_h.device)], 1)
+        self.next_level += 1
+
+
+def guidance_scale(scale: float, schedule: str, progress: float, t_model: float, interval: tuple[float, float]) -> float:
+    """CFG scale for one model call.
+
+    ``constant``: ``scale`` throughout. ``linear``: grows from 1 with the fraction of
+    tokens generated by the end of the current AR step (as MAR). ``interval``: ``scale``
+    while ``interval[0] <= t < interval[1]`` in model time (0..1000), 1 outside (as the
+    official ``cfg_interval``).
+    """
+    if schedule == "constant":
+        return scale
+    if schedule == "linear":
+        return 1.0 + (scale - 1.0) * progress
+    if schedule == "interval":
+        return scale if interval[0] <= t_model < interval[1] else 1.0
+    raise ValueError(f"sample.cfg_schedule: expected 'constant', 'linear' or 'interval', got {schedule!r}")
+
+
+def guided(out: torch.Tensor, scale: float) -> torch.Tensor:
+    """Combine a [cond; uncond] batch: ``uncond + scale * (cond - uncond)``; scale 1 returns cond exactly."""
+    cond, uncond = out.chunk(2)
+    return cond if scale == 1.0 else uncond + scale * (cond - uncond)
 
 
 @torch.no_grad()
-def sample_image_tokens(model: CausalFusion, text: torch.Tensor, text_len: torch.Tensor, diffusion, ar_steps: int,
-                        cfg_scale: float, generator: torch.Generator, use_cache: bool = True, clip_x0: float = 0.0) -> torch.Tensor:
-    """Text -> image tokens (B, L, P, raster order) in ``ar_steps`` AR steps.
-
-    The diffusion head's output is guided (CFG) and handed to ``diffusion.sample``,
-    which reads it as eps or x0 according to the diffusion config.
+def sample_image_tokens(model: CausalFusion, diffusion, *, ar_steps: int, generator: torch.Generator,
+                        text: torch.Tensor | None = None, text_len: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                        cfg_scale: float = 1.0, cfg_schedule: str = "constant", cfg_interval: tuple[float, float] = (0.0, 1000.0),
+                        use_cache: bool = True, clip_x0: float = 0.0, known_tokens: torch.Tensor | None = None,
+                        known_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Condition -> image tokens (B, L, P, raster order) in ``ar_steps`` AR steps.
 
     Each step denoises its subset of tokens (a random order, cut evenly) with the full
-    respaced DDPM chain while attending to the prompt and the clean tokens of earlier
-    steps. With ``use_cache`` those are kept as keys/values; without it the whole
-    sequence is recomputed under the generalized causal mask (same numbers, slower).
-    """
-    B, T = text.shape
-    L, P, dev = model.num_image_tokens, model.token_dim, text.device
-    guided = cfg_scale != 1.0
-    if guided:
-        empty = torch.full_like(text, model.ids["pad"])
-        empty[:, 0], empty[:, 1] = model.ids["bos"], model.ids["eos"]
-        text = torch.cat([text, empty])
-        text_len = torch.cat([text_len, torch.full_like(text_len, 2)])
-    B2 = text.shape[0]
-    order = torch.argsort(torch.rand(B, L, generator=generator), dim=1).to(dev)
-    order2 = order.repeat(2, 1) if guided else order
-    split = even_ar_split(L, ar_steps)
-    dtype = model.x_proj.weight.dtype
+    diffusion chain while attending to the condition and the clean tokens of earlier
+    steps. ``cfg_scale != 1`` runs a [cond; uncond] batch (see :func:`guidance_scale`).
 
-    cond_h, key_valid, cond_mask = _prompt_layout(model, text, text_len)
-    caches = [dict() for _ in model.blocks] if use_cache else None
-    if use_cache:
-        model.run_blocks(cond_h, cond_mask, caches, update_cache=True)
-    ctx_h, ctx_kind = cond_h, torch.zeros(key_valid.shape, dtype=torch.long, device=dev)  # uncached path
+    Editing: ``known_tokens`` (B, L, P) with ``known_mask`` (L,) True where a token is
+    kept. Kept tokens enter as the clean tokens of a first AR step (the model saw such
+    partial contexts in training: any subset can be an earlier step); only the others
+    are generated, in ``ar_steps`` steps.
+    """
+    cond = {"text": text, "text_len": text_len, "labels": labels}
+    B = (labels if model.cfg.condition == "class" else text).shape[0]
+    L, P = model.num_image_tokens, model.token_dim
+    dev = model.x_proj.weight.device
+    dtype = model.x_proj.weight.dtype
+    use_cfg = cfg_scale != 1.0
+    dup = (lambda x: torch.cat([x, x])) if use_cfg else (lambda x: x)  # noqa: E731
+
+    h, role = condition_prefix(model, **cond)
+    if use_cfg:
+        h_null, role_null = condition_prefix(model, **{**cond, **null_condition(model, **cond)})
+        h, role = torch.cat([h, h_null]), torch.cat([role, role_null])
+    ctx = ARContext(model, h, role, use_cache)
+
     out = torch.zeros(B, L, P, device=dev, dtype=dtype)
+    todo = torch.arange(L, device=dev)
+    if known_mask is not None:
+        known_mask = known_mask.to(dev).bool()
+        if known_mask.shape != (L,) or known_mask.all():
+            raise ValueError(f"known_mask: expected shape ({L},) with at least one token to generate, got {tuple(known_mask.shape)}")
+        kept = known_mask.nonzero()[:, 0]
+        if kept.numel():
+            out[:, kept] = known_tokens[:, kept].to(dev, dtype)
+            ctx.add_clean(dup(model.image_embed(out[:, kept], kept.expand(B, -1))))
+        todo = (~known_mask).nonzero()[:, 0]
+    perm = torch.argsort(torch.rand(B, todo.numel(), generator=generator), dim=1).to(dev)
+    order = todo[perm]  # B, n_todo
+    split = even_ar_split(todo.numel(), ar_steps)
     start = 0
     for s, size in enumerate(split):
-        pos = order2[:, start:start + size]  # B2, size
-        own = torch.ones(B2, size, size, dtype=torch.bool, device=dev)
+        pos = order[:, start:start + size]  # B, size
+        progress = (start + size) / todo.numel()
 
-        def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x2 = torch.cat([x, x]) if guided else x
-            t2 = torch.cat([t, t]) if guided else t
-            h = model.x_proj(x2.to(dtype)) + model.img_pos[pos] + model.t_embed(t2)[:, None]
-            if use_cache:
-                mask = torch.cat([key_valid[:, None, :].expand(B2, size, -1), own], 2)
-                h = model.run_blocks(h, mask, caches, update_cache=False)
-            else:
-                seq = torch.cat([ctx_h, h], 1)
-                n_ctx = ctx_h.shape[1]
-                mask = _uncached_mask(key_valid, ctx_kind, size)
-                h = model.run_blocks(seq, mask)[:, n_ctx:]
-            eps = model.eps_head(h).float()
-            if guided:
-                cond, uncond = eps.chunk(2)
-                eps = uncond + cfg_scale * (cond - uncond)
-            return eps
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            pred = ctx.predict(model.image_embed(dup(x), dup(pos), dup(t)))
+            if not use_cfg:
+                return pred
+            return guided(pred, guidance_scale(cfg_scale, cfg_schedule, progress, float(t[0]), cfg_interval))
 
-        x0 = diffusion.sample(eps_fn, torch.randn(B, size, P, generator=generator).to(dev), generator=generator, clip_x0=clip_x0)
-        out.scatter_(1, pos[:B, :, None].expand(B, size, P), x0.to(dtype))
+        noise = torch.randn(B, size, P, generator=generator).to(dev)
+        x0 = diffusion.sample(model_fn, noise, generator=generator, clip_x0=clip_x0)
+        out.scatter_(1, pos[..., None].expand(B, size, P), x0.to(dtype))
         if s < len(split) - 1:
-            x0_2 = torch.cat([x0, x0]) if guided else x0
-            clean_h = model.x_proj(x0_2.to(dtype)) + model.img_pos[pos]
-            if use_cache:
-                mask = torch.cat([key_valid[:, None, :].expand(B2, size, -1), own], 2)
-                model.run_blocks(clean_h, mask, caches, update_cache=True)
-            else:
-                ctx_h = torch.cat([ctx_h, clean_h], 1)
-                ctx_kind = torch.cat([ctx_kind, torch.full((B2, size), s + 1, device=dev)], 1)
-            key_valid = torch.cat([key_valid, torch.ones(B2, size, dtype=torch.bool, device=dev)], 1)
+            ctx.add_clean(dup(model.image_embed(x0, pos)))
         start += size
     return out
-
-
-def _uncached_mask(key_valid: torch.Tensor, ctx_kind: torch.Tensor, size: int) -> torch.Tensor:
-    """Mask for ``[cond | clean steps so far | noisy step]`` built from the rules, for reference.
-
-    ``ctx_kind`` is 0 for condition slots and s >= 1 for clean slots of AR step s.
-    """
-    B, n_ctx = key_valid.shape
-    N = n_ctx + size
-    dev = key_valid.device
-    kind = torch.cat([ctx_kind, torch.full((B, size), -1, device=dev)], 1)  # -1: the noisy step
-    q, k = kind[:, :, None], kind[:, None, :]
-    idx = torch.arange(N, device=dev)
-    causal = (idx[None, :] <= idx[:, None])[None]
-    allowed = (((q == 0) & (k == 0) & causal)            # condition: causal among itself
-               | ((q > 0) & (k == 0)) | ((q == -1) & (k == 0))  # everything sees the condition
-               | ((q > 0) & (k > 0) & (k <= q))           # clean step s: clean steps <= s
-               | ((q == -1) & (k > 0))                    # noisy step: all earlier clean steps
-               | ((q == -1) & (k == -1)))                 # noisy step: itself
-    valid = torch.cat([key_valid, torch.ones(B, size, dtype=torch.bool, device=dev)], 1)
-    return (allowed & valid[:, None, :]) | torch.eye(N, dtype=torch.bool, device=dev)[None]
 
 
 @torch.no_grad()
@@ -534,15 +754,13 @@ def generate_caption_ids(model: CausalFusion, image_tokens: torch.Tensor, max_le
     max_len = min(max_len, T - 1)
     ids = model.ids
     # prefix [<boi> | image | <eoi> <s>]
-    kind = torch.tensor([TEXT] + [CLEAN] * L + [TEXT, TEXT], device=dev).expand(B, -1)
-    token = torch.tensor([ids["boi"]] + [0] * L + [ids["eoi"], ids["bos"]], device=dev).expand(B, -1)
-    text_pos = torch.tensor([T] + [0] * L + [T + 1, 0], device=dev).expand(B, -1)
-    img_idx = torch.tensor([-1] + list(range(L)) + [-1, -1], device=dev).expand(B, -1)
-    lay = Layout(kind=kind, token=token, text_pos=text_pos, img_idx=img_idx, target=None, loss_weight=None,
-                 mask=caption_mask(L, 1).to(dev)[None].expand(B, -1, -1))
+    ex = lambda v: torch.tensor(v, device=dev).expand(B, -1)  # noqa: E731
+    lay = Layout(kind=ex([TEXT] + [CLEAN] * L + [TEXT, TEXT]), token=ex([ids["boi"]] + [0] * L + [ids["eoi"], ids["bos"]]),
+                 pos=ex([T] + [0] * L + [T + 1, 0]), img_idx=ex([-1] + list(range(L)) + [-1, -1]),
+                 role=ex([ROLE_BIDIR] * (L + 1) + [ROLE_CAUSAL] * 2), level=ex([0] * (L + 3)))
     caches = [dict() for _ in model.blocks]
-    h = model.run_blocks(model.embed(lay, image_tokens.to(model.x_proj.weight.dtype), None, None), lay.mask, caches, update_cache=True)
-    n_keys = kind.shape[1]
+    h = model.run_blocks(model.embed(lay, image_tokens, None, None), lay.attention_mask(), caches, update_cache=True)
+    n_keys = L + 3
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for j in range(max_len):
