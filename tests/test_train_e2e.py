@@ -1,5 +1,7 @@
 """A real 2-rank DeepSpeed ZeRO-3 run on CPU: train, checkpoint, resume, then sample, caption and eval."""
 import json
+
+import numpy as np
 from pathlib import Path
 
 from conftest import REPO, tiny_overrides
@@ -60,3 +62,66 @@ def test_train_resume_sample_caption_eval(synthetic_data, tmp_path, capsys):
         assert all(0.0 <= v <= 1.0 for v in report[key].values())
     assert report["reference_image_accuracy"]["exact"] == 1.0
     assert (out / "generated.png").is_file() and (out / "captions.png").is_file()
+
+    # zero-shot editing: the right half is regenerated, the left half is kept as context
+    from mmtrain.data.shards import iter_shard_samples
+    from mmtrain.inference import edit_image, load_run, region_token_mask
+
+    source = next(iter_shard_samples(synthetic_data["val"]))["image"]
+    source.save(tmp_path / "source.png")
+    assert cli.main(["edit", str(run_dir), str(tmp_path / "source.png"), "--region", "0.5,0,1,1", "--prompt", "a small blue square",
+                     "--num", "2", "--out", str(tmp_path / "edit.png")]) == 0
+    assert (tmp_path / "edit.png").is_file()
+    run = load_run(run_dir)
+    region = region_token_mask(run, (0.5, 0.0, 1.0, 1.0))
+    assert int(region.sum()) == region.numel() // 2
+    edits = edit_image(run, source, region, "a small blue square", run.cfg.sample, num=2)
+    src = np.asarray(source)
+    for im in edits:
+        arr = np.asarray(im)
+        assert np.array_equal(arr[:, :16], src[:, :16])  # kept half: the input's pixels
+        assert not np.array_equal(arr[:, 16:], src[:, 16:])
+    assert cli.main(["edit", str(run_dir), str(tmp_path / "source.png"), "--region", "0.9,0.9,0.95,0.95", "--prompt", "x"]) == 2
+
+
+def test_class_conditional_finetune_from_converted_official_checkpoint(synthetic_data, tmp_path, capsys):
+    """official .pt -> mmtrain convert -> train.init_from on 2 ZeRO-3 ranks -> sample by class."""
+    import torch
+
+    from mmtrain.models.causalfusion import CausalFusion, ModelConfig
+    from mmtrain.models.convert import RENAMES
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=64, depth=2, num_heads=2, patch_size=8, condition="class", num_classes=18, num_cond_tokens=4,
+                      trainable_pos=True)
+    official = {}
+    for key, value in CausalFusion(cfg, latent_channels=3, latent_size=32).state_dict().items():
+        for old, new in RENAMES.items():
+            key = old + key[len(new):] if key.startswith(new) else key
+        official[key] = value + 0.01 * torch.randn_like(value)  # no zero head: weights must visibly survive
+    torch.save({"model": official, "ema": official, "args": None}, tmp_path / "official.pt")
+    model_dir = tmp_path / "converted"
+    assert cli.main(["convert", "causalfusion-official", str(tmp_path / "official.pt"), str(model_dir), "--patch-size", "8",
+                     "--image-downsample", "1", "--image-tokenizer", "pixels", "--scale-factor", "1"]) == 0
+
+    run_dir = tmp_path / "run"
+    overrides = [f"data.train_shards={synthetic_data['train']}", f"train.run_dir={run_dir}", f"train.init_from={model_dir}",
+                 "train.steps=3", "train.micro_batch_size=4", "optim.lr=0", "data.num_workers=0", "data.shuffle_buffer=50",
+                 "logging.progress=false", "logging.log_every=1", "checkpoint.every_steps=3", "sample.diffusion_steps=3",
+                 "sample.ar_steps=2", "sample.clip_x0=1"]
+    assert cli.main(["train", str(model_dir / "config.yaml"), *overrides]) == 0
+    losses = [r["loss"] for r in read_metrics(run_dir)]
+    assert len(losses) == 3 and all(0 < l < 1e3 for l in losses)
+    state, _ = load_model_state(run_dir)
+    from safetensors.torch import load_file
+
+    converted = load_file(str(model_dir / "model.safetensors"))
+    assert state.keys() == converted.keys()
+    for key in converted:  # lr 0: the run holds exactly the converted official weights
+        torch.testing.assert_close(state[key], converted[key], rtol=0, atol=0)
+
+    grid = tmp_path / "classes.png"
+    assert cli.main(["sample", str(run_dir), "--class", "3", "--class", "17", "--num-per-prompt", "2", "--out", str(grid)]) == 0
+    assert grid.is_file()
+    assert cli.main(["sample", str(run_dir), "--class", "18", "--out", str(grid)]) == 2  # outside num_classes
+    assert cli.main(["sample", str(model_dir), "--class", "1", "--out", str(tmp_path / "direct.png")]) == 0
