@@ -58,6 +58,9 @@ def preflight(config_path: str, overrides: list[str]):
     list_shards(cfg.data.train_shards)
     if cfg.train.init_from and not (Path(cfg.train.init_from) / "model.safetensors").is_file() and not Path(cfg.train.init_from).is_file():
         raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no model.safetensors there")
+    if cfg.model.attention == "flex" and not _cuda_available():
+        raise ValueError("model.attention=flex: FlexAttention cannot train on CPU (no backward there); "
+                         "set model.attention=sdpa, which gives the same numbers")
     if cfg.model.condition == "class":
         return cfg
     if not Path(cfg.text_model_path).is_file():

@@ -8,7 +8,7 @@ from mmtrain.config import Config, ConfigError, load_config, save_config
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name", ["demo", "tiny", "small"])
+@pytest.mark.parametrize("name", ["demo", "tiny", "small", "causalfusion_l", "causalfusion_xl", "causalfusion_h"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert isinstance(cfg, Config)
@@ -57,3 +57,12 @@ def test_saved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "run" / "config.yaml")
     assert again == cfg
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["depth"] == 3
+
+
+@pytest.mark.parametrize("override,key", [("sample.cfg_schedule=cosine", r"sample\.cfg_schedule"),
+                                          ("model.condition=image", r"model\.condition"),
+                                          ("model.attention=xformers", r"model\.attention"),
+                                          ("diffusion.process=edm", r"diffusion\.process")])
+def test_model_and_sampling_choices_are_validated(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(REPO / "configs" / "tiny.yaml", [override])

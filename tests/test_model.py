@@ -198,3 +198,17 @@ def test_editing_keeps_known_tokens_and_regenerates_the_rest(use_cache):
     assert not torch.allclose(out[:, 8:], other[:, 8:])
     with pytest.raises(ValueError, match="known_mask"):
         sample_image_tokens(model, diffusion, generator=torch.Generator(), **{**kw, "known_mask": torch.ones(16, dtype=torch.bool)})
+
+
+def test_top_p_caption_decoding():
+    """A tiny nucleus keeps only the argmax (= greedy); the full nucleus samples and follows the seed."""
+    model = tiny_model()
+    torch.nn.init.normal_(model.lm_head.weight, std=0.01)  # flat-ish logits so sampling has choices
+    tokens, _, _ = batch(B=3)
+    greedy = generate_caption_ids(model, tokens, max_len=6, generator=torch.Generator())
+    narrow = generate_caption_ids(model, tokens, max_len=6, generator=torch.Generator().manual_seed(0), top_p=1e-6)
+    assert narrow == greedy
+    a = generate_caption_ids(model, tokens, max_len=6, generator=torch.Generator().manual_seed(1), top_p=1.0)
+    b = generate_caption_ids(model, tokens, max_len=6, generator=torch.Generator().manual_seed(1), top_p=1.0)
+    c = generate_caption_ids(model, tokens, max_len=6, generator=torch.Generator().manual_seed(2), top_p=1.0)
+    assert a == b and a != c

@@ -70,7 +70,8 @@ class ModelConfig:
             guidance). Default 0.1.
         caption_prob: fraction of samples laid out image -> text (text mode). Default 0.5.
         attention: ``sdpa`` (boolean mask, any device) or ``flex`` (FlexAttention block
-            mask built from the slot roles; compiled on CUDA). Same numbers. Default ``sdpa``.
+            mask built from the slot roles, no N x N matrix; compiled on CUDA; on CPU it
+            runs forward only, so CPU training needs ``sdpa``). Same numbers. Default ``sdpa``.
         grad_checkpoint: recompute block activations in backward. Default false.
     """
 
@@ -288,6 +289,9 @@ def _flex_attention(q, k, v, block_mask):
     from torch.nn.attention.flex_attention import flex_attention
 
     if q.device.type != "cuda":
+        if torch.is_grad_enabled() and q.requires_grad:
+            raise RuntimeError("model.attention=flex: FlexAttention has no backward pass on CPU; train with model.attention=sdpa "
+                               "on CPU (same numbers) and use flex on CUDA")
         return flex_attention(q, k, v, block_mask=block_mask)
     global _compiled_flex
     if _compiled_flex is None:
