@@ -212,3 +212,17 @@ def test_top_p_caption_decoding():
     b = generate_caption_ids(model, tokens, max_len=6, generator=torch.Generator().manual_seed(1), top_p=1.0)
     c = generate_caption_ids(model, tokens, max_len=6, generator=torch.Generator().manual_seed(2), top_p=1.0)
     assert a == b and a != c
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    tokens, text, text_len = batch()
+    grads = []
+    for flag in (False, True):
+        model = tiny_model(grad_checkpoint=flag).train()
+        inputs = training_inputs(model, tokens, GaussianDiffusion(DiffusionConfig()), torch.Generator().manual_seed(0),
+                                 random.Random(0), text=text, text_len=text_len)
+        model(**inputs)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)

@@ -111,3 +111,20 @@ def test_converter_rejects_other_checkpoints(tmp_path):
                              str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 2 and "x_proj.weight" in result.stderr
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_sampling_a_converted_model_without_its_vae(golden, tmp_path):
+    """Tokens sample fine; decoding to pixels stops with an error naming the missing image tokenizer."""
+    from mmtrain.config import SampleConfig
+    from mmtrain.inference import generate_tokens
+    from mmtrain.models.convert import convert_causalfusion_official
+
+    tensors, _ = golden
+    torch.save({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}, tmp_path / "official.pt")
+    out = convert_causalfusion_official(tmp_path / "official.pt", tmp_path / "cf")
+    run = load_model_dir(out)
+    tokens = generate_tokens(run, [1, 7], SampleConfig(ar_steps=4, diffusion_steps=3, cfg_scale=4.0, clip_x0=0.0))
+    assert tokens.shape == (2, 64, 4) and torch.isfinite(tokens).all()
+    result = subprocess.run([sys.executable, "-m", "mmtrain.cli", "sample", str(out), "--class", "1", "--out", str(tmp_path / "x.png")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "tokenizer.image.kind='mar_kl16'" in result.stderr
