@@ -149,10 +149,15 @@ def test_layout_mask_equals_reference_masks(seed, condition):
         assert torch.equal(mask[b][keep][:, keep], ref[keep][:, keep])
 
 
+@pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("condition", ["text", "class"])
-def test_flex_attention_matches_sdpa(condition):
+def test_flex_attention_matches_sdpa(condition, packed):
     """FlexAttention with the block mask built from slot roles gives the numbers of SDPA + dense mask."""
+    from mmtrain.models.causalfusion import pack_layout
+
     model, lay, split, kw = _random_layout(3, condition)
+    if packed:
+        lay = pack_layout(lay, 64)
     model.eval()
     B, N = lay.kind.shape
     h = torch.randn(B, N, 32)
@@ -160,3 +165,58 @@ def test_flex_attention_matches_sdpa(condition):
         ref = model.run_blocks(h, lay.attention_mask("sdpa"))
         out = model.run_blocks(h, lay.attention_mask("flex"))
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("condition", ["text", "class"])
+def test_packing_isolates_samples_and_keeps_the_losses(condition):
+    """Packed rows: fewer, no attention across samples, and the very same losses and gradients."""
+    from mmtrain.models.causalfusion import pack_layout, training_inputs
+    from mmtrain.models.diffusion import DiffusionConfig, GaussianDiffusion
+
+    torch.manual_seed(0)
+    kw = dict(hidden_size=32, depth=2, num_heads=2, patch_size=8, max_text_len=12, caption_prob=0.5)
+    B = 6
+    g = torch.Generator().manual_seed(0)
+    if condition == "class":
+        cfg = ModelConfig(**kw, condition="class", num_classes=5, num_cond_tokens=3)
+        cond = dict(labels=torch.randint(0, 5, (B,), generator=g))
+        make = lambda c: CausalFusion(c, latent_channels=3, latent_size=16)  # noqa: E731
+    else:
+        cfg = ModelConfig(**kw)
+        text = torch.randint(6, 20, (B, 12), generator=g)
+        text_len = torch.tensor([3, 12, 5, 2, 8, 4])
+        cond = dict(text=text, text_len=text_len)
+        make = lambda c: CausalFusion(c, latent_channels=3, latent_size=16, vocab_size=20, special_ids=dict(pad=0, bos=2, eos=3, boi=4, eoi=5))  # noqa: E731
+    tokens = torch.randn(B, 4, 192, generator=g)
+    inputs = training_inputs(make(cfg), tokens, GaussianDiffusion(DiffusionConfig()), torch.Generator().manual_seed(1), random.Random(1), **cond)
+
+    results = []
+    for pack_length in (0, 48):
+        torch.manual_seed(0)
+        model = make(ModelConfig(**{**cfg.__dict__, "pack_length": pack_length}))
+        torch.nn.init.normal_(model.diffusion_head.weight, std=0.05)
+        out = model(**inputs)
+        out["loss"].backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        if pack_length:
+            lay = pack_layout(model.layout(inputs["order"], inputs["split"], inputs["loss_weights"], inputs.get("text"),
+                                           inputs.get("text_len"), inputs.get("caption_rows")), pack_length)
+            assert lay.kind.shape[0] < B  # padding removed: fewer rows than samples
+            assert sorted(set(lay.sample[lay.sample >= 0].tolist())) == list(range(B))
+            mask = lay.attention_mask()
+            cross = (lay.sample[:, :, None] != lay.sample[:, None, :]) & (lay.sample[:, :, None] >= 0)
+            cross &= ~torch.eye(pack_length, dtype=torch.bool)[None]
+            assert not (mask & cross).any()
+    (plain, plain_grads), (packed, packed_grads) = results
+    for key in ("loss", "diffusion_loss", "text_loss", "text_tokens", "image_tokens"):
+        torch.testing.assert_close(packed[key].float(), plain[key].float(), rtol=1e-5, atol=1e-6)
+    for name in plain_grads:
+        torch.testing.assert_close(packed_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_pack_length_shorter_than_a_sample_is_an_error():
+    from mmtrain.models.causalfusion import pack_layout
+
+    model, lay, split, kw = _random_layout(0, "text")
+    with pytest.raises(ValueError, match="pack_length"):
+        pack_layout(lay, 5)

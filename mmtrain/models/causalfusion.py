@@ -69,6 +69,9 @@ class ModelConfig:
         cond_drop_prob: probability to drop the prompt or label (for classifier-free
             guidance). Default 0.1.
         caption_prob: fraction of samples laid out image -> text (text mode). Default 0.5.
+        pack_length: pack the samples of a batch into rows of this many slots, dropping
+            their padding (first-fit; samples in one row never see each other); 0 = one
+            row per sample. Must be at least the longest sample. Default 0.
         attention: ``sdpa`` (boolean mask, any device) or ``flex`` (FlexAttention block
             mask built from the slot roles, no N x N matrix; compiled on CUDA; on CPU it
             runs forward only, so CPU training needs ``sdpa``). Same numbers. Default ``sdpa``.
@@ -92,6 +95,7 @@ class ModelConfig:
     text_loss_weight: float = 1.0
     cond_drop_prob: float = 0.1
     caption_prob: float = 0.5
+    pack_length: int = 0
     attention: str = "sdpa"
     grad_checkpoint: bool = False
 
@@ -154,13 +158,15 @@ def ar_loss_weights(split: list[int], max_w: float, min_w: float, schedule: str)
 # --------------------------------------------------------------------------- masks
 
 
-def attention_allowed(role_q, level_q, idx_q, role_k, level_k, idx_k):
+def attention_allowed(role_q, level_q, idx_q, role_k, level_k, idx_k, same_sample=True):
     """The generalized causal rule on slot descriptors (broadcasting tensors).
 
     Roles: BIDIR (class tokens; <boi> + image when captioning) see BIDIR keys; CAUSAL
     (text) sees condition keys at or before itself; CLEAN of level i sees the condition
     and CLEAN keys of level <= i; NOISY of level i sees the condition, CLEAN of level < i
     and NOISY of level i. Pads are invisible; every slot sees itself so softmax stays finite.
+    ``same_sample``: False where query and key belong to different samples packed into
+    one sequence, which never see each other.
     """
     cond_k = (role_k == ROLE_BIDIR) | (role_k == ROLE_CAUSAL)
     allowed = (
@@ -170,22 +176,26 @@ def attention_allowed(role_q, level_q, idx_q, role_k, level_k, idx_k):
         | ((role_q == ROLE_NOISY) & (cond_k | ((role_k == ROLE_CLEAN) & (level_k < level_q))
                                      | ((role_k == ROLE_NOISY) & (level_k == level_q))))
     )
-    return (allowed & (role_k != ROLE_PAD)) | (idx_q == idx_k)
+    return (allowed & (role_k != ROLE_PAD) & same_sample) | (idx_q == idx_k)
 
 
-def dense_mask(role: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """Boolean allowed-attention matrix (B, N, N) for slots described by role/level (B, N)."""
+def dense_mask(role: torch.Tensor, level: torch.Tensor, sample: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean allowed-attention matrix (B, N, N) for slots described by role/level (and sample, when packed) (B, N)."""
     idx = torch.arange(role.shape[1], device=role.device)
+    same = True if sample is None else sample[:, :, None] == sample[:, None, :]
     return attention_allowed(role[:, :, None], level[:, :, None], idx[None, :, None],
-                             role[:, None, :], level[:, None, :], idx[None, None, :])
+                             role[:, None, :], level[:, None, :], idx[None, None, :], same)
 
 
-def flex_block_mask(role: torch.Tensor, level: torch.Tensor):
+def flex_block_mask(role: torch.Tensor, level: torch.Tensor, sample: torch.Tensor | None = None):
     """The same rule as a FlexAttention BlockMask: no N x N matrix is materialised."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    if sample is None:
+        sample = torch.zeros_like(role)
+
     def mask_mod(b, h, q, k):
-        return attention_allowed(role[b, q], level[b, q], q, role[b, k], level[b, k], k)
+        return attention_allowed(role[b, q], level[b, q], q, role[b, k], level[b, k], k, sample[b, q] == sample[b, k])
 
     B, N = role.shape
     return create_block_mask(mask_mod, B, None, N, N, device=role.device)
@@ -338,10 +348,59 @@ class Layout:
     level: torch.Tensor  # AR step (1-based) of CLEAN / NOISY slots, 0 elsewhere
     target: torch.Tensor | None = None  # next-token target of TEXT slots, -100 elsewhere
     loss_weight: torch.Tensor | None = None  # diffusion loss weight of NOISY slots, 0 elsewhere
-    noisy_start: int = 0  # first noisy slot of generation rows
+    noisy_start: int = 0  # first noisy slot of generation rows (unpacked layouts)
+    sample: torch.Tensor | None = None  # batch row of the sample a slot belongs to; set when packed
 
     def attention_mask(self, backend: str = "sdpa"):
-        return dense_mask(self.role, self.level) if backend == "sdpa" else flex_block_mask(self.role, self.level)
+        if backend == "sdpa":
+            return dense_mask(self.role, self.level, self.sample)
+        return flex_block_mask(self.role, self.level, self.sample)
+
+    def sample_rows(self) -> torch.Tensor:
+        """B, N: which batch row's image, timestep and label each slot reads."""
+        if self.sample is not None:
+            return self.sample.clamp(min=0)
+        B, N = self.kind.shape
+        return torch.arange(B, device=self.kind.device)[:, None].expand(B, N)
+
+
+_PAD_VALUES = dict(kind=PAD, token=0, pos=0, img_idx=-1, role=ROLE_PAD, level=0, target=-100, loss_weight=0.0, sample=-1)
+
+
+def pack_layout(lay: Layout, length: int) -> Layout:
+    """Pack the samples of a layout into rows of ``length`` slots, dropping their pads.
+
+    Rows are filled first-fit, longest sample first. Samples sharing a row never attend
+    to each other (the ``sample`` field enters the mask), and every slot keeps its
+    embedding source, targets and loss weight, so the losses are those of the unpacked
+    batch; only the padding compute is gone.
+    """
+    B, N = lay.kind.shape
+    keep = lay.kind != PAD
+    sizes = keep.sum(1).tolist()
+    if max(sizes) > length:
+        raise ValueError(f"model.pack_length={length} is shorter than the longest sample ({max(sizes)} slots)")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for b in sorted(range(B), key=lambda i: -sizes[i]):
+        for j, free in enumerate(room):
+            if sizes[b] <= free:
+                bins[j].append(b)
+                room[j] -= sizes[b]
+                break
+        else:
+            bins.append([b])
+            room.append(length - sizes[b])
+    fields = {name: getattr(lay, name) for name in _PAD_VALUES if name != "sample"}
+    fields["sample"] = torch.arange(B, device=lay.kind.device)[:, None].expand(B, N)
+    packed = {}
+    for name, value in fields.items():
+        rows = []
+        for members in bins:
+            row = torch.cat([value[b][keep[b]] for b in members])
+            rows.append(F.pad(row, (0, length - row.shape[0]), value=_PAD_VALUES[name]))
+        packed[name] = torch.stack(rows)
+    return Layout(**packed)
 
 
 class CausalFusion(nn.Module):
@@ -410,20 +469,19 @@ class CausalFusion(nn.Module):
     def embed(self, lay: Layout, clean: torch.Tensor, noisy: torch.Tensor | None, t: torch.Tensor | None,
               labels: torch.Tensor | None = None) -> torch.Tensor:
         """Slot embeddings (B, N, D). ``clean``/``noisy``: B, L, P in raster order."""
-        B, N = lay.kind.shape
+        rows = lay.sample_rows()  # B, N
         idx = lay.img_idx.clamp(min=0)
-        gather = idx[..., None].expand(B, N, self.token_dim)
-        src = torch.gather(clean, 1, gather)  # B, N, P
+        src = clean[rows, idx]  # B, N, P
         if noisy is not None:
-            src = torch.where((lay.kind == NOISY)[..., None], torch.gather(noisy, 1, gather), src)
+            src = torch.where((lay.kind == NOISY)[..., None], noisy[rows, idx], src)
         h = self.x_proj(src.to(self.x_proj.weight.dtype)) + self.pos_embed[0][idx]
         if t is not None:
-            h = h + (lay.kind == NOISY)[..., None] * self.t_embedder(t)[:, None]
+            h = h + (lay.kind == NOISY)[..., None] * self.t_embedder(t)[rows]
         if self.cfg.condition == "text":
             text = self.tok_embed(lay.token) + self.text_pos[lay.pos]
             h = torch.where((lay.kind == TEXT)[..., None], text, h)
         else:
-            cls = torch.gather(self.class_tokens(labels), 1, lay.pos.clamp(max=self.cfg.num_cond_tokens - 1)[..., None].expand(B, N, h.shape[-1]))
+            cls = self.class_tokens(labels)[rows, lay.pos.clamp(max=self.cfg.num_cond_tokens - 1)]
             h = torch.where((lay.kind == CLASS)[..., None], cls, h)
         return torch.where((lay.kind == PAD)[..., None], torch.zeros_like(h), h)
 
@@ -521,11 +579,15 @@ class CausalFusion(nn.Module):
                 tokens of generation rows, in AR order.
         """
         lay = self.layout(order, split, loss_weights, text, text_len, caption_rows)
+        if self.cfg.pack_length:
+            if return_pred:
+                raise ValueError("return_pred needs an unpacked batch (model.pack_length=0)")
+            lay = pack_layout(lay, self.cfg.pack_length)
         h = self.embed(lay, latents_tokens, noisy_tokens, t, labels)
         h = self.run_blocks(h, lay.attention_mask(self.cfg.attention))
 
         pred = self.diffusion_head(h).float()  # B, N, P
-        tgt = torch.gather(target, 1, lay.img_idx.clamp(min=0)[..., None].expand_as(pred))
+        tgt = target[lay.sample_rows(), lay.img_idx.clamp(min=0)]
         per_tok = ((pred - tgt.float()) ** 2).mean(-1)
         is_noisy = lay.kind == NOISY
         diff_loss = (per_tok * lay.loss_weight * is_noisy).sum() / is_noisy.sum().clamp(min=1)
