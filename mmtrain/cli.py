@@ -28,7 +28,7 @@ def cmd_prep(args: argparse.Namespace) -> int:
 
     cfg = SyntheticConfig(image_size=args.image_size, seed=args.seed, min_shapes=args.min_shapes, max_shapes=args.max_shapes)
     stats = write_synthetic_shards(args.out, args.num, cfg, samples_per_shard=args.samples_per_shard,
-                                   image_format=args.format, progress=not args.quiet)
+                                   image_format=args.image_format, progress=not args.quiet)
     print(f"wrote {stats['num_samples']} samples in {stats['num_shards']} shards to {args.out} (stats: {Path(args.out) / 'stats.json'})")
     return 0
 
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmtrain", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    prep = sub.add_parser("prep", help="write datasets into webdataset shards")
+    prep = sub.add_parser("prep", help="write datasets into webdataset or MDS shards")
     prep_sub = prep.add_subparsers(dest="source", required=True)
     syn = prep_sub.add_parser("synthetic", help="the embedded procedural shapes dataset (no download)")
     syn.add_argument("--out", required=True)
@@ -230,9 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--min-shapes", type=int, default=1)
     syn.add_argument("--max-shapes", type=int, default=2)
     syn.add_argument("--samples-per-shard", type=int, default=1000)
-    syn.add_argument("--format", choices=["png", "jpg"], default="png")
+    syn.add_argument("--image-format", choices=["png", "jpg"], default="png")
     syn.add_argument("--quiet", action="store_true")
     syn.set_defaults(func=cmd_prep)
+    from mmtrain.data.prep.cli import add_prep_subcommands
+
+    add_prep_subcommands(prep_sub)  # folder, manifest, coco, wds (img2dataset), latents
 
     tok = sub.add_parser("tokenizer", help="train tokenizers")
     tok_sub = tok.add_subparsers(dest="what", required=True)

@@ -5,6 +5,9 @@ sample key: ``KEY.png`` (or ``KEY.jpg``), ``KEY.txt`` (UTF-8 caption) and
 ``KEY.json`` (attributes). Shards are written under a hidden temporary name
 and renamed into place only once complete, so a crashed or killed writer
 never leaves a truncated file under a final shard name.
+
+Converters from raw datasets (image folders, manifests, COCO, img2dataset tars) to
+these shards or to MDS live in :mod:`mmtrain.data.prep`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import re
 import tarfile
 import time
 from collections import Counter
-from typing import Any, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import webdataset as wds
 from braceexpand import braceexpand
@@ -25,7 +29,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmtrain.atomic import atomic_write_text
-from mmtrain.data.synthetic import COLORS, KINDS, POSITIONS, SIZES, SyntheticConfig, generate_sample, synthetic_class
+from mmtrain.data.synthetic import (
+    COLORS,
+    KINDS,
+    POSITIONS,
+    SIZES,
+    SyntheticConfig,
+    generate_sample,
+    synthetic_class,
+)
 
 logger = logging.getLogger("mmtrain.data")
 
@@ -34,7 +46,8 @@ IMAGE_FORMATS: tuple[str, ...] = ("png", "jpg")
 # enough for attribute estimation at >= 32 px.
 JPEG_QUALITY = 95
 # Fixed member mtime so identical samples always produce byte-identical shards.
-TAR_MTIME = 0.0
+# An int: tarfile writes a float mtime as an extra 1 KiB PAX header per member.
+TAR_MTIME = 0
 STATS_FILENAME = "stats.json"
 
 
@@ -54,7 +67,7 @@ def _atomic_path(final_path: str) -> str:
 
 def _encode_image(image: Any, image_format: str, where: str) -> bytes:
     if not isinstance(image, Image.Image):
-        raise ValueError(f"{where}: field 'image' must be a PIL image, got {type(image).__name__}")
+        raise ValueError(f"{where}: field 'image' must be a PIL image, got {type(image).__name__}")  # noqa: TRY004 -- write_shards documents ValueError for every bad sample
     buffer = io.BytesIO()
     rgb = image.convert("RGB")
     if image_format == "png":
@@ -68,7 +81,7 @@ def _encode_sample(sample: Mapping[str, Any], image_format: str, position: int) 
     """Turn a sample dict into the bytes-only dict that TarWriter stores."""
     where = f"sample #{position}"
     if not isinstance(sample, Mapping):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 -- write_shards documents ValueError for every bad sample
             f"{where}: expected a dict with keys key/image/caption/attributes, got {type(sample).__name__}"
         )
     missing = [k for k in ("key", "image", "caption", "attributes") if k not in sample]
@@ -81,9 +94,9 @@ def _encode_sample(sample: Mapping[str, Any], image_format: str, position: int) 
     if not isinstance(key, str) or not key or "." in key or "/" in key:
         raise ValueError(f"{where}: field 'key' must be a non-empty string without '.' or '/'")
     if not isinstance(sample["caption"], str):
-        raise ValueError(f"{where}: field 'caption' must be a str, got {type(sample['caption']).__name__}")
+        raise ValueError(f"{where}: field 'caption' must be a str, got {type(sample['caption']).__name__}")  # noqa: TRY004 -- write_shards documents ValueError for every bad sample
     if not isinstance(sample["attributes"], Mapping):
-        raise ValueError(f"{where}: field 'attributes' must be a dict, got {type(sample['attributes']).__name__}")
+        raise ValueError(f"{where}: field 'attributes' must be a dict, got {type(sample['attributes']).__name__}")  # noqa: TRY004 -- write_shards documents ValueError for every bad sample
     try:
         attributes = json.dumps(sample["attributes"], sort_keys=True)
     except (TypeError, ValueError) as exc:
@@ -108,7 +121,7 @@ class _ShardFile:
         self.final_path = final_path
         self.tmp_path = _atomic_path(final_path)
         self.keys: set[str] = set()
-        self._file = open(self.tmp_path, "wb")
+        self._file = open(self.tmp_path, "wb")  # noqa: SIM115 -- held open across write() calls, closed in commit()/abort()
         # encoder=False: samples are already bytes, so we control the encoding.
         self._writer = wds.TarWriter(self._file, encoder=False, mtime=TAR_MTIME)
 
@@ -130,7 +143,7 @@ class _ShardFile:
     def abort(self) -> None:
         try:
             self._writer.close()
-        except Exception:  # the tar may be unusable; it is deleted anyway
+        except Exception:  # noqa: S110, BLE001 -- the tar may be unusable; it is deleted anyway
             pass
         self._file.close()
         if os.path.exists(self.tmp_path):

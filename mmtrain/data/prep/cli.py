@@ -1,0 +1,188 @@
+"""``mmtrain prep folder|manifest|coco|wds|latents``: argparse wiring for the converters.
+
+``mmtrain.cli`` calls :func:`add_prep_subcommands` with its ``prep`` subparsers;
+each subcommand sets ``func`` to a handler that returns an exit code and prints
+a one-line summary with the stats path. Bad input raises ValueError or
+FileNotFoundError, which ``mmtrain.cli.main`` turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any
+
+from mmtrain.data.prep.config import (
+    IMAGE_FORMATS,
+    OUTPUT_FORMATS,
+    RESIZE_MODES,
+    PrepConfig,
+)
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"0"``, ``"1000000"``, ``"512K"``, ``"64MB"``, ``"1G"`` (binary units)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)i?b?\s*", text.lower())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a byte count like 0, 1000000, 512K, 64M or 1G, got {text!r}")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    d = PrepConfig()
+    p.add_argument("--out", required=True, help="output directory: writes OUT/train, OUT/val, OUT/stats.json")
+    p.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default=d.output_format,
+                   help=f"shard format: webdataset tars or mosaicml-streaming MDS (default {d.output_format})")
+    p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard,
+                   help=f"input samples per chunk/shard (default {d.samples_per_shard})")
+    p.add_argument("--shard-size", type=parse_size, default=d.shard_size,
+                   help="byte limit per shard, e.g. 512M (default 0 = none)")
+    p.add_argument("--image-format", choices=IMAGE_FORMATS, default=d.image_format,
+                   help=f"stored image encoding (default {d.image_format})")
+    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help=f"JPEG quality 1-95 (default {d.jpeg_quality})")
+    p.add_argument("--resolution", type=int, default=d.resolution,
+                   help="resize the shorter side to this many pixels (default 0 = keep)")
+    p.add_argument("--resize-mode", choices=RESIZE_MODES, default=d.resize_mode,
+                   help=f"center_crop: square crop after resizing; keep_aspect; none (default {d.resize_mode})")
+    p.add_argument("--min-size", type=int, default=d.min_size,
+                   help="drop images whose shorter side is below this (default 0 = off)")
+    p.add_argument("--max-aspect", type=float, default=d.max_aspect,
+                   help="drop images with long/short side ratio above this (default 0 = off)")
+    p.add_argument("--min-caption-words", type=int, default=d.min_caption_words,
+                   help="drop captions with fewer words (default 0 = off)")
+    p.add_argument("--max-caption-words", type=int, default=d.max_caption_words,
+                   help="drop captions with more words (default 0 = off)")
+    p.add_argument("--no-dedup", dest="dedup", action="store_false",
+                   help="keep exact duplicates (default: drop images whose decoded pixels equal an earlier one)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="fraction of samples routed to OUT/val by key hash (default 0)")
+    p.add_argument("--split-seed", type=int, default=d.split_seed, help=f"salt of the split hash (default {d.split_seed})")
+    p.add_argument("--prefix", default=d.prefix, help=f"webdataset shard name prefix (default {d.prefix})")
+    p.add_argument("--no-passthrough", dest="passthrough", action="store_false",
+                   help="always re-encode images (default: keep source bytes when nothing would change them)")
+    p.add_argument("--workers", type=int, default=d.workers, help=f"worker processes (default {d.workers})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier prep in OUT made with other options (default: refuse)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> PrepConfig:
+    """The PrepConfig described by the common flags."""
+    return PrepConfig(
+        output_format=args.output_format, samples_per_shard=args.samples_per_shard, shard_size=args.shard_size,
+        image_format=args.image_format, jpeg_quality=args.jpeg_quality, resolution=args.resolution,
+        resize_mode=args.resize_mode, min_size=args.min_size, max_aspect=args.max_aspect,
+        min_caption_words=args.min_caption_words, max_caption_words=args.max_caption_words, dedup=args.dedup,
+        val_fraction=args.val_fraction, split_seed=args.split_seed, prefix=args.prefix,
+        passthrough=args.passthrough, workers=args.workers, progress=not args.quiet, overwrite=args.overwrite,
+    )
+
+
+def _summary(kind: str, out: str, stats: dict[str, Any]) -> str:
+    splits = ", ".join(f"{name} {s['samples']} in {s['shards']} shards" for name, s in sorted(stats["splits"].items()))
+    reasons = ", ".join(f"{r} {n}" for r, n in sorted(stats["dropped_by_reason"].items(), key=lambda kv: -kv[1]) if n)
+    dropped = f"dropped {stats['dropped']}" + (f" ({reasons})" if reasons else "")
+    return (f"prep {kind}: kept {stats['kept']} of {stats['candidates']} samples ({splits}) to {out}; {dropped}; "
+            f"{stats['run']['samples_per_s']:.1f} samples/s (stats: {Path(out) / 'stats.json'})")
+
+
+def cmd_folder(args: argparse.Namespace) -> int:
+    from mmtrain.data.prep.convert import prep_folder
+
+    print(_summary("folder", args.out, prep_folder(args.folder, args.out, config_from_args(args))))
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from mmtrain.data.prep.convert import prep_manifest
+
+    stats = prep_manifest(args.manifest, args.out, config_from_args(args), image_column=args.image_column,
+                          caption_column=args.caption_column, label_column=args.label_column,
+                          manifest_format=args.manifest_format)
+    print(_summary("manifest", args.out, stats))
+    return 0
+
+
+def cmd_coco(args: argparse.Namespace) -> int:
+    from mmtrain.data.prep.convert import prep_coco
+
+    stats = prep_coco(args.annotations, args.out, config_from_args(args), images_dir=args.images,
+                      all_captions=args.all_captions)
+    print(_summary("coco", args.out, stats))
+    return 0
+
+
+def cmd_wds(args: argparse.Namespace) -> int:
+    from mmtrain.data.prep.convert import prep_wds
+
+    print(_summary("wds", args.out, prep_wds(args.shards, args.out, config_from_args(args))))
+    return 0
+
+
+def cmd_latents(args: argparse.Namespace) -> int:
+    from mmtrain.data.prep.latents import precompute_latents
+    from mmtrain.tokenize.image import ImageTokenizerConfig
+
+    tokenizer = ImageTokenizerConfig(kind=args.tokenizer, scale_factor=args.scale_factor, shift_factor=args.shift_factor)
+    stats = precompute_latents(args.shards, args.out, tokenizer, batch_size=args.batch_size, dtype=args.dtype,
+                               device=args.device, output_format=None if args.output_format == "auto" else args.output_format,
+                               progress=not args.quiet, overwrite=args.overwrite)
+    shapes = ", ".join(stats["latent_shapes"]) or "none"
+    print(f"prep latents: {stats['samples']} samples in {stats['shards']} shards to {args.out} "
+          f"({stats['shards_written']} written, {stats['shards_skipped']} already done); latent shapes {shapes} "
+          f"{args.dtype}; {stats['samples_per_s']:.1f} samples/s (stats: {Path(args.out) / 'stats.json'})")
+    return 0
+
+
+def add_prep_subcommands(prep_subparsers: Any) -> None:
+    """Add ``folder``, ``manifest``, ``coco``, ``wds`` and ``latents`` to ``mmtrain prep``.
+
+    Args:
+        prep_subparsers: The object returned by ``prep_parser.add_subparsers(...)``.
+    """
+    fo = prep_subparsers.add_parser("folder", help="images with same-named .txt captions (recursive)")
+    fo.add_argument("folder", help="root folder; jpg/jpeg/png/webp images, caption in IMAGE_STEM.txt")
+    _add_common(fo)
+    fo.set_defaults(func=cmd_folder)
+
+    ma = prep_subparsers.add_parser("manifest", help="CSV/TSV/JSONL/JSON/parquet table of image paths and captions")
+    ma.add_argument("manifest", help="the table; relative image paths resolve against its folder")
+    ma.add_argument("--image-column", default="image", help="image path column (default image)")
+    ma.add_argument("--caption-column", default="caption", help="caption column (default caption)")
+    ma.add_argument("--label-column", default=None,
+                    help="integer class label column (default: 'label' if present; '' = no labels)")
+    ma.add_argument("--manifest-format", default="auto", choices=["auto", "csv", "tsv", "jsonl", "json", "parquet"],
+                    help="table format (default auto: by extension; parquet needs pyarrow)")
+    _add_common(ma)
+    ma.set_defaults(func=cmd_manifest)
+
+    co = prep_subparsers.add_parser("coco", help="COCO captions JSON (images + annotations)")
+    co.add_argument("annotations", help="e.g. annotations/captions_train2017.json")
+    co.add_argument("--images", default=None, help="folder the file_name entries are in (default: the JSON's folder)")
+    co.add_argument("--all-captions", action="store_true",
+                    help="one sample per caption (default: one per image, first caption as txt, all in json)")
+    _add_common(co)
+    co.set_defaults(func=cmd_coco)
+
+    wd = prep_subparsers.add_parser("wds", help="existing webdataset/img2dataset shards: re-shard, filter, resize")
+    wd.add_argument("shards", nargs="+", help="shard directories, .tar files or brace patterns")
+    _add_common(wd)
+    wd.set_defaults(func=cmd_wds)
+
+    la = prep_subparsers.add_parser("latents", help="add image-tokenizer latents to prepared shards")
+    la.add_argument("shards", help="webdataset shards (dir, .tar, brace pattern) or an MDS directory")
+    la.add_argument("--out", required=True, help="output directory (not the input one)")
+    la.add_argument("--format", dest="output_format", choices=["auto", *OUTPUT_FORMATS], default="auto",
+                    help="output format (default auto: same as the input)")
+    la.add_argument("--tokenizer", default="pixels", help="image tokenizer kind (default pixels)")
+    la.add_argument("--scale-factor", type=float, default=1.0, help="tokenizer latent scale (default 1.0)")
+    la.add_argument("--shift-factor", type=float, default=0.0, help="tokenizer latent shift (default 0.0)")
+    la.add_argument("--batch-size", type=int, default=32, help="images per encode call (default 32)")
+    la.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored dtype (default float16)")
+    la.add_argument("--device", default="auto", help="torch device (default auto: cuda if available)")
+    la.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUT made with other settings")
+    la.add_argument("--quiet", action="store_true", help="no progress bar")
+    la.set_defaults(func=cmd_latents)

@@ -1,0 +1,1 @@
+"""Source listings: turn a raw dataset into candidates, one module per input kind."""

@@ -1,0 +1,91 @@
+"""Webdataset source: existing tar shards (img2dataset output or our own) to re-shard.
+
+Only tar headers are read while listing; each member is located by (tar, offset,
+size) and read by the workers with a seek, so listing a terabyte of shards reads
+kilobytes. Members are grouped into samples webdataset-style (name up to the
+first '.' of the basename). Kept: the image (``jpg``/``jpeg``/``png``/``webp``),
+``txt``, ``json`` (merged into the new metadata) and ``cls``; other members are
+dropped, since after a resize they may no longer match the image.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Iterable
+
+from mmtrain.data.prep.candidate import ByteRef, Candidate, Drop, KeyAllocator, Source
+from mmtrain.data.shards import list_shards
+
+IMAGE_MEMBERS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+
+
+def _scan(tar: str, drops: list[Drop]) -> dict[str, dict[str, ByteRef]]:
+    """``{sample prefix: {extension: (tar, offset, size)}}`` in member order."""
+    samples: dict[str, dict[str, ByteRef]] = {}
+    count = 0
+    try:
+        # "r:" = uncompressed only: members of a compressed tar have no byte offsets to seek to.
+        with tarfile.open(tar, "r:") as archive:
+            for member in archive:
+                count += 1
+                if not member.isfile():
+                    continue
+                directory, base = os.path.split(member.name)
+                if "." not in base:
+                    continue
+                stem, ext = base.split(".", 1)
+                prefix = os.path.join(directory, stem) if directory else stem
+                samples.setdefault(prefix, {})[ext.lower()] = (tar, member.offset_data, member.size)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        drops.append(Drop("corrupt_shard", tar, f"cannot read the tar after {count} members "
+                          f"(compressed tars are not supported): {exc}"))
+    return samples
+
+
+def list_wds(shards: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> Source:
+    """List the samples of webdataset shards.
+
+    Args:
+        shards: A directory of ``.tar`` files, a ``.tar`` path, a brace pattern
+            (``dir/shard-{000000..000009}.tar``), or a list of those.
+
+    Keys are the input keys, sanitized and made unique across shards in listing
+    order. A sample without an image member is dropped as ``missing_image``, one
+    without ``txt`` as ``missing_caption``; an unreadable tar counts once as
+    ``corrupt_shard`` and its members before the damage are kept.
+
+    Raises:
+        FileNotFoundError: from ``list_shards`` when a shard source does not exist.
+    """
+    sources = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+    if not sources:
+        raise ValueError("wds source: no input shards given")
+    paths: list[str] = []
+    for src in sources:
+        paths.extend(list_shards(src))
+    keys = KeyAllocator()
+    candidates: list[Candidate] = []
+    drops: list[Drop] = []
+    has_labels = False
+    for tar in paths:
+        for prefix, members in _scan(tar, drops).items():
+            where = f"{tar}#{prefix}"
+            image_ext = next((e for e in IMAGE_MEMBERS if e in members), None)
+            if image_ext is None:
+                drops.append(Drop("missing_image", where, f"no image member ({'/'.join(IMAGE_MEMBERS)}); members: {sorted(members)}"))
+                continue
+            if "txt" not in members:
+                drops.append(Drop("missing_caption", where, f"no txt member; members: {sorted(members)}"))
+                continue
+            has_labels = has_labels or "cls" in members
+            candidates.append(Candidate(
+                key=keys.allocate(prefix),
+                source=where,
+                group=prefix,
+                image=members[image_ext],
+                caption_ref=members["txt"],
+                label_ref=members.get("cls"),
+                meta_ref=members.get("json"),
+            ))
+    return Source(kind="wds", spec={}, candidates=candidates, drops=drops, has_labels=has_labels)
