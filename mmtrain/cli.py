@@ -52,10 +52,10 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def preflight(config_path: str, overrides: list[str]):
     """Fail fast, before any rank starts, on a bad config, missing shards or tokenizer."""
-    from mmtrain.data.shards import list_shards
+    from mmtrain.components.data import open_sources
 
     cfg = load_config(config_path, overrides)
-    list_shards(cfg.data.train_shards)
+    open_sources(cfg.data)  # every training source exists and is well-formed; fills the tar index cache for the ranks
     if cfg.train.init_from and not (Path(cfg.train.init_from) / "model.safetensors").is_file() and not Path(cfg.train.init_from).is_file():
         raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no model.safetensors there")
     if cfg.model.attention == "flex" and not _cuda_available():

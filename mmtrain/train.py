@@ -1,11 +1,14 @@
 """The training loop, run once per rank (``mmtrain train`` starts the ranks with torchrun).
 
 Resumes from ``<run_dir>/checkpoints/latest`` when it exists: model, optimizer, LR
-schedule, step and samples seen come back, and the data stream and noise RNGs are
-re-seeded from the resumed step so the run continues instead of replaying.
+schedule, step and samples seen come back; the data stream continues at stream position
+``samples_seen`` (exact, even with another world size), and the diffusion noise, token
+order and AR split are seeded per (seed, rank, step), so a resumed run sees exactly the
+batches an uninterrupted one would have.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import sys
@@ -73,11 +76,19 @@ def _prepare_run_dir(cfg: Config, rank: int, text_tok: TextTokenizer | None) -> 
     return run_dir
 
 
-def check_labels(labels: torch.Tensor, num_classes: int, shards: str) -> None:
+def new_window() -> dict:
+    """Running sums between two log lines; ``data_hash`` fingerprints the sample keys this rank saw."""
+    return {"loss": 0.0, "diffusion_loss": 0.0, "text_loss": 0.0, "n": 0, "t0": time.perf_counter(), "data_hash": hashlib.sha1()}
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, keys: list[str]) -> None:
+    """``keys`` are the batch's ``"source:key"`` ids, so the error names the sample."""
     if (labels < 0).any():
-        raise ValueError(f"model.condition=class but samples in {shards} have no 'cls' field (class label)")
+        key = keys[int((labels < 0).nonzero()[0])]
+        raise ValueError(f"model.condition=class but sample {key} (data source:key) has no 'cls' field (class label)")
     if (labels >= num_classes).any():
-        raise ValueError(f"class label {int(labels.max())} in {shards} is >= model.num_classes ({num_classes})")
+        key = keys[int(labels.argmax())]
+        raise ValueError(f"class label {int(labels.max())} of sample {key} is >= model.num_classes ({num_classes})")
 
 
 def load_initial_weights(model: torch.nn.Module, path: str) -> None:
@@ -124,12 +135,13 @@ def train(cfg: Config) -> dict:
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters, %d ranks, ZeRO-%d, %s", n_params / 1e6, world, cfg.train.zero_stage, cfg.train.precision)
 
-    loader = build_train_loader(cfg.data, cfg.train.micro_batch_size, rank, cfg.train.seed, step)
-    gen = torch.Generator().manual_seed((cfg.train.seed * 1000 + rank) * 1_000_003 + step)
-    rng = random.Random((cfg.train.seed * 1000 + rank) * 1_000_003 + step)
+    loader = build_train_loader(cfg.data, cfg.train.micro_batch_size, rank, world_size=world, seed=cfg.train.seed,
+                                start_sample=samples_seen, text_tokenizer=text_tok, max_text_len=cfg.model.max_text_len,
+                                latent_shape=image_tok.latent_shape(cfg.data.image_size, cfg.data.image_size))
+    gen, rng = torch.Generator(), random.Random()
     metrics = MetricsLogger(cfg.logging, str(run_dir), cfg.train.steps, step, cfg.to_dict(), enabled=rank == 0)
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
-    window = {"loss": 0.0, "diffusion_loss": 0.0, "text_loss": 0.0, "n": 0, "t0": time.perf_counter()}
+    window = new_window()
     history: list[dict] = []
 
     def save() -> None:
@@ -141,16 +153,23 @@ def train(cfg: Config) -> dict:
     data_iter = iter(loader)
     try:
         while step < cfg.train.steps:
-            for _ in range(cfg.train.grad_accum):
-                images, captions, labels = next(data_iter)
+            for micro in range(cfg.train.grad_accum):
+                # noise, order and AR split depend only on (seed, rank, step, micro-batch), so a
+                # resumed run draws exactly what an uninterrupted one would have
+                noise_seed = (((cfg.train.seed * 1000 + rank) * 1_000_003 + step) * 1009 + micro) % 2**63
+                gen.manual_seed(noise_seed)
+                rng.seed(noise_seed)
+                data = next(data_iter)
+                window["data_hash"].update("\n".join(data.keys).encode())
                 with torch.no_grad():
-                    tokens = patchify(image_tok.encode(images), cfg.model.patch_size).to(dtype)
+                    # data.use_latents: `mmtrain prep latents` stored image_tok.encode() output (already scaled)
+                    latents = data.latents if data.latents is not None else image_tok.encode(data.images)
+                    tokens = patchify(latents, cfg.model.patch_size).to(dtype)
                 if text_tok is not None:
-                    text, text_len = text_tok.encode_batch(captions, cfg.model.max_text_len)
-                    batch = training_inputs(model, tokens, diffusion, gen, rng, text=text, text_len=text_len)
+                    batch = training_inputs(model, tokens, diffusion, gen, rng, text=data.text, text_len=data.text_len)
                 else:
-                    check_labels(labels, cfg.model.num_classes, cfg.data.train_shards)
-                    batch = training_inputs(model, tokens, diffusion, gen, rng, labels=labels)
+                    check_labels(data.labels, cfg.model.num_classes, data.keys)
+                    batch = training_inputs(model, tokens, diffusion, gen, rng, labels=data.labels)
                 out = engine(**batch)
                 engine.backward(out["loss"])
                 engine.step()
@@ -169,10 +188,10 @@ def train(cfg: Config) -> dict:
                 record = {"loss": stats[0].item() / stats[3].item(), "diffusion_loss": stats[1].item() / stats[3].item(),
                           "text_loss": stats[2].item() / stats[3].item(), "lr": sched.get_last_lr()[0],
                           "samples_per_s": stats[3].item() * cfg.train.micro_batch_size / elapsed,
-                          "samples_seen": samples_seen}
+                          "samples_seen": samples_seen, "data_hash": window["data_hash"].hexdigest()[:16]}
                 history.append({"step": step, **record})
                 metrics.log(step, record)
-                window = {"loss": 0.0, "diffusion_loss": 0.0, "text_loss": 0.0, "n": 0, "t0": time.perf_counter()}
+                window = new_window()
             if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
                 save()
     finally:

@@ -28,4 +28,5 @@ def synthetic_data(tmp_path_factory) -> dict:
 
 def tiny_overrides(data: dict, run_dir: Path, *extra: str) -> list[str]:
     return [f"data.train_shards={data['train']}", f"data.val_shards={data['val']}",
-            f"tokenizer.text_model={data['tokenizer']}", f"train.run_dir={run_dir}", *extra]
+            f"tokenizer.text_model={data['tokenizer']}", f"train.run_dir={run_dir}",
+            f"data.index_cache={data['root'] / 'index_cache'}", *extra]

@@ -46,8 +46,8 @@ def test_corrupt_image_in_training_stream_names_shard_and_key(tmp_path):
         _add(tar, "00000042.png", b"\x89PNG this is not an image")
         _add(tar, "00000042.txt", b"a small red circle at the top left")
         _add(tar, "00000042.json", b'{"shapes": []}')
-    loader = build_train_loader(DataConfig(train_shards=str(shard.parent), num_workers=0, shuffle_buffer=1),
-                                micro_batch_size=1, rank=0, seed=0, resume_step=0)
+    loader = build_train_loader(DataConfig(train_shards=str(shard.parent), num_workers=0, index_cache=""),
+                                micro_batch_size=1, rank=0, world_size=1, seed=0, start_sample=0)
     with pytest.raises(ShardDataError) as err:
         next(iter(loader))
     assert str(shard) in str(err.value) and "00000042" in str(err.value)

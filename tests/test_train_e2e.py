@@ -41,6 +41,16 @@ def test_train_resume_sample_caption_eval(synthetic_data, tmp_path, capsys):
     assert (run_dir / "wandb_id").read_text() == wandb_id
     state, meta = load_model_state(run_dir)
     assert meta["step"] == 20 and meta["samples_seen"] == 20 * 16
+
+    # an uninterrupted 20-step run saw the same samples and the same losses at every log step
+    straight_dir = tmp_path / "straight"
+    straight = tiny_overrides(synthetic_data, straight_dir, "logging.log_every=4", "checkpoint.every_steps=100")
+    assert cli.main(["train", config, *straight, "train.steps=20"]) == 0
+    a, b = read_metrics(run_dir), read_metrics(straight_dir)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 8, 12, 16, 20]
+    assert [r["data_hash"] for r in a] == [r["data_hash"] for r in b]
+    assert len({r["data_hash"] for r in a}) == 5
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
     assert all(v.dtype.is_floating_point for v in state.values())
 
     # inference on one process from the ZeRO-3 shards
@@ -106,6 +116,7 @@ def test_class_conditional_finetune_from_converted_official_checkpoint(synthetic
 
     run_dir = tmp_path / "run"
     overrides = [f"data.train_shards={synthetic_data['train']}", f"train.run_dir={run_dir}", f"train.init_from={model_dir}",
+                 f"data.index_cache={tmp_path / 'index'}",
                  "train.steps=3", "train.micro_batch_size=4", "optim.lr=0", "data.num_workers=0", "data.shuffle_buffer=50",
                  "logging.progress=false", "logging.log_every=1", "checkpoint.every_steps=3", "sample.diffusion_steps=3",
                  "sample.ar_steps=2", "sample.clip_x0=1"]
