@@ -136,3 +136,18 @@ def test_class_conditional_finetune_from_converted_official_checkpoint(synthetic
     assert grid.is_file()
     assert cli.main(["sample", str(run_dir), "--class", "18", "--out", str(grid)]) == 2  # outside num_classes
     assert cli.main(["sample", str(model_dir), "--class", "1", "--out", str(tmp_path / "direct.png")]) == 0
+
+
+def test_training_on_precomputed_latents_matches_training_on_images(synthetic_data, tmp_path):
+    """`mmtrain prep latents` (float32, pixel tokenizer) + data.use_latents: the same losses as decoding the images."""
+    latent_dir = tmp_path / "latents"
+    assert cli.main(["prep", "latents", synthetic_data["train"], "--out", str(latent_dir), "--dtype", "float32", "--quiet"]) == 0
+    config = str(REPO / "configs" / "tiny.yaml")
+    runs = {}
+    for name, extra in (("images", []), ("latents", [f"data.train_shards={latent_dir}", "data.use_latents=true"])):
+        run_dir = tmp_path / name
+        overrides = tiny_overrides(synthetic_data, run_dir, "train.steps=4", "logging.log_every=2", "checkpoint.every_steps=100", *extra)
+        assert cli.main(["train", config, *overrides]) == 0
+        runs[name] = read_metrics(run_dir)
+    assert [r["data_hash"] for r in runs["images"]] == [r["data_hash"] for r in runs["latents"]]
+    np.testing.assert_allclose([r["loss"] for r in runs["images"]], [r["loss"] for r in runs["latents"]], rtol=1e-5)
