@@ -36,13 +36,28 @@ def cmd_prep(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- tokenizer
 
 
+def _training_captions(shards: list[str], text_files: list[str]):
+    """Captions of webdataset / MDS sources (images are not decoded), then lines of text files."""
+    from mmtrain.data.prep.readers import iter_dataset
+
+    for source in shards:
+        for _, samples in iter_dataset(source):
+            yield from (s.caption for s in samples)
+    for path in text_files:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--text {path}: no such file")
+        with open(path, encoding="utf-8") as fh:
+            yield from (line.rstrip("\n") for line in fh)
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from mmtrain.data.shards import iter_shard_samples
     from mmtrain.tokenize.text import TextTokenizerConfig, train_text_tokenizer
 
-    cfg = TextTokenizerConfig(vocab_size=args.vocab_size, model_type=args.model_type, max_sentences=args.max_sentences)
-    captions = (s["caption"] for s in iter_shard_samples(args.shards))
-    tok = train_text_tokenizer(captions, args.out, cfg, progress=not args.quiet)
+    if not args.shards and not args.text:
+        raise ValueError("give --shards (webdataset or MDS) and/or --text FILE (one caption per line)")
+    cfg = TextTokenizerConfig(vocab_size=args.vocab_size, model_type=args.model_type, max_sentences=args.max_sentences,
+                              byte_fallback=args.byte_fallback, character_coverage=args.character_coverage, seed=args.seed)
+    tok = train_text_tokenizer(_training_captions(args.shards, args.text), args.out, cfg, progress=not args.quiet)
     print(f"tokenizer: {args.out}.model ({tok.vocab_size} pieces; specials {json.dumps(tok.state()['special_token_ids'])})")
     return 0
 
@@ -240,11 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("tokenizer", help="train tokenizers")
     tok_sub = tok.add_subparsers(dest="what", required=True)
     tt = tok_sub.add_parser("train", help="train the sentencepiece text tokenizer on shard captions")
-    tt.add_argument("--shards", required=True, help="shard directory, .tar or brace pattern")
+    tt.add_argument("--shards", action="append", default=[], help="webdataset (dir, .tar, brace pattern) or MDS dir; repeatable")
+    tt.add_argument("--text", action="append", default=[], help="a text file with one caption per line; repeatable")
     tt.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.json")
     tt.add_argument("--vocab-size", type=int, default=256)
     tt.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
-    tt.add_argument("--max-sentences", type=int, default=1_000_000)
+    tt.add_argument("--max-sentences", type=int, default=1_000_000, help="sample cap: train on at most this many captions")
+    tt.add_argument("--byte-fallback", action="store_true", help="unseen characters become UTF-8 byte pieces (vocab >= 262)")
+    tt.add_argument("--character-coverage", type=float, default=1.0)
+    tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--quiet", action="store_true")
     tt.set_defaults(func=cmd_tokenizer_train)
 

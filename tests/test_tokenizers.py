@@ -302,3 +302,29 @@ def test_build_image_tokenizer() -> None:
         build_image_tokenizer(ImageTokenizerConfig(kind="vqgan"))
     with pytest.raises(ValueError, match="scale_factor"):
         build_image_tokenizer(ImageTokenizerConfig(scale_factor=0.0))
+
+
+def test_cli_trains_unigram_from_mds_shards_and_text_files(tmp_path: Path, capsys) -> None:
+    """`mmtrain tokenizer train` over an MDS dataset plus a text file: unigram, byte fallback, specials JSON."""
+    from mmtrain import cli
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = random.Random(0)
+    words = ["red", "blue", "green", "circle", "square", "small", "large", "left", "right", "top"]
+    for i in range(12):
+        Image.new("RGB", (16, 16), (rng.randrange(256), 0, 0)).save(raw / f"im{i}.png")
+        (raw / f"im{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(6)))
+    assert cli.main(["prep", "folder", str(raw), "--out", str(tmp_path / "mds"), "--format", "mds", "--quiet"]) == 0
+    extra = tmp_path / "extra.txt"
+    extra.write_text("ünïcödé captions from a text file\nand a second line\n", encoding="utf-8")
+    out = tmp_path / "tok" / "text"
+    assert cli.main(["tokenizer", "train", "--shards", str(tmp_path / "mds" / "train"), "--text", str(extra), "--out", str(out),
+                     "--model-type", "unigram", "--vocab-size", "320", "--byte-fallback", "--quiet"]) == 0
+    tok = TextTokenizer.from_file(out.with_suffix(".model"))
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["special_token_ids"]["boi"] == tok.boi_id and side["config"]["model_type"] == "unigram"
+    for text in ("red circle top left", "ünïcödé", "零"):  # the last one was never seen: byte fallback
+        assert tok.decode(tok.encode(text)) == text
+    assert cli.main(["tokenizer", "train", "--out", str(out)]) == 2
+    assert "--shards" in capsys.readouterr().err
