@@ -182,6 +182,47 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_vae(args: argparse.Namespace) -> int:
+    from mmtrain.tokenize.convert_vae import KNOWN_ARCHES, load_ldm_vae, save_diffusers
+
+    vae = load_ldm_vae(args.checkpoint, KNOWN_ARCHES[args.arch], trust_pickle=args.trust_pickle)
+    print(f"converted {args.checkpoint} ({args.arch}) -> diffusers AutoencoderKL in {save_diffusers(vae, args.out)}")
+    return 0
+
+
+def cmd_tokenizer_estimate_scale(args: argparse.Namespace) -> int:
+    """Latent scale (and shift) of an image tokenizer measured on shard images; optionally written into a YAML copy."""
+    import itertools
+
+    import yaml
+
+    from mmtrain.config import build_dataclass
+    from mmtrain.data.shards import iter_shard_samples
+    from mmtrain.tokenize.image import ImageTokenizerConfig, build_image_tokenizer, pil_to_tensor
+    from mmtrain.tokenize.vae import estimate_scale_factor
+
+    with open(args.tokenizer_yaml) as fh:
+        tree = yaml.safe_load(fh) or {}
+    cfg = build_dataclass(ImageTokenizerConfig, {**tree, "scale_factor": 1.0, "shift_factor": 0.0}, args.tokenizer_yaml)
+    tok = build_image_tokenizer(cfg)
+    size = args.image_size
+
+    def batches():
+        samples = itertools.islice(iter_shard_samples(args.shards), args.num)
+        while chunk := list(itertools.islice(samples, 32)):
+            yield pil_to_tensor([s["image"].resize((size, size), resample=3) for s in chunk])
+
+    est = estimate_scale_factor(tok, batches(), num_samples=args.num, with_shift=args.shift)
+    print(json.dumps(est, indent=2))
+    if args.write:
+        from mmtrain.atomic import atomic_write_text
+
+        atomic_write_text(args.write, yaml.safe_dump({**tree, "scale_factor": est["scale_factor"], "shift_factor": est["shift_factor"]},
+                                                     sort_keys=False))
+        print(f"wrote {args.write}")
+    return 0
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     import itertools
 
@@ -266,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--quiet", action="store_true")
     tt.set_defaults(func=cmd_tokenizer_train)
+    es = tok_sub.add_parser("estimate-scale", help="measure an image tokenizer's latent scale (1/std) on shard images")
+    es.add_argument("tokenizer_yaml", help="image tokenizer config, e.g. tokenizers/small_vae.yaml")
+    es.add_argument("--shards", required=True)
+    es.add_argument("--num", type=int, default=1024, help="images to encode")
+    es.add_argument("--image-size", type=int, default=256)
+    es.add_argument("--shift", action="store_true", help="also estimate a shift (the latent mean)")
+    es.add_argument("--write", help="write a copy of the YAML with the measured scale_factor / shift_factor here")
+    es.set_defaults(func=cmd_tokenizer_estimate_scale)
 
     tr = sub.add_parser("train", help="train with DeepSpeed on this node's ranks (resumes from the run dir)")
     tr.add_argument("config")
@@ -313,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     cfo.add_argument("--image-tokenizer", default="mar_kl16", help="tokenizer.image.kind written into config.yaml")
     cfo.add_argument("--scale-factor", type=float, default=0.2325, help="latent scale (official sampler: 0.2325)")
     cfo.set_defaults(func=cmd_convert)
+    cvv = cv_sub.add_parser("vae", help="original LDM / MAR KL-VAE checkpoint -> diffusers AutoencoderKL folder")
+    cvv.add_argument("checkpoint", help=".ckpt / .pt / .pth / .safetensors")
+    cvv.add_argument("out", help="output folder (use it as tokenizer.image.path)")
+    cvv.add_argument("--arch", choices=["mar_kl16", "sd_vae"], required=True)
+    cvv.add_argument("--trust-pickle", action="store_true", help="allow non-tensor pickled objects in the checkpoint")
+    cvv.set_defaults(func=cmd_convert_vae)
 
     ev = sub.add_parser("eval", help="attribute accuracy of captions and generated images (synthetic data)")
     ev.add_argument("run_dir")

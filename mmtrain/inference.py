@@ -26,18 +26,21 @@ class LoadedRun:
     step: int
     checkpoint: str
 
+    image_tok_error: str = ""
+
     def require_image_tokenizer(self) -> ImageTokenizer:
         if self.image_tok is None:
-            raise ValueError(f"tokenizer.image.kind={self.cfg.tokenizer.image.kind!r} of {self.checkpoint} is not available; "
-                             f"images cannot be encoded or decoded (set tokenizer.image in its config.yaml)")
+            raise ValueError(f"tokenizer.image.kind={self.cfg.tokenizer.image.kind!r} of {self.checkpoint} is not available "
+                             f"({self.image_tok_error}); images cannot be encoded or decoded (set tokenizer.image in its config.yaml)")
         return self.image_tok
 
 
-def _image_tokenizer_or_none(cfg: Config) -> ImageTokenizer | None:
+def _image_tokenizer_or_error(cfg: Config) -> tuple[ImageTokenizer | None, str]:
+    """A converted model can sample tokens without its VAE; the reason is kept for when pixels are asked for."""
     try:
-        return build_image_tokenizer(cfg.tokenizer.image)
-    except ValueError:
-        return None
+        return build_image_tokenizer(cfg.tokenizer.image), ""
+    except (ValueError, FileNotFoundError) as exc:
+        return None, str(exc)
 
 
 def load_model_dir(path: str | Path) -> LoadedRun:
@@ -53,10 +56,10 @@ def load_model_dir(path: str | Path) -> LoadedRun:
     if cfg.model.condition == "text":
         text_tok = TextTokenizer.from_file(path / "tokenizer" / "text.model")
     state = load_file(str(path / "model.safetensors"))
-    image_tok = _image_tokenizer_or_none(cfg)
+    image_tok, image_tok_error = _image_tokenizer_or_error(cfg)
     model = _build_for_state(cfg, text_tok, image_tok, state)
     model.load_state_dict(state, strict=True)
-    return LoadedRun(cfg, model.eval(), text_tok, image_tok, 0, str(path / "model.safetensors"))
+    return LoadedRun(cfg, model.eval(), text_tok, image_tok, 0, str(path / "model.safetensors"), image_tok_error)
 
 
 def _build_for_state(cfg: Config, text_tok, image_tok, state: dict) -> CausalFusion:

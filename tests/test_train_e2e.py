@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 from pathlib import Path
 
 from conftest import REPO, tiny_overrides
@@ -151,3 +152,27 @@ def test_training_on_precomputed_latents_matches_training_on_images(synthetic_da
         runs[name] = read_metrics(run_dir)
     assert [r["data_hash"] for r in runs["images"]] == [r["data_hash"] for r in runs["latents"]]
     np.testing.assert_allclose([r["loss"] for r in runs["images"]], [r["loss"] for r in runs["latents"]], rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokenizer,patch,latent", [("small_vae", 2, (4, 8)), ("sd_vae", 1, (4, 4))])
+def test_image_tokenizer_is_chosen_by_config(synthetic_data, tmp_path, tokenizer, patch, latent):
+    """The same training run on a VAE's latents, selected only by the tokenizer.image section (random weights here)."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    image = yaml.safe_load((REPO / "tokenizers" / f"{tokenizer}.yaml").read_text())
+    image["allow_random"] = True  # no weights can be downloaded here; real runs set tokenizer.image.path
+    cfg["tokenizer"] = {"image": image}
+    cfg["model"]["patch_size"] = patch
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(synthetic_data, run_dir, "train.steps=2", "logging.log_every=1", "checkpoint.every_steps=2")
+    assert cli.main(["train", str(tmp_path / "cfg.yaml"), *overrides]) == 0
+    assert all(0 < r["loss"] < 1e3 for r in read_metrics(run_dir))
+    from mmtrain.inference import generate_images, load_run
+
+    run = load_run(run_dir)
+    channels, size = latent
+    assert (run.model.latent_channels, run.model.latent_size) == (channels, size)
+    images = generate_images(run, ["a small red circle at the top left"], run.cfg.sample)
+    assert images[0].size == (32, 32)

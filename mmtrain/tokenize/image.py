@@ -11,8 +11,9 @@ The model never sees pixels directly. It sees *latents* produced by an
 
 and back with :func:`unpatchify` and :meth:`ImageTokenizer.decode`.
 
-Plugging in a real VAE (e.g. diffusers ``AutoencoderKL``) later means writing
-a subclass whose ``_encode_raw`` returns ``vae.encode(x).latent_dist.mode()``
+The KL-VAE tokenizers (diffusers ``AutoencoderKL``; kinds ``mar_kl16``,
+``sd_vae``, ``vae``) live in :mod:`mmtrain.tokenize.vae`. Another VAE means
+writing a subclass whose ``_encode_raw`` returns ``vae.encode(x).latent_dist.mode()``
 (or ``.sample()``) and whose ``_decode_raw`` returns ``vae.decode(z).sample``,
 with ``latent_channels=vae.config.latent_channels``, ``downsample=8`` and the
 VAE's published ``scaling_factor``/``shift_factor`` (SD: 0.18215 / 0.0;
@@ -26,7 +27,8 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -138,17 +140,33 @@ class PixelTokenizer(ImageTokenizer):
 
 @dataclass
 class ImageTokenizerConfig:
-    """Which image tokenizer to build (see ``tokenizers/pixels.yaml``).
+    """Which image tokenizer to build (see ``tokenizers/*.yaml``).
 
     Attributes:
-        kind: Registered tokenizer name. Default ``"pixels"``.
+        kind: Registered tokenizer name. Default ``"pixels"``. The VAE kinds
+            ``mar_kl16``, ``sd_vae`` and ``vae`` live in
+            :mod:`mmtrain.tokenize.vae`.
         scale_factor: Latent scale, > 0. Default 1.0.
         shift_factor: Latent shift. Default 0.0.
+        path: VAE kinds only. A local diffusers ``AutoencoderKL`` folder, or
+            (``mar_kl16``/``sd_vae``) an original LDM/MAR checkpoint file that
+            is converted on load. Never downloaded. Default ``""`` (none).
+        allow_random: VAE kinds only. With ``path`` empty, build a randomly
+            initialized VAE instead of failing (tests/plumbing demos only: its
+            latents are not a useful image code). Default False.
+        sample_posterior: VAE kinds only. Encode to a sample of the posterior
+            instead of its mean. Default False.
+        arch: Kind ``vae`` only. diffusers ``AutoencoderKL`` constructor
+            kwargs for a random-init VAE (needs ``allow_random``). Default {}.
     """
 
     kind: str = "pixels"
     scale_factor: float = 1.0
     shift_factor: float = 0.0
+    path: str = ""
+    allow_random: bool = False
+    sample_posterior: bool = False
+    arch: dict[str, Any] = field(default_factory=dict)
 
 
 _BUILDERS: dict[str, Callable[[ImageTokenizerConfig], ImageTokenizer]] = {
@@ -163,9 +181,27 @@ def register_image_tokenizer(kind: str, builder: Callable[[ImageTokenizerConfig]
     _BUILDERS[kind] = builder
 
 
+_VAE_KINDS = ("mar_kl16", "sd_vae", "vae")
+
+
+def _load_vae_kinds(kind: str) -> None:
+    try:
+        import mmtrain.tokenize.vae  # noqa: F401  (registers mar_kl16, sd_vae, vae)
+    except ImportError as exc:
+        # Only a VAE kind needs diffusers; a typo'd kind should still get the
+        # "unknown kind" error below.
+        if kind in _VAE_KINDS:
+            raise ImportError(f"image_tokenizer.kind={kind!r} needs diffusers, which failed to import: {exc}") from exc
+
+
 def build_image_tokenizer(cfg: ImageTokenizerConfig) -> ImageTokenizer:
     """Instantiate the tokenizer named by ``cfg.kind``."""
     builder = _BUILDERS.get(cfg.kind)
+    if builder is None:
+        # VAE kinds register themselves when mmtrain.tokenize.vae is imported;
+        # import it lazily so pixel-only users never pay for diffusers.
+        _load_vae_kinds(cfg.kind)
+        builder = _BUILDERS.get(cfg.kind)
     if builder is None:
         raise ValueError(f"image_tokenizer.kind: unknown kind {cfg.kind!r}; known kinds: {sorted(_BUILDERS)}")
     return builder(cfg)
