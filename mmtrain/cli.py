@@ -223,6 +223,18 @@ def cmd_tokenizer_estimate_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenizer_train_vae(args: argparse.Namespace) -> int:
+    from mmtrain.tokenize.train_vae import VAETrainConfig, train_vae
+
+    cfg = VAETrainConfig(image_size=args.image_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         kl_weight=args.kl_weight, seed=args.seed, perceptual_weights=args.perceptual_weights,
+                         perceptual_weight=args.perceptual_weight)
+    report = train_vae(args.shards, args.out, cfg, progress=not args.quiet)
+    print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in report.items()}))
+    print(f"tokenizer: {Path(args.out) / 'tokenizer.yaml'} (diffusers AutoencoderKL in {Path(args.out) / 'vae'})")
+    return 0
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     import itertools
 
@@ -315,6 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--shift", action="store_true", help="also estimate a shift (the latent mean)")
     es.add_argument("--write", help="write a copy of the YAML with the measured scale_factor / shift_factor here")
     es.set_defaults(func=cmd_tokenizer_estimate_scale)
+    tv = tok_sub.add_parser("train-vae", help="train a small KL autoencoder on your shards (reconstruction + KL)")
+    tv.add_argument("--shards", required=True)
+    tv.add_argument("--out", required=True, help="writes OUT/vae (diffusers) and OUT/tokenizer.yaml")
+    tv.add_argument("--image-size", type=int, default=32)
+    tv.add_argument("--steps", type=int, default=300)
+    tv.add_argument("--batch-size", type=int, default=32)
+    tv.add_argument("--lr", type=float, default=1e-3)
+    tv.add_argument("--kl-weight", type=float, default=1e-6)
+    tv.add_argument("--seed", type=int, default=0)
+    tv.add_argument("--perceptual-weights", default="", help="local torchvision vgg16 state_dict for a perceptual term")
+    tv.add_argument("--perceptual-weight", type=float, default=1.0)
+    tv.add_argument("--quiet", action="store_true")
+    tv.set_defaults(func=cmd_tokenizer_train_vae)
 
     tr = sub.add_parser("train", help="train with DeepSpeed on this node's ranks (resumes from the run dir)")
     tr.add_argument("config")

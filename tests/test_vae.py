@@ -236,3 +236,49 @@ def test_cli_convert_vae_names_the_mismatch(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "mar_kl16" in err or "shape" in err
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_train_vae_reconstructs_held_out_synthetic_images(synthetic_data, tmp_path, capsys):
+    """`mmtrain tokenizer train-vae` for 60 steps: held-out MSE (images in [-1, 1]) below 0.08, far below the untrained VAE's.
+
+    Measured here: 0.053 after 60 steps, 0.012 after 300 steps (`--steps 300`, 25 dB PSNR).
+    """
+    from mmtrain import cli
+    from mmtrain.config import build_dataclass
+    from mmtrain.data.shards import iter_shard_samples
+    from mmtrain.tokenize.image import pil_to_tensor
+    from mmtrain.tokenize.train_vae import VAETrainConfig
+
+    out = tmp_path / "vae"
+    assert cli.main(["tokenizer", "train-vae", "--shards", synthetic_data["train"], "--out", str(out), "--steps", "60", "--quiet"]) == 0
+    tree = yaml.safe_load((out / "tokenizer.yaml").read_text())
+    trained = build_image_tokenizer(build_dataclass(ImageTokenizerConfig, tree, "tokenizer.image"))
+    untrained = build_image_tokenizer(ImageTokenizerConfig(kind="vae", allow_random=True, arch=VAETrainConfig().arch))
+    x = pil_to_tensor([s["image"] for s in iter_shard_samples(synthetic_data["val"])])
+    with torch.no_grad():
+        mse = float(((trained.decode(trained.encode(x)) - x) ** 2).mean())
+        base = float(((untrained.decode(untrained.encode(x)) - x) ** 2).mean())
+        z = trained.encode(x)
+    assert mse < 0.08 and mse < 0.3 * base, (mse, base)
+    assert trained.latent_shape(32, 32) == (4, 8, 8) and 0.5 < float(z.std()) < 2.0  # the measured scale normalises the latents
+
+
+def test_train_vae_perceptual_term_from_local_vgg_weights(synthetic_data, tmp_path, capsys):
+    """A local VGG-16 state_dict (random weights here; nothing is downloaded) adds the perceptual term; a bad file is named."""
+    from torchvision.models import vgg16
+
+    from mmtrain import cli
+    from mmtrain.tokenize.train_vae import VGGFeatureDistance
+
+    torch.manual_seed(0)
+    torch.save(vgg16().state_dict(), tmp_path / "vgg16.pth")
+    dist = VGGFeatureDistance(str(tmp_path / "vgg16.pth"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert float(dist(x, x)) == 0.0 and float(dist(x, x.flip(-1))) > 0
+    assert cli.main(["tokenizer", "train-vae", "--shards", synthetic_data["train"], "--out", str(tmp_path / "v"), "--steps", "2",
+                     "--perceptual-weights", str(tmp_path / "vgg16.pth"), "--quiet"]) == 0
+    assert (tmp_path / "v" / "tokenizer.yaml").is_file()
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    assert cli.main(["tokenizer", "train-vae", "--shards", synthetic_data["train"], "--out", str(tmp_path / "w"), "--steps", "2",
+                     "--perceptual-weights", str(tmp_path / "bad.pth"), "--quiet"]) == 2
+    assert "bad.pth" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def _load_diffusers_dir(path: Path):
             f"image_tokenizer.path: {path} is a folder without config.json; expected a diffusers AutoencoderKL "
             "folder (see mmtrain.tokenize.convert_vae to make one)"
         )
-    return AutoencoderKL.from_pretrained(str(path), local_files_only=True).eval()
+    return AutoencoderKL.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False).eval()
 
 
 RANDOM_INIT_SEED = 0
