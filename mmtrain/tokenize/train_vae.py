@@ -87,20 +87,36 @@ class VGGFeatureDistance(torch.nn.Module):
         return sum(((fa - fb) ** 2).sum(1).mean() for fa, fb in zip(self._feats(a), self._feats(b)))
 
 
-def _image_batches(shards: str, size: int, batch_size: int, seed: int):
-    """Endless batches (B, 3, size, size in [-1, 1]) from a shuffled, repeating pass over the shards."""
+def _image_batches(shards: str, size: int, batch_size: int, seed: int, buffer: int = 2048):
+    """Endless batches (B, 3, size, size in [-1, 1]): repeated passes over the shards through a
+    seeded shuffle buffer, so memory stays bounded whatever the dataset size."""
+    import random
+
     from mmtrain.data.shards import iter_shard_samples
     from mmtrain.tokenize.image import pil_to_tensor
 
-    images = [s["image"].convert("RGB").resize((size, size), resample=3) for s in iter_shard_samples(shards)]
-    if not images:
-        raise ValueError(f"{shards}: no images to train the VAE on")
-    data = pil_to_tensor(images)
-    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    pool: list = []
+    batch: list = []
     while True:
-        for idx in torch.randperm(len(data), generator=gen).split(batch_size):
-            if len(idx) == batch_size or len(data) < batch_size:
-                yield data[idx]
+        seen = 0
+        for sample in iter_shard_samples(shards):
+            seen += 1
+            pool.append(sample["image"].convert("RGB").resize((size, size), resample=3))
+            if len(pool) < buffer:
+                continue
+            batch.append(pool.pop(rng.randrange(len(pool))))
+            if len(batch) == batch_size:
+                yield pil_to_tensor(batch)
+                batch = []
+        if not seen:
+            raise ValueError(f"{shards}: no images to train the VAE on")
+        rng.shuffle(pool)
+        while len(pool) > buffer // 2:  # drain half, keep the rest mixing with the next pass
+            batch.append(pool.pop())
+            if len(batch) == batch_size:
+                yield pil_to_tensor(batch)
+                batch = []
 
 
 def train_vae(shards: str, out_dir: str | Path, cfg: VAETrainConfig, progress: bool = True) -> dict:
@@ -130,7 +146,7 @@ def train_vae(shards: str, out_dir: str | Path, cfg: VAETrainConfig, progress: b
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        recent = (recent + [float(rec)])[-20:]
+        recent = (recent + [float(rec.detach())])[-20:]
         bar.set_postfix(mse=f"{sum(recent) / len(recent):.4f}", img_per_s=f"{(step + 1) * cfg.batch_size / (time.perf_counter() - start):.0f}")
     elapsed = time.perf_counter() - start
     log.info("train-vae: %d steps in %.0f s (%.0f images/s), recent reconstruction MSE %.4f",
