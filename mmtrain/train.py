@@ -68,7 +68,8 @@ def _prepare_run_dir(cfg: Config, rank: int, text_tok: TextTokenizer | None) -> 
             tok_dir = run_dir / "tokenizer"
             tok_dir.mkdir(exist_ok=True)
             src = Path(cfg.text_model_path)
-            for suffix in (".model", ".json"):
+            # sidecar first: another rank that already sees text.model then always finds text.json
+            for suffix in (".json", ".model"):
                 dst = tok_dir / f"text{suffix}"
                 if src.with_suffix(suffix).resolve() != dst.resolve():
                     atomic_write_bytes(dst, src.with_suffix(suffix).read_bytes())
