@@ -118,7 +118,7 @@ def test_class_conditional_finetune_from_converted_official_checkpoint(synthetic
     run_dir = tmp_path / "run"
     overrides = [f"data.train_shards={synthetic_data['train']}", f"train.run_dir={run_dir}", f"train.init_from={model_dir}",
                  f"data.index_cache={tmp_path / 'index'}",
-                 "train.steps=3", "train.micro_batch_size=4", "optim.lr=0", "data.num_workers=0", "data.shuffle_buffer=50",
+                 "train.steps=3", "train.micro_batch_size=4", "optim.lr=0", "data.num_workers=0",
                  "logging.progress=false", "logging.log_every=1", "checkpoint.every_steps=3", "sample.diffusion_steps=3",
                  "sample.ar_steps=2", "sample.clip_x0=1"]
     assert cli.main(["train", str(model_dir / "config.yaml"), *overrides]) == 0

@@ -59,6 +59,16 @@ class ShardDataError(ValueError):
     """
 
 
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """``(sample key, extension)`` of a tar member, webdataset-style: the key is the path up to
+    the first '.' of the basename; None for a member without an extension."""
+    directory, base = os.path.split(name)
+    if "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (os.path.join(directory, stem) if directory else stem), ext
+
+
 def _atomic_path(final_path: str) -> str:
     # Hidden and not ending in ".tar", so list_shards never picks it up.
     directory, name = os.path.split(final_path)

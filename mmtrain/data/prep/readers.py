@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mmtrain.data.prep.sample import NO_LABEL, OutSample
-from mmtrain.data.shards import ShardDataError, list_shards
+from mmtrain.data.shards import ShardDataError, list_shards, split_member_name
 
 MDS_INDEX = "index.json"
 IMAGE_MEMBERS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
@@ -41,11 +41,10 @@ def iter_wds_members(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             for member in archive:
                 if not member.isfile():
                     continue
-                directory, base = os.path.split(member.name)
-                if "." not in base:
+                split = split_member_name(member.name)
+                if split is None:
                     continue
-                stem, ext = base.split(".", 1)
-                this = os.path.join(directory, stem) if directory else stem
+                this, ext = split
                 if this != key:
                     if key is not None:
                         yield key, members

@@ -15,9 +15,8 @@ import tarfile
 from collections.abc import Iterable
 
 from mmtrain.data.prep.candidate import ByteRef, Candidate, Drop, KeyAllocator, Source
-from mmtrain.data.shards import list_shards
-
-IMAGE_MEMBERS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+from mmtrain.data.prep.readers import IMAGE_MEMBERS
+from mmtrain.data.shards import list_shards, split_member_name
 
 
 def _scan(tar: str, drops: list[Drop]) -> dict[str, dict[str, ByteRef]]:
@@ -31,11 +30,10 @@ def _scan(tar: str, drops: list[Drop]) -> dict[str, dict[str, ByteRef]]:
                 count += 1
                 if not member.isfile():
                     continue
-                directory, base = os.path.split(member.name)
-                if "." not in base:
+                split = split_member_name(member.name)
+                if split is None:
                     continue
-                stem, ext = base.split(".", 1)
-                prefix = os.path.join(directory, stem) if directory else stem
+                prefix, ext = split
                 samples.setdefault(prefix, {})[ext.lower()] = (tar, member.offset_data, member.size)
     except (tarfile.TarError, OSError, EOFError) as exc:
         drops.append(Drop("corrupt_shard", tar, f"cannot read the tar after {count} members "
