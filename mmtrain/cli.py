@@ -122,7 +122,7 @@ def _sample_cfg(run, overrides: list[str]):
 def cmd_sample(args: argparse.Namespace) -> int:
     from mmtrain.inference import generate_images, image_grid, load_run
 
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, weights=args.weights)
     sample = _sample_cfg(run, args.overrides)
     conditions = _conditions(run, args)
     conditions = [c for c in conditions for _ in range(args.num_per_prompt)]
@@ -150,7 +150,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     from mmtrain.inference import edit_image, image_grid, load_run, region_token_mask
 
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, weights=args.weights)
     sample = _sample_cfg(run, args.overrides)
     try:
         image = Image.open(args.image).convert("RGB")
@@ -243,7 +243,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from mmtrain.data.shards import iter_shard_samples
     from mmtrain.inference import caption_images, load_run
 
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, weights=args.weights)
     sample = _sample_cfg(run, args.overrides)
     if args.shards:
         items = [(s["key"], s["image"]) for s in itertools.islice(iter_shard_samples(args.shards), args.num)]
@@ -266,12 +266,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmtrain.evaluate import evaluate_synthetic
     from mmtrain.inference import load_run
 
-    run = load_run(args.run_dir)
+    run = load_run(args.run_dir, weights=args.weights)
     sample = _sample_cfg(run, args.overrides)
     out = args.out or str(Path(args.run_dir) / "eval" / f"step{run.step:08d}")
     report = evaluate_synthetic(run, args.shards or run.cfg.data.val_shards, args.num, sample, out)
     print(json.dumps({k: report[k] for k in ("step", "num_samples", "caption_accuracy", "image_accuracy", "reference_image_accuracy")}, indent=2))
     print(f"report: {Path(out) / 'metrics.json'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mmtrain.export import export_run
+
+    out = export_run(args.run_dir, args.out, args.tag, args.overwrite)
+    info = json.loads((out / "export.json").read_text())
+    print(f"exported {info['checkpoint']} (step {info['step']}) of {args.run_dir} to {out}: {', '.join(info['files'])}")
     return 0
 
 
@@ -354,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--out", default="samples.png")
     sa.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="sample setting override, repeatable, e.g. --set ar_steps=8 --set cfg_scale=2")
+    sa.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
+                    help="EMA or trained weights (auto: the EMA when the checkpoint has one)")
     sa.set_defaults(func=cmd_sample)
 
     ca = sub.add_parser("caption", help="images -> captions")
@@ -363,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--num", type=int, default=8)
     ca.add_argument("--top-p", type=float, default=0.0, help="0 = greedy")
     ca.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="sample setting override")
+    ca.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
+                    help="EMA or trained weights (auto: the EMA when the checkpoint has one)")
     ca.set_defaults(func=cmd_caption)
 
     ed = sub.add_parser("edit", help="zero-shot in-context editing: regenerate a region of an image under a new prompt/class")
@@ -375,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--num", type=int, default=4, help="edits to draw")
     ed.add_argument("--out", default="edit.png")
     ed.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="sample setting override")
+    ed.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
+                    help="EMA or trained weights (auto: the EMA when the checkpoint has one)")
     ed.set_defaults(func=cmd_edit)
 
     cv = sub.add_parser("convert", help="import checkpoints from other code bases")
@@ -400,7 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num", type=int, default=64)
     ev.add_argument("--out", help="report directory (default: RUN_DIR/eval/stepN)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="sample setting override")
+    ev.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
+                    help="EMA or trained weights (auto: the EMA when the checkpoint has one)")
     ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="a run's ZeRO checkpoint -> model dir (model/EMA safetensors + config + tokenizer)")
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", required=True, help="output model directory")
+    ex.add_argument("--tag", help="checkpoint to export, e.g. step00001000 (default: latest)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ex.set_defaults(func=cmd_export)
 
     de = sub.add_parser("demo", help="data -> tokenizer -> train -> sample/caption -> eval, on the embedded dataset")
     de.add_argument("--out", default="demo_out")
@@ -414,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:  # TokenizerMismatchError is a ValueError
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:  # TokenizerMismatchError is a ValueError
         print(f"mmtrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

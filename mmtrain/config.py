@@ -21,6 +21,7 @@ import yaml
 from mmtrain.atomic import atomic_write_text
 from mmtrain.components.checkpoint import CheckpointConfig
 from mmtrain.components.data import DataConfig
+from mmtrain.components.ema import EMAConfig
 from mmtrain.components.metrics import LoggingConfig
 from mmtrain.components.optimizer import OptimizerConfig
 from mmtrain.data.synthetic import SyntheticConfig
@@ -61,8 +62,14 @@ class TrainConfig:
         micro_batch_size: samples per rank per forward. Default 16.
         grad_accum: micro-batches per optimizer step. Default 1.
         nproc_per_node: ranks ``mmtrain train`` starts on this node. Default 2.
-        precision: ``fp32`` or ``bf16``. Default ``fp32`` (CPU friendly).
+        precision: ``fp32`` or ``bf16`` (bf16 weights and activations, fp32 master weights
+            and optimizer state). Default ``fp32`` (CPU friendly).
         zero_stage: DeepSpeed ZeRO stage 0-3. Default 3.
+        offload: ZeRO CPU offload: ``none``, ``optimizer`` (optimizer state and step on the
+            CPU, ZeRO >= 1) or ``all`` (also the parameters, ZeRO-3 only). Offloading uses
+            DeepSpeed's CPU Adam, compiled on first use (about a minute). Default ``none``.
+        compile: ``torch.compile`` each transformer block (the repeated unit, so one
+            compiled graph serves all of them). Default false.
         seed: global seed; rank r uses ``seed * 1000 + r`` for its noise. Default 0.
         dist_timeout_s: collective timeout, so a dead rank ends the job. Default 600.
         init_from: a model directory (``model.safetensors``, e.g. from ``mmtrain convert``)
@@ -76,6 +83,8 @@ class TrainConfig:
     nproc_per_node: int = 2
     precision: str = "fp32"
     zero_stage: int = 3
+    offload: str = "none"
+    compile: bool = False
     seed: int = 0
     dist_timeout_s: int = 600
     init_from: str = ""
@@ -85,6 +94,12 @@ class TrainConfig:
             raise ConfigError(f"train.precision: expected 'fp32' or 'bf16', got {self.precision!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage: expected 0..3, got {self.zero_stage!r}")
+        if self.offload not in ("none", "optimizer", "all"):
+            raise ConfigError(f"train.offload: expected 'none', 'optimizer' or 'all', got {self.offload!r}")
+        if self.offload == "optimizer" and self.zero_stage == 0:
+            raise ConfigError("train.offload=optimizer needs train.zero_stage >= 1")
+        if self.offload == "all" and self.zero_stage != 3:
+            raise ConfigError("train.offload=all (parameters too) needs train.zero_stage=3")
         for name in ("steps", "micro_batch_size", "grad_accum", "nproc_per_node"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
@@ -139,6 +154,7 @@ class Config:
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mmtrain.components.checkpoint import load_model_state
+from mmtrain.components.checkpoint import checkpoint_root, latest_tag, load_model_state
+from mmtrain.components.ema import consolidate as consolidate_ema
+from mmtrain.components.ema import has_ema
 from mmtrain.config import Config, SampleConfig, load_config
 from mmtrain.models import build_model
 from mmtrain.models.causalfusion import CausalFusion, generate_caption_ids, sample_image_tokens
@@ -43,23 +45,43 @@ def _image_tokenizer_or_error(cfg: Config) -> tuple[ImageTokenizer | None, str]:
         return None, str(exc)
 
 
-def load_model_dir(path: str | Path) -> LoadedRun:
-    """A model directory: ``config.yaml`` + ``model.safetensors`` (what ``mmtrain convert`` writes)."""
+WEIGHTS = ("auto", "ema", "model")
+
+
+def _check_weights(weights: str) -> None:
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: expected one of {WEIGHTS} (auto = the EMA when there is one)")
+
+
+def load_model_dir(path: str | Path, weights: str = "auto") -> LoadedRun:
+    """A model directory: ``config.yaml`` + ``model.safetensors`` (+ ``ema.safetensors``), as
+    ``mmtrain convert`` and ``mmtrain export`` write. ``weights``: ``auto`` takes the EMA when
+    the directory has one, ``ema`` requires it, ``model`` takes the trained weights."""
+    import json
+
     from safetensors.torch import load_file
 
+    _check_weights(weights)
     path = Path(path)
     for name in ("config.yaml", "model.safetensors"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path}: not a model directory (no {name})")
+    file = path / "model.safetensors"
+    if weights == "ema" or (weights == "auto" and (path / "ema.safetensors").is_file()):
+        file = path / "ema.safetensors"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: this model directory has no EMA weights (use weights=model)")
     cfg = load_config(path / "config.yaml")
     text_tok = None
     if cfg.model.condition == "text":
         text_tok = TextTokenizer.from_file(path / "tokenizer" / "text.model")
-    state = load_file(str(path / "model.safetensors"))
+    state = load_file(str(file))
     image_tok, image_tok_error = _image_tokenizer_or_error(cfg)
     model = _build_for_state(cfg, text_tok, image_tok, state)
     model.load_state_dict(state, strict=True)
-    return LoadedRun(cfg, model.eval(), text_tok, image_tok, 0, str(path / "model.safetensors"), image_tok_error)
+    info = path / "export.json"
+    step = json.loads(info.read_text())["step"] if info.is_file() else 0
+    return LoadedRun(cfg, model.eval(), text_tok, image_tok, step, str(file), image_tok_error)
 
 
 def _build_for_state(cfg: Config, text_tok, image_tok, state: dict) -> CausalFusion:
@@ -71,16 +93,21 @@ def _build_for_state(cfg: Config, text_tok, image_tok, state: dict) -> CausalFus
     return CausalFusion(cfg.model, latent_channels=P // cfg.model.patch_size**2, latent_size=grid * cfg.model.patch_size)
 
 
-def load_run(run_dir: str | Path, tag: str | None = None) -> LoadedRun:
+def load_run(run_dir: str | Path, tag: str | None = None, weights: str = "auto") -> LoadedRun:
     """Model weights from the run's latest (or ``tag``) DeepSpeed checkpoint, with its config and tokenizers;
-    or a model directory written by ``mmtrain convert``."""
+    or a model directory written by ``mmtrain convert`` / ``mmtrain export``. ``weights``: see
+    :func:`load_model_dir` (``auto`` = the EMA when the checkpoint has one)."""
+    _check_weights(weights)
     run_dir = Path(run_dir)
     if (run_dir / "model.safetensors").is_file() and not (run_dir / "checkpoints").is_dir():
-        return load_model_dir(run_dir)
+        return load_model_dir(run_dir, weights)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml); pass the train.run_dir of a training run")
     cfg = load_config(run_dir / "config.yaml")
     state, meta = load_model_state(run_dir, tag)
+    ckpt = checkpoint_root(run_dir) / (tag or latest_tag(run_dir))
+    if weights == "ema" or (weights == "auto" and has_ema(ckpt)):
+        state = consolidate_ema(ckpt)  # raises naming the folder when the run kept no EMA
     text_tok = None
     if cfg.model.condition == "text":
         text_tok = TextTokenizer.from_file(run_dir / "tokenizer" / "text.model")

@@ -1,8 +1,9 @@
 """The training loop, run once per rank (``mmtrain train`` starts the ranks with torchrun).
 
 Resumes from ``<run_dir>/checkpoints/latest`` when it exists: model, optimizer, LR
-schedule, step and samples seen come back; the data stream continues at stream position
-``samples_seen`` (exact, even with another world size), and the diffusion noise, token
+schedule, EMA, RNG states, step and samples seen come back; the data stream continues
+at stream position ``samples_seen`` (exact, even with another world size, where the
+DeepSpeed state goes through a universal checkpoint), and the diffusion noise, token
 order and AR split are seeded per (seed, rank, step), so a resumed run sees exactly the
 batches an uninterrupted one would have.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
+import resource
 import sys
 import time
 import warnings
@@ -22,12 +25,13 @@ import torch.distributed as dist
 
 from mmtrain.atomic import atomic_write_bytes
 from mmtrain.components import checkpoint
-from mmtrain.components.data import build_train_loader
-from mmtrain.components.metrics import MetricsLogger
+from mmtrain.components.data import Batch, build_train_loader
+from mmtrain.components.ema import ShardedEMA
+from mmtrain.components.metrics import MetricsLogger, peak_flops
 from mmtrain.components.optimizer import build_optimizer, deepspeed_config
-from mmtrain.config import Config, load_config, save_config
+from mmtrain.config import Config, save_config
 from mmtrain.models import build_model
-from mmtrain.models.causalfusion import training_inputs
+from mmtrain.models.causalfusion import training_flops, training_inputs
 from mmtrain.models.diffusion import build_diffusion
 from mmtrain.tokenize.image import build_image_tokenizer, patchify
 from mmtrain.tokenize.text import TextTokenizer
@@ -62,6 +66,7 @@ def _prepare_run_dir(cfg: Config, rank: int, text_tok: TextTokenizer | None) -> 
     check_run_tokenizer(cfg, text_tok)  # every rank, so a refusal never leaves the others waiting at the barrier
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.discard_incomplete(run_dir)
         save_config(cfg, run_dir / "config.yaml")
         if text_tok is not None:
             # the run carries its own tokenizer copy so sampling never depends on outside paths
@@ -77,11 +82,6 @@ def _prepare_run_dir(cfg: Config, rank: int, text_tok: TextTokenizer | None) -> 
     return run_dir
 
 
-def new_window() -> dict:
-    """Running sums between two log lines; ``data_hash`` fingerprints the sample keys this rank saw."""
-    return {"loss": 0.0, "diffusion_loss": 0.0, "text_loss": 0.0, "n": 0, "t0": time.perf_counter(), "data_hash": hashlib.sha1()}
-
-
 def check_labels(labels: torch.Tensor, num_classes: int, keys: list[str]) -> None:
     """``keys`` are the batch's ``"source:key"`` ids, so the error names the sample."""
     if (labels < 0).any():
@@ -93,7 +93,7 @@ def check_labels(labels: torch.Tensor, num_classes: int, keys: list[str]) -> Non
 
 
 def load_initial_weights(model: torch.nn.Module, path: str) -> None:
-    """Start a fresh run from a model directory (``mmtrain convert`` output or an export)."""
+    """Start a fresh run from a model directory (``mmtrain convert`` or ``mmtrain export`` output)."""
     from safetensors.torch import load_file
 
     file = Path(path) / "model.safetensors" if Path(path).is_dir() else Path(path)
@@ -107,61 +107,157 @@ def load_initial_weights(model: torch.nn.Module, path: str) -> None:
     log.info("initial weights from %s", file)
 
 
+def step_seed(seed: int, step: int, data_slice: int) -> int:
+    """Noise, token order and AR split of one micro-batch. ``data_slice`` = micro * world + rank
+    is which B-sample slice of the step's global batch the micro-batch holds (see
+    mmtrain.components.data), so the draw follows the data, not the rank: a resumed run
+    sees exactly what an uninterrupted one would have, also on another world size that
+    keeps the global batch (e.g. 2 ranks x 1 micro-batch -> 1 rank x 2 micro-batches)."""
+    return (((seed * 1000 + data_slice) * 1_000_003 + step) * 1009) % 2**63
+
+
+def _all_finite(loss: torch.Tensor) -> bool:
+    """Agreed by every rank, so a NaN on one rank stops all of them at the same step."""
+    flag = torch.tensor([float(torch.isfinite(loss.detach()).all())])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def peak_memory_mb() -> dict:
+    """This rank's peak resident memory (and peak CUDA allocation), max over ranks."""
+    stats = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                          torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0], dtype=torch.float64)
+    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    out = {"peak_rss_mb": round(stats[0].item(), 1)}
+    if torch.cuda.is_available():
+        out["peak_cuda_mb"] = round(stats[1].item(), 1)
+    return out
+
+
+class Window:
+    """Running sums between two log lines; ``data_hash`` fingerprints the sample keys this rank saw."""
+
+    KEYS = ("loss", "diffusion_loss", "text_loss", "micro_batches", "sequence_tokens", "flops")
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+        self.t0 = time.perf_counter()
+        self.data_hash = hashlib.sha1()
+
+    def add(self, out: dict, flops: float) -> None:
+        for k in ("loss", "diffusion_loss", "text_loss", "sequence_tokens"):
+            self.sums[k] += float(out[k].detach())
+        self.sums["micro_batches"] += 1
+        self.sums["flops"] += flops
+
+    def record(self, micro_batch_size: int, peak: float | None) -> dict:
+        """Collective: averages over ranks and the window, throughput summed over ranks."""
+        totals = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64)
+        dist.all_reduce(totals)
+        s = dict(zip(self.KEYS, totals.tolist()))
+        elapsed = time.perf_counter() - self.t0
+        n = max(s["micro_batches"], 1.0)
+        rec = {"loss": s["loss"] / n, "diffusion_loss": s["diffusion_loss"] / n, "text_loss": s["text_loss"] / n,
+               "samples_per_s": s["micro_batches"] * micro_batch_size / elapsed,
+               "tokens_per_s": s["sequence_tokens"] / elapsed}
+        if peak is not None:
+            rec["mfu"] = s["flops"] / elapsed / (peak * dist.get_world_size())
+        return rec
+
+
+def save_sample_grid(engine, cfg: Config, step: int, data: Batch, text_tok, image_tok, run_dir: Path, rank: int) -> Path | None:
+    """Generate images for the first prompts (labels) of this rank's batch. Every rank runs
+    the same number of forwards, which ZeRO-3's collective weight gathers need; rank 0 saves."""
+    from mmtrain.inference import LoadedRun, generate_images, image_grid
+
+    n = min(cfg.logging.sample_count, len(data.keys))
+    conditions = data.captions[:n] if text_tok is not None else [int(c) for c in data.labels[:n]]
+    module = engine.module
+    module.eval()
+    try:
+        with torch.no_grad():
+            images = generate_images(LoadedRun(cfg, module, text_tok, image_tok, step, ""), conditions, cfg.sample, batch_size=n)
+    finally:
+        module.train()
+    if rank != 0:
+        return None
+    path = run_dir / "samples" / f"{checkpoint.tag_for_step(step)}.png"
+    path.parent.mkdir(exist_ok=True)
+    image_grid(images, [str(c) for c in conditions], cols=n, scale=2).save(path)
+    return path
+
+
 def train(cfg: Config) -> dict:
     rank, world = _init_distributed(cfg)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     text_tok = TextTokenizer.from_file(cfg.text_model_path) if cfg.model.condition == "text" else None
     run_dir = _prepare_run_dir(cfg, rank, text_tok)
+    point = checkpoint.plan_resume(run_dir, world, cfg.train.zero_stage)
+    if point is not None and point.universal:
+        if rank == 0:
+            checkpoint.make_universal(run_dir, point)
+        dist.barrier()
+
     image_tok = build_image_tokenizer(cfg.tokenizer.image)
     model = build_model(cfg.model, cfg.data.image_size, text_tok, image_tok)
-    if cfg.train.init_from and checkpoint.latest_tag(run_dir) is None:
+    if cfg.train.init_from and point is None:
         load_initial_weights(model, cfg.train.init_from)
+    if cfg.train.compile:
+        for block in model.blocks:
+            block.compile()
     diffusion = build_diffusion(cfg.diffusion)
-    opt, sched = build_optimizer(model, cfg.optim, cfg.train.steps)
+    opt, sched = build_optimizer(model, cfg.optim, cfg.train.steps, cfg.train.offload)
 
     import deepspeed
 
-    ds_cfg = deepspeed_config(cfg.optim, cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.zero_stage, cfg.train.precision)
+    ds_cfg = deepspeed_config(cfg.optim, cfg.train, load_universal=point is not None and point.universal)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+    ema = ShardedEMA(engine.module, cfg.ema, rank, world) if cfg.ema.enabled else None
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
     step, samples_seen = 0, 0
-    state = checkpoint.resume(engine, run_dir)
-    if state is not None:
+    if point is not None:
+        state = checkpoint.resume(engine, run_dir, point, ema)
         if text_tok is not None:
             text_tok.check_matches(state["tokenizer_fingerprint"], where=f"checkpoint in {run_dir}")
         step, samples_seen = state["step"], state["samples_seen"]
-        log.info("resumed from step %d (%d samples seen)", step, samples_seen)
+        log.info("resumed from %s: step %d, %d samples seen%s", point.tag, step, samples_seen,
+                 f" (saved on {point.meta['world_size']} ranks, now {world})" if point.world_changed else "")
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    log.info("model: %.2fM parameters, %d ranks, ZeRO-%d, %s", n_params / 1e6, world, cfg.train.zero_stage, cfg.train.precision)
+    log.info("model: %.2fM parameters, %d ranks, ZeRO-%d, %s%s%s", n_params / 1e6, world, cfg.train.zero_stage,
+             cfg.train.precision, f", offload {cfg.train.offload}" if cfg.train.offload != "none" else "",
+             f", EMA {cfg.ema.decay}" if ema else "")
 
     loader = build_train_loader(cfg.data, cfg.train.micro_batch_size, rank, world_size=world, seed=cfg.train.seed,
                                 start_sample=samples_seen, text_tokenizer=text_tok, max_text_len=cfg.model.max_text_len,
                                 latent_shape=image_tok.latent_shape(cfg.data.image_size, cfg.data.image_size))
+    if point is not None and point.meta.get("loader", {}).get("stream") not in (None, loader.stream_identity):
+        log.warning("the data config changed since %s (was %s): stream position %d now indexes a different stream",
+                    point.tag, point.meta["loader"]["stream"], samples_seen)
     gen, rng = torch.Generator(), random.Random()
     metrics = MetricsLogger(cfg.logging, str(run_dir), cfg.train.steps, step, cfg.to_dict(), enabled=rank == 0)
+    peak = peak_flops(cfg.logging, cfg.train.precision)
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
-    window = new_window()
+    window = Window()
     history: list[dict] = []
 
     def save() -> None:
         checkpoint.save(engine, run_dir, step, {
-            "step": step, "samples_seen": samples_seen, "tokenizer_fingerprint": text_tok.fingerprint if text_tok else None,
-            "config": cfg.to_dict(), "world_size": world,
-        }, cfg.checkpoint.keep_last)
+            "step": step, "samples_seen": samples_seen, "world_size": world, "zero_stage": cfg.train.zero_stage,
+            "loader": {"position": samples_seen, "stream": loader.stream_identity},
+            "tokenizer_fingerprint": text_tok.fingerprint if text_tok else None, "config": cfg.to_dict(),
+        }, cfg.checkpoint.keep_last, ema)
 
     data_iter = iter(loader)
     try:
         while step < cfg.train.steps:
             for micro in range(cfg.train.grad_accum):
-                # noise, order and AR split depend only on (seed, rank, step, micro-batch), so a
-                # resumed run draws exactly what an uninterrupted one would have
-                noise_seed = (((cfg.train.seed * 1000 + rank) * 1_000_003 + step) * 1009 + micro) % 2**63
-                gen.manual_seed(noise_seed)
-                rng.seed(noise_seed)
+                seed = step_seed(cfg.train.seed, step, micro * world + rank)
+                gen.manual_seed(seed)
+                rng.seed(seed)
                 data = next(data_iter)
-                window["data_hash"].update("\n".join(data.keys).encode())
+                window.data_hash.update("\n".join(data.keys).encode())
                 with torch.no_grad():
                     # data.use_latents: `mmtrain prep latents` stored image_tok.encode() output (already scaled)
                     latents = data.latents if data.latents is not None else image_tok.encode(data.images)
@@ -172,29 +268,35 @@ def train(cfg: Config) -> dict:
                     check_labels(data.labels, cfg.model.num_classes, data.keys)
                     batch = training_inputs(model, tokens, diffusion, gen, rng, labels=data.labels)
                 out = engine(**batch)
+                if not _all_finite(out["loss"]):
+                    last = checkpoint.latest_tag(run_dir)
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step + 1} (loss {float(out['loss'])} on rank {rank}); stopped without "
+                        f"saving. Last good checkpoint: {checkpoint.checkpoint_root(run_dir) / last if last else 'none'}")
                 engine.backward(out["loss"])
                 engine.step()
-                for k in ("loss", "diffusion_loss", "text_loss"):
-                    window[k] += float(out[k].detach())
-                window["n"] += 1
+                window.add(out, training_flops(model, len(data.keys), out["sequence_length"]))
             step += 1
             samples_seen += samples_per_step
+            if ema is not None:
+                ema.update(step - 1)
             metrics.step()
-            if not torch.isfinite(out["loss"].detach()).all():
-                raise NonFiniteLossError(f"non-finite loss {float(out['loss'])} at step {step} on rank {rank}")
             if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
-                stats = torch.tensor([window["loss"], window["diffusion_loss"], window["text_loss"], window["n"]], dtype=torch.float64)
-                dist.all_reduce(stats)
-                elapsed = time.perf_counter() - window["t0"]
-                record = {"loss": stats[0].item() / stats[3].item(), "diffusion_loss": stats[1].item() / stats[3].item(),
-                          "text_loss": stats[2].item() / stats[3].item(), "lr": sched.get_last_lr()[0],
-                          "samples_per_s": stats[3].item() * cfg.train.micro_batch_size / elapsed,
-                          "samples_seen": samples_seen, "data_hash": window["data_hash"].hexdigest()[:16]}
+                grad_norm = engine.get_global_grad_norm()
+                record = {**window.record(cfg.train.micro_batch_size, peak), "lr": sched.get_last_lr()[0],
+                          "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                          "samples_seen": samples_seen, "data_hash": window.data_hash.hexdigest()[:16], **peak_memory_mb()}
                 history.append({"step": step, **record})
                 metrics.log(step, record)
-                window = new_window()
+                window = Window()
+            if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
+                path = save_sample_grid(engine, cfg, step, data, text_tok, image_tok, run_dir, rank)
+                if path is not None:
+                    metrics.log_image(step, path, f"step {step}")
             if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
                 save()
+        del data_iter  # stop the loader's workers before the process group goes
+        dist.barrier()
     finally:
         metrics.close()
     log.info("finished %d steps; checkpoints in %s", step, checkpoint.checkpoint_root(run_dir))
@@ -204,6 +306,8 @@ def train(cfg: Config) -> dict:
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside DeepSpeed's own calls
+    from mmtrain.config import load_config
+
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = load_config(argv[0], argv[1:])
     try:
@@ -215,4 +319,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without running C++ static destructors: a gloo / shared-memory comm thread torn
+    # down at interpreter exit can abort ("terminate called without an active exception")
+    # and turn a finished run into a failed job.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -53,6 +53,17 @@ def test_train_resume_sample_caption_eval(synthetic_data, tmp_path, capsys):
     assert len({r["data_hash"] for r in a}) == 5
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
     assert all(v.dtype.is_floating_point for v in state.values())
+    # ... and ends with the same weights and the same EMA (sharded per rank, saved and resumed)
+    from mmtrain.components.ema import consolidate
+
+    straight_state, _ = load_model_state(straight_dir)
+    ema_resumed = consolidate(run_dir / "checkpoints" / "step00000020")
+    ema_straight = consolidate(straight_dir / "checkpoints" / "step00000020")
+    for k in state:
+        np.testing.assert_allclose(state[k].numpy(), straight_state[k].numpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(ema_resumed[k].numpy(), ema_straight[k].numpy(), rtol=1e-4, atol=1e-6)
+    moved = [k for k in state if not np.allclose(ema_resumed[k].numpy(), state[k].numpy())]
+    assert moved  # the EMA is not just a copy of the weights
 
     # inference on one process from the ZeRO-3 shards
     capsys.readouterr()

@@ -1,22 +1,44 @@
-"""DeepSpeed checkpoints of a run: save, keep-last-K, resume, and consolidated loading.
+"""DeepSpeed checkpoints of a run: save, keep-last-K, resume (also on another world size),
+and consolidated loading on one process.
 
-Layout: ``<run_dir>/checkpoints/step00000100/`` (DeepSpeed's sharded files plus our
-``client_state``) and ``<run_dir>/checkpoints/latest`` naming the newest complete one.
-``latest`` is written by rank 0 only after every rank finished writing its shards
-(DeepSpeed's own ``latest`` can be written before other ranks are done), and is
-replaced atomically, so a crash mid-save leaves it pointing at the previous checkpoint.
+Layout of ``<run_dir>/checkpoints/``::
+
+    step00000100/                  one complete checkpoint
+        *_model_states.pt, *_optim_states.pt   DeepSpeed's sharded files (+ our client state)
+        ema/rank00000.safetensors  this rank's EMA shard (see mmtrain.components.ema)
+        rng/rank00000.pt           torch / numpy / python (/ CUDA) RNG states of each rank
+        meta.json                  step, samples seen, world size, ZeRO stage, loader state
+        config.yaml, tokenizer/    the resolved config and the run's tokenizer files
+    latest                         names the newest complete checkpoint
+    universal-step00000100/        DeepSpeed universal checkpoint, made when resuming on
+                                   another world size
+
+``latest`` is written by rank 0 only after every rank finished writing (DeepSpeed's own
+``latest`` can be written before other ranks are done) and is replaced atomically, so a
+process killed mid-save leaves it naming the previous checkpoint; the next start deletes
+the unfinished directory.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import random
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from mmtrain.atomic import atomic_write_text
+from mmtrain.atomic import atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger("mmtrain.checkpoint")
+
+UNIVERSAL_PREFIX = "universal-"
 
 
 @dataclass
@@ -44,6 +66,10 @@ def tag_for_step(step: int) -> str:
     return f"step{step:08d}"
 
 
+def _step_of(tag: str) -> int:
+    return int(tag[len("step"):])
+
+
 def latest_tag(run_dir: str | os.PathLike) -> str | None:
     """The newest complete checkpoint's tag, or None for a fresh run."""
     path = checkpoint_root(run_dir) / "latest"
@@ -55,39 +81,212 @@ def latest_tag(run_dir: str | os.PathLike) -> str | None:
     return tag
 
 
-def save(engine, run_dir: str | os.PathLike, step: int, state: dict, keep_last: int) -> str:
-    """Collective: every rank must call it. ``state`` is stored under the ``mmtrain`` key."""
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save(engine, run_dir: str | os.PathLike, step: int, state: dict, keep_last: int, ema=None) -> str:
+    """Collective: every rank must call it. ``state`` (step, samples_seen, config, loader,
+    ...) is stored as DeepSpeed client state under the ``mmtrain`` key and as ``meta.json``."""
+    rank, world = _rank_world()
     root = checkpoint_root(run_dir)
     tag = tag_for_step(step)
+    ckpt = root / tag
     engine.save_checkpoint(str(root), tag=tag, client_state={"mmtrain": state}, save_latest=False)
-    if dist.is_initialized():
-        dist.barrier()
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    (ckpt / "rng").mkdir(exist_ok=True)
+    tmp = ckpt / "rng" / f".rank{rank:05d}.pt.tmp"
+    torch.save(rng_state(), tmp)
+    os.replace(tmp, ckpt / "rng" / f"rank{rank:05d}.pt")
+    if ema is not None:
+        ema.save(ckpt)
+    if rank == 0:
+        _copy_run_files(Path(run_dir), ckpt)
+        meta = {k: state[k] for k in ("step", "samples_seen", "world_size", "zero_stage", "loader") if k in state}
+        atomic_write_text(ckpt / "meta.json", json.dumps(meta, indent=1))
+    _barrier()  # every rank's files are on disk
+    if rank == 0:
         atomic_write_text(root / "latest", tag)
         _prune(root, keep_last)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
     return tag
+
+
+def _copy_run_files(run_dir: Path, ckpt: Path) -> None:
+    """The resolved config and the tokenizer travel with each checkpoint."""
+    if (run_dir / "config.yaml").is_file():
+        atomic_write_bytes(ckpt / "config.yaml", (run_dir / "config.yaml").read_bytes())
+    if (run_dir / "tokenizer").is_dir():
+        (ckpt / "tokenizer").mkdir(exist_ok=True)
+        for file in sorted((run_dir / "tokenizer").iterdir()):
+            if file.is_file():
+                atomic_write_bytes(ckpt / "tokenizer" / file.name, file.read_bytes())
 
 
 def _prune(root: Path, keep_last: int) -> None:
     tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
     for old in tags[:-keep_last]:
         shutil.rmtree(root / old, ignore_errors=True)
+    for uni in root.glob(UNIVERSAL_PREFIX + "*"):
+        if uni.name[len(UNIVERSAL_PREFIX):] not in tags[-keep_last:]:
+            shutil.rmtree(uni, ignore_errors=True)
 
 
-def resume(engine, run_dir: str | os.PathLike) -> dict | None:
-    """Load the latest checkpoint into the engine (model, optimizer, scheduler).
+def discard_incomplete(run_dir: str | os.PathLike) -> list[str]:
+    """Delete checkpoint directories newer than ``latest``: saves that a killed process left
+    unfinished. Rank 0 only, before any rank reads checkpoints."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    latest = latest_tag(run_dir)
+    newest_complete = _step_of(latest) if latest else -1
+    removed = []
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and d.name.startswith("step") and d.name[4:].isdigit() and _step_of(d.name) > newest_complete:
+            shutil.rmtree(d)
+            removed.append(d.name)
+    for leftover in root.glob(f".{UNIVERSAL_PREFIX}*"):  # an interrupted universal conversion
+        shutil.rmtree(leftover, ignore_errors=True)
+    if removed:
+        log.warning("removed unfinished checkpoint(s) %s (a save was interrupted); resuming from %s", removed, latest)
+    return removed
 
-    Returns our client state (the dict saved under the ``mmtrain`` key) or None.
-    """
+
+# --------------------------------------------------------------------------- resume
+
+
+@dataclass
+class ResumePoint:
+    """Where a restart continues: ``tag`` is the checkpoint, ``load_tag`` what DeepSpeed
+    loads (the universal conversion of ``tag`` when the world size changed)."""
+
+    tag: str
+    meta: dict
+    load_tag: str
+    world_changed: bool
+
+    @property
+    def universal(self) -> bool:
+        return self.load_tag != self.tag
+
+
+def read_meta(ckpt_dir: Path) -> dict:
+    path = ckpt_dir / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {ckpt_dir} was not written by this version of mmtrain's checkpointing")
+    return json.loads(path.read_text())
+
+
+def plan_resume(run_dir: str | os.PathLike, world_size: int, zero_stage: int) -> ResumePoint | None:
+    """Decide how to resume; raises with instructions when it cannot."""
     tag = latest_tag(run_dir)
     if tag is None:
         return None
-    _, client_state = engine.load_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
-    if client_state is None:
-        raise RuntimeError(f"failed to load checkpoint {checkpoint_root(run_dir) / tag}")
+    ckpt = checkpoint_root(run_dir) / tag
+    meta = read_meta(ckpt)
+    saved_world, saved_stage = meta["world_size"], meta["zero_stage"]
+    if saved_stage != zero_stage:
+        raise ValueError(
+            f"{ckpt} was saved with train.zero_stage={saved_stage}, this run asks for {zero_stage}: DeepSpeed cannot "
+            f"load optimizer state across ZeRO stages. Resume with train.zero_stage={saved_stage}, or start a new run "
+            f"from its weights: `mmtrain export {run_dir} --out DIR` then train.init_from=DIR (optimizer state is lost).")
+    world_changed = saved_world != world_size
+    # ZeRO-0 keeps full optimizer state on every rank and loads on any world size as is
+    universal = world_changed and zero_stage > 0
+    return ResumePoint(tag, meta, UNIVERSAL_PREFIX + tag if universal else tag, world_changed)
+
+
+def make_universal(run_dir: str | os.PathLike, point: ResumePoint) -> None:
+    """Rank 0 converts ``point.tag`` with DeepSpeed's ``ds_to_universal`` (other ranks wait at
+    the caller's barrier). The conversion is written under a temporary name, then renamed."""
+    root = checkpoint_root(run_dir)
+    final = root / point.load_tag
+    if final.is_dir():
+        return
+    tmp = root / f".{point.load_tag}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("world size changed (%d -> %d ranks): converting %s to a DeepSpeed universal checkpoint",
+             point.meta["world_size"], _rank_world()[1], point.tag)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / point.tag),
+           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "2", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"converting {root / point.tag} to a universal checkpoint failed (exit {proc.returncode}); resume on "
+            f"{point.meta['world_size']} ranks instead, or convert by hand:\n  {' '.join(cmd)}\n"
+            f"then rename {tmp} to {final}.\n{proc.stderr[-2000:]}")
+    # the universal folder loads with the original's client state; keep our extras next to it
+    for extra in ("meta.json", "config.yaml"):
+        if (root / point.tag / extra).is_file():
+            shutil.copy2(root / point.tag / extra, tmp / extra)
+    os.replace(tmp, final)
+
+
+def resume(engine, run_dir: str | os.PathLike, point: ResumePoint, ema=None) -> dict:
+    """Load ``point`` into the engine (model, optimizer, LR schedule), the EMA and, when the
+    world size is unchanged, this rank's RNG states. Returns our client state."""
+    rank, _ = _rank_world()
+    root = checkpoint_root(run_dir)
+    _, client_state = engine.load_checkpoint(str(root), tag=point.load_tag)
+    if client_state is None or "mmtrain" not in client_state:
+        raise RuntimeError(f"failed to load checkpoint {root / point.load_tag} (no mmtrain client state)")
+    if point.universal:
+        _unshare_step_counters(engine)
+    ckpt = root / point.tag
+    if ema is not None:
+        from mmtrain.components.ema import has_ema
+
+        if has_ema(ckpt):
+            ema.load(ckpt)
+        else:
+            log.warning("%s has no EMA (saved with ema.decay=0); the EMA starts from the current weights", ckpt)
+    rng_file = ckpt / "rng" / f"rank{rank:05d}.pt"
+    if not point.world_changed and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state["mmtrain"]
+
+
+def _unshare_step_counters(engine) -> None:
+    """DeepSpeed 0.19's ZeRO-3 universal loader puts one ``step`` tensor object into the
+    state of every param group; torch's Adam increments it in place once per group, so
+    with two groups (decay / no decay) the bias correction would run twice as fast after
+    the resume. Give each group its own copy."""
+    inner = getattr(engine.optimizer, "optimizer", None)
+    seen: set[int] = set()
+    for state in getattr(inner, "state", {}).values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(state["step"]))
+
+
+# --------------------------------------------------------------------------- offline loading
 
 
 def load_model_state(run_dir: str | os.PathLike, tag: str | None = None) -> tuple[dict, dict]:
@@ -106,7 +305,8 @@ def load_model_state(run_dir: str | os.PathLike, tag: str | None = None) -> tupl
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         meta = torch.load(zero3_files[0], map_location="cpu", weights_only=False)
-        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        # frozen parameters come back in the training dtype (bf16); make everything fp32
+        state = {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag).items()}
     elif plain_files:
         meta = torch.load(plain_files[0], map_location="cpu", weights_only=False)
         state = {k: v.float() for k, v in meta["module"].items()}

@@ -443,7 +443,11 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, rank: int, *, wor
                 cfg.mode, f"epoch length {order.epoch_length}" if cfg.mode == "epoch" else "endless", start_sample)
     stream = SampleStream(sources, order, cfg, micro_batch_size, rank, world_size, start_sample,
                           text_tokenizer=text_tokenizer, max_text_len=max_text_len, latent_shape=latent_shape)
-    return _loader(stream, cfg.num_workers)
+    loader = _loader(stream, cfg.num_workers)
+    # what defines the stream; with the position (samples seen) it is the loader state a checkpoint keeps
+    loader.stream_identity = {"seed": seed, "mode": cfg.mode, "shuffle": cfg.shuffle,
+                              "sources": [{"path": sc.path, "weight": sc.weight, "samples": len(s)} for sc, s in zip(source_cfgs, sources)]}
+    return loader
 
 
 def build_eval_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1, *,

@@ -22,6 +22,14 @@ class LoggingConfig:
             Default ``offline``: nothing leaves the machine unless asked.
         wandb_project: project name. Default ``mmtrain``.
         progress: show a progress bar. Default true.
+        sample_every: every N steps generate images from prompts of the current batch
+            (class labels in class mode) with the ``sample`` settings, save them as
+            ``<run_dir>/samples/step00000N.png`` and log them to wandb; 0 = never. Every
+            rank takes part (ZeRO-3 gathers weights collectively). Default 0.
+        sample_count: images per periodic sample grid. Default 4.
+        peak_tflops: the accelerator's dense peak TFLOP/s for the model-FLOPs utilisation
+            (``mfu``) metric; 0 = look the GPU up in a small table (H100/H200/A100 bf16),
+            no MFU on CPU or unknown GPUs. Default 0.
     """
 
     log_every: int = 10
@@ -29,10 +37,33 @@ class LoggingConfig:
     wandb_mode: str = "offline"
     wandb_project: str = "mmtrain"
     progress: bool = True
+    sample_every: int = 0
+    sample_count: int = 4
+    peak_tflops: float = 0.0
 
     def __post_init__(self) -> None:
         if self.wandb_mode not in ("offline", "online", "disabled"):
             raise ValueError(f"logging.wandb_mode: expected offline/online/disabled, got {self.wandb_mode!r}")
+
+
+# dense (no sparsity) peak TFLOP/s per GPU, by precision
+PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 67.0}, "H200": {"bf16": 989.0, "fp32": 67.0},
+               "A100": {"bf16": 312.0, "fp32": 19.5}}
+
+
+def peak_flops(cfg: LoggingConfig, precision: str) -> float | None:
+    """FLOP/s the MFU metric divides by, or None when unknown (CPU, an unlisted GPU)."""
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops * 1e12
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, table in PEAK_TFLOPS.items():
+        if key in name:
+            return table[precision] * 1e12
+    return None
 
 
 class MetricsLogger:
@@ -76,6 +107,12 @@ class MetricsLogger:
             self.bar.write(line)
         else:
             print(line, flush=True)
+
+    def log_image(self, step: int, path: Path, caption: str) -> None:
+        if self.enabled and self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({"samples": wandb.Image(str(path), caption=caption)}, step=step)
 
     def close(self) -> None:
         if not self.enabled:

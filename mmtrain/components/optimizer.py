@@ -61,19 +61,38 @@ def lr_multiplier(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, total_steps: int):
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, total_steps: int, offload: str = "none"):
+    """AdamW and its schedule. With ZeRO CPU offload the step runs on the CPU, where
+    DeepSpeed's vectorised CPU Adam (same AdamW update) is several times faster than torch's."""
+    groups = param_groups(model, cfg.weight_decay)
+    if offload != "none":
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        opt = DeepSpeedCPUAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, adamw_mode=True)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(cfg, s, total_steps))
     return opt, sched
 
 
-def deepspeed_config(cfg: OptimizerConfig, micro_batch_size: int, grad_accum: int, zero_stage: int, precision: str) -> dict:
+def deepspeed_config(cfg: OptimizerConfig, train, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON config for ``train`` (a :class:`mmtrain.config.TrainConfig`).
+
+    The optimizer and schedule are built here as objects and handed to
+    ``deepspeed.initialize``, so they do not appear in it.
+    """
+    zero: dict = {"stage": train.zero_stage}
+    if train.offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if train.offload == "all":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": zero_stage},
-        "bf16": {"enabled": precision == "bf16"},
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }

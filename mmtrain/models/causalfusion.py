@@ -600,10 +600,23 @@ class CausalFusion(nn.Module):
             n_text, text_loss = torch.zeros((), dtype=torch.long, device=h.device), torch.zeros((), device=h.device)
         loss = diff_loss + self.cfg.text_loss_weight * text_loss
         out = {"loss": loss, "diffusion_loss": diff_loss.detach(), "text_loss": text_loss.detach(),
-               "text_tokens": n_text.detach(), "image_tokens": is_noisy.sum().detach()}
+               "text_tokens": n_text.detach(), "image_tokens": is_noisy.sum().detach(),
+               "sequence_tokens": (lay.kind != PAD).sum().detach(), "sequence_length": h.shape[1]}
         if return_pred:
             out["pred"] = pred[:, lay.noisy_start:lay.noisy_start + order.shape[1]]
         return out
+
+
+def training_flops(model: CausalFusion, batch_size: int, seq_len: int) -> float:
+    """Model FLOPs of one training forward + backward over ``batch_size`` sequences of
+    ``seq_len`` positions, from the model shape (the MFU numerator): 6 x (weights applied
+    per position) per position, plus 12 x depth x D x seq_len^2 per sequence for attention
+    scores and values (dense, as is the convention; the causal mask's skipped blocks are
+    not subtracted)."""
+    cfg, D = model.cfg, model.cfg.hidden_size
+    per_block = 4 * D * D + 2 * D * int(D * cfg.mlp_ratio)  # qkv + proj, fc1 + fc2
+    per_position = cfg.depth * per_block + 2 * D * model.token_dim + (D * model.vocab_size if cfg.condition == "text" else 0)
+    return batch_size * (6.0 * per_position * seq_len + 12.0 * cfg.depth * D * seq_len**2)
 
 
 # --------------------------------------------------------------------------- training inputs

@@ -1,0 +1,57 @@
+"""``mmtrain export``: a run's ZeRO checkpoint -> a self-contained model directory.
+
+The directory holds ``model.safetensors`` (the trained weights, fp32, consolidated from
+the ZeRO shards), ``ema.safetensors`` (the EMA, when the run kept one), ``config.yaml``,
+``tokenizer/`` and ``export.json`` (which checkpoint, step, samples seen). It loads with
+:func:`mmtrain.inference.load_model_dir` on one process without DeepSpeed, and starts new
+runs through ``train.init_from``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from mmtrain.components.checkpoint import checkpoint_root, latest_tag, load_model_state
+from mmtrain.components.ema import consolidate, has_ema
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None = None, overwrite: bool = False) -> Path:
+    run_dir, out = Path(run_dir), Path(out)
+    tag = tag or latest_tag(run_dir)
+    if tag is None:
+        raise FileNotFoundError(f"{checkpoint_root(run_dir)}: no complete checkpoint to export (no 'latest' file)")
+    ckpt = checkpoint_root(run_dir) / tag
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint (--tag {tag})")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+
+    state, meta = load_model_state(run_dir, tag)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"step": str(meta["step"])})
+    files = ["model.safetensors"]
+    if has_ema(ckpt):
+        ema = consolidate(ckpt)
+        if set(ema) != set(state):
+            raise ValueError(f"{ckpt}: EMA parameters {sorted(set(ema) ^ set(state))[:5]} differ from the model's")
+        save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"), metadata={"step": str(meta["step"])})
+        files.append("ema.safetensors")
+    # the checkpoint's own copies: the config and tokenizer this exact state was trained with
+    src_config = ckpt / "config.yaml" if (ckpt / "config.yaml").is_file() else run_dir / "config.yaml"
+    shutil.copy2(src_config, tmp / "config.yaml")
+    src_tok = ckpt / "tokenizer" if (ckpt / "tokenizer").is_dir() else run_dir / "tokenizer"
+    if src_tok.is_dir():
+        shutil.copytree(src_tok, tmp / "tokenizer")
+    info = {"run_dir": str(run_dir.resolve()), "checkpoint": tag, "step": meta["step"],
+            "samples_seen": meta["samples_seen"], "files": files}
+    (tmp / "export.json").write_text(json.dumps(info, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
