@@ -90,9 +90,9 @@ def preflight(config_path: str, overrides: list[str]):
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = preflight(args.config, args.overrides)
     if "RANK" in os.environ:  # already inside a launcher (torchrun / srun)
-        from mmtrain.train import main as train_main
+        from mmtrain.train import exit_rank, main as train_main
 
-        return train_main([args.config, *args.overrides])
+        exit_rank(train_main([args.config, *args.overrides]))
     nproc = cfg.train.nproc_per_node
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

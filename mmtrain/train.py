@@ -123,10 +123,38 @@ def _all_finite(loss: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
+def _full_grad_norm(module: torch.nn.Module) -> float:
+    """Global L2 norm of the (already all-reduced) gradients of an unpartitioned model."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def reset_peak_memory() -> None:
+    """Start the peak-memory counters afresh (Linux: the resident-set high-water mark), so
+    the logged peak is that of training, not of building the full model before ZeRO
+    partitions it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def peak_memory_mb() -> dict:
-    """This rank's peak resident memory (and peak CUDA allocation), max over ranks."""
-    stats = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-                          torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0], dtype=torch.float64)
+    """Peak resident memory (and peak CUDA allocation) of a rank since the first step, max over ranks."""
+    stats = torch.tensor([_peak_rss_mb(), torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0],
+                         dtype=torch.float64)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     out = {"peak_rss_mb": round(stats[0].item(), 1)}
     if torch.cuda.is_available():
@@ -211,7 +239,7 @@ def train(cfg: Config) -> dict:
 
     import deepspeed
 
-    ds_cfg = deepspeed_config(cfg.optim, cfg.train, load_universal=point is not None and point.universal)
+    ds_cfg = deepspeed_config(cfg.optim, cfg.train, cfg.model.hidden_size, load_universal=point is not None and point.universal)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     ema = ShardedEMA(engine.module, cfg.ema, rank, world) if cfg.ema.enabled else None
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
@@ -250,6 +278,7 @@ def train(cfg: Config) -> dict:
         }, cfg.checkpoint.keep_last, ema)
 
     data_iter = iter(loader)
+    start_step, grad_norm = step, 0.0
     try:
         while step < cfg.train.steps:
             for micro in range(cfg.train.grad_accum):
@@ -274,17 +303,21 @@ def train(cfg: Config) -> dict:
                         f"non-finite loss at step {step + 1} (loss {float(out['loss'])} on rank {rank}); stopped without "
                         f"saving. Last good checkpoint: {checkpoint.checkpoint_root(run_dir) / last if last else 'none'}")
                 engine.backward(out["loss"])
+                if cfg.train.zero_stage == 0 and micro == cfg.train.grad_accum - 1:
+                    grad_norm = _full_grad_norm(engine.module)  # DeepSpeed reports none without ZeRO
                 engine.step()
                 window.add(out, training_flops(model, len(data.keys), out["sequence_length"]))
             step += 1
             samples_seen += samples_per_step
+            if step == start_step + 1:  # optimizer state now exists; init transients are over
+                reset_peak_memory()
             if ema is not None:
                 ema.update(step - 1)
             metrics.step()
             if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
-                grad_norm = engine.get_global_grad_norm()
+                grad_norm = engine.get_global_grad_norm() if cfg.train.zero_stage > 0 else grad_norm
                 record = {**window.record(cfg.train.micro_batch_size, peak), "lr": sched.get_last_lr()[0],
-                          "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                          "grad_norm": float(grad_norm),
                           "samples_seen": samples_seen, "data_hash": window.data_hash.hexdigest()[:16], **peak_memory_mb()}
                 history.append({"step": step, **record})
                 metrics.log(step, record)
@@ -318,11 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    code = main()
-    # Leave without running C++ static destructors: a gloo / shared-memory comm thread torn
-    # down at interpreter exit can abort ("terminate called without an active exception")
-    # and turn a finished run into a failed job.
+def exit_rank(code: int) -> None:
+    """End a rank process without running C++ static destructors: a gloo / shared-memory
+    comm thread torn down at interpreter exit can abort ("terminate called without an
+    active exception") and turn a finished run into a failed job."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_rank(main())

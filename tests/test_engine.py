@@ -14,20 +14,20 @@ def test_deepspeed_config_follows_the_yaml(tmp_path):
     path.write_text("optim:\n  grad_clip: 0.5\ntrain:\n  zero_stage: 3\n  precision: bf16\n  offload: all\n"
                     "  micro_batch_size: 4\n  grad_accum: 8\n")
     cfg = load_config(path)
-    ds = deepspeed_config(cfg.optim, cfg.train)
+    ds = deepspeed_config(cfg.optim, cfg.train, hidden_size=64)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 8
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": True}
-    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["checkpoint"] == {"load_universal": False}
 
     plain = load_config(None, ["train.zero_stage=1", "train.precision=fp32"])
-    ds = deepspeed_config(plain.optim, plain.train, load_universal=True)
+    ds = deepspeed_config(plain.optim, plain.train, 64, load_universal=True)
     assert ds["zero_optimization"] == {"stage": 1} and ds["bf16"] == {"enabled": False}
     assert ds["checkpoint"] == {"load_universal": True}
     opt_only = load_config(None, ["train.zero_stage=2", "train.offload=optimizer"])
-    assert "offload_param" not in deepspeed_config(opt_only.optim, opt_only.train)["zero_optimization"]
+    assert "offload_param" not in deepspeed_config(opt_only.optim, opt_only.train, 64)["zero_optimization"]
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -45,7 +45,8 @@ def test_zero3_ema_is_the_ema_of_the_weights_and_exports_for_sampling(synthetic_
     fp32 weights of every step (bf16: of the fp32 master weights). Export -> sample without DeepSpeed."""
     run_dir = tmp_path / "run"
     overrides = tiny_overrides(synthetic_data, run_dir, "train.steps=4", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
-                               "ema.decay=0.6", "ema.warmup=false", "logging.log_every=2", f"train.precision={precision}")
+                               "ema.decay=0.6", "ema.warmup=false", "logging.log_every=2", f"train.precision={precision}",
+                               "logging.sample_every=2", "logging.sample_count=2")
     assert cli.main(["train", CONFIG, *overrides]) == 0
     ema = initial_weights(run_dir)
     if precision == "bf16":  # DeepSpeed's fp32 master weights start from the bf16 model
@@ -61,6 +62,7 @@ def test_zero3_ema_is_the_ema_of_the_weights_and_exports_for_sampling(synthetic_
     records = read_metrics(run_dir)
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in records)
     assert "mfu" not in records[0]  # no GPU, no peak to divide by
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step00000002.png", "step00000004.png"]
 
     out = tmp_path / "export"
     assert cli.main(["export", str(run_dir), "--out", str(out)]) == 0
@@ -115,7 +117,10 @@ def test_checkpoint_killed_mid_write_keeps_latest_on_the_previous_one(synthetic_
     assert "removed unfinished checkpoint(s) ['step00000004']" in err
     assert "resumed from step00000002: step 2" in err
     assert latest_tag(run_dir) == "step00000006"
-    assert [r["step"] for r in read_metrics(run_dir)] == [2, 4, 6]  # steps 4 and 6 trained once, after the resume
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [2, 4, 4, 6]  # step 4 logged before the kill and again after the resume
+    assert records[1]["loss"] == pytest.approx(records[2]["loss"], rel=1e-6)  # ... redone from step 2 identically
+    assert records[1]["data_hash"] == records[2]["data_hash"]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synthetic_data, tmp_path, capfd):
@@ -193,12 +198,13 @@ def test_zero_stage_change_on_resume_is_refused_with_instructions(synthetic_data
     assert "saved with train.zero_stage=3, this run asks for 2" in err and "mmtrain export" in err
 
 
-def test_cpu_offload_trains_like_the_plain_optimizer(synthetic_data, tmp_path):
-    """ZeRO-3 with the optimizer on the CPU (DeepSpeed CPU Adam) follows the same loss curve."""
+def test_cpu_offload_and_torch_compile_train_like_the_plain_engine(synthetic_data, tmp_path):
+    """ZeRO-3 with the optimizer on the CPU (DeepSpeed CPU Adam), and with compiled blocks,
+    follow the plain engine's loss curve."""
     runs = {}
-    for offload in ("none", "optimizer"):
-        run_dir = tmp_path / offload
-        assert cli.main(["train", CONFIG, *tiny_overrides(synthetic_data, run_dir, "train.steps=8", "logging.log_every=2",
-                                                          f"train.offload={offload}")]) == 0
-        runs[offload] = [r["loss"] for r in read_metrics(run_dir)]
-    np.testing.assert_allclose(runs["optimizer"], runs["none"], rtol=1e-3)
+    for name, setting in (("plain", "train.offload=none"), ("offload", "train.offload=optimizer"), ("compile", "train.compile=true")):
+        run_dir = tmp_path / name
+        assert cli.main(["train", CONFIG, *tiny_overrides(synthetic_data, run_dir, "train.steps=6", "logging.log_every=2", setting)]) == 0
+        runs[name] = [r["loss"] for r in read_metrics(run_dir)]
+    np.testing.assert_allclose(runs["offload"], runs["plain"], rtol=1e-3)
+    np.testing.assert_allclose(runs["compile"], runs["plain"], rtol=1e-5)

@@ -75,13 +75,20 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, total_steps: i
     return opt, sched
 
 
-def deepspeed_config(cfg: OptimizerConfig, train, load_universal: bool = False) -> dict:
+def deepspeed_config(cfg: OptimizerConfig, train, hidden_size: int, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON config for ``train`` (a :class:`mmtrain.config.TrainConfig`).
 
-    The optimizer and schedule are built here as objects and handed to
-    ``deepspeed.initialize``, so they do not appear in it.
+    The optimizer and schedule are built as objects and handed to ``deepspeed.initialize``,
+    so they do not appear in it. Communication buckets scale with the model width
+    (``hidden_size``; the sizes HF Accelerate's "auto" picks): DeepSpeed's fixed defaults
+    (5e8-element reduce buckets) would cost gigabytes per rank on a small model.
     """
+    D = hidden_size
     zero: dict = {"stage": train.zero_stage}
+    if train.zero_stage >= 2:
+        zero.update(reduce_bucket_size=D * D, allgather_bucket_size=max(D * D, 10**6))
+    if train.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=int(0.9 * D * D), stage3_param_persistence_threshold=10 * D)
     if train.offload in ("optimizer", "all"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if train.offload == "all":
