@@ -200,10 +200,14 @@ def save_sample_grid(engine, cfg: Config, step: int, data: Batch, text_tok, imag
 
     n = min(cfg.logging.sample_count, len(data.keys))
     conditions = data.captions[:n] if text_tok is not None else [int(c) for c in data.labels[:n]]
+    from deepspeed.runtime.zero import GatheredParameters
+
     module = engine.module
     module.eval()
     try:
-        with torch.no_grad():
+        # sampling reads the top module's own tensors (pos_embed, text_pos, ...) outside its
+        # forward, where ZeRO-3's hooks would gather them: gather them for the duration
+        with torch.no_grad(), GatheredParameters(list(module.parameters(recurse=False))):
             images = generate_images(LoadedRun(cfg, module, text_tok, image_tok, step, ""), conditions, cfg.sample, batch_size=n)
     finally:
         module.train()

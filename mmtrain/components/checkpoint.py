@@ -306,7 +306,7 @@ def load_model_state(run_dir: str | os.PathLike, tag: str | None = None) -> tupl
 
         meta = torch.load(zero3_files[0], map_location="cpu", weights_only=False)
         # frozen parameters come back in the training dtype (bf16); make everything fp32
-        state = {k: v.float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag).items()}
+        state = {k: v.detach().float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag).items()}
     elif plain_files:
         meta = torch.load(plain_files[0], map_location="cpu", weights_only=False)
         state = {k: v.float() for k, v in meta["module"].items()}
