@@ -293,6 +293,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """What every command that loads a trained model takes: sample overrides and the weights to use."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="sample setting override, repeatable, e.g. --set ar_steps=8 --set cfg_scale=2")
+    parser.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
+                        help="EMA or trained weights (auto: the EMA when the checkpoint has one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmtrain", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -361,10 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--class", dest="label", type=int, action="append", default=[], help="class label (class-conditional models)")
     sa.add_argument("--num-per-prompt", type=int, default=4)
     sa.add_argument("--out", default="samples.png")
-    sa.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="sample setting override, repeatable, e.g. --set ar_steps=8 --set cfg_scale=2")
-    sa.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
-                    help="EMA or trained weights (auto: the EMA when the checkpoint has one)")
+    _add_inference_options(sa)
     sa.set_defaults(func=cmd_sample)
 
     ca = sub.add_parser("caption", help="images -> captions")
@@ -373,9 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--shards", help="caption the first --num samples of these shards instead")
     ca.add_argument("--num", type=int, default=8)
     ca.add_argument("--top-p", type=float, default=0.0, help="0 = greedy")
-    ca.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="sample setting override")
-    ca.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
-                    help="EMA or trained weights (auto: the EMA when the checkpoint has one)")
+    _add_inference_options(ca)
     ca.set_defaults(func=cmd_caption)
 
     ed = sub.add_parser("edit", help="zero-shot in-context editing: regenerate a region of an image under a new prompt/class")
@@ -387,9 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--class", dest="label", type=int, action="append", default=[])
     ed.add_argument("--num", type=int, default=4, help="edits to draw")
     ed.add_argument("--out", default="edit.png")
-    ed.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="sample setting override")
-    ed.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
-                    help="EMA or trained weights (auto: the EMA when the checkpoint has one)")
+    _add_inference_options(ed)
     ed.set_defaults(func=cmd_edit)
 
     cv = sub.add_parser("convert", help="import checkpoints from other code bases")
@@ -414,9 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--shards", help="held-out shards (default: the run's data.val_shards)")
     ev.add_argument("--num", type=int, default=64)
     ev.add_argument("--out", help="report directory (default: RUN_DIR/eval/stepN)")
-    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="sample setting override")
-    ev.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
-                    help="EMA or trained weights (auto: the EMA when the checkpoint has one)")
+    _add_inference_options(ev)
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="a run's ZeRO checkpoint -> model dir (model/EMA safetensors + config + tokenizer)")
