@@ -1,4 +1,4 @@
-"""The ``mmtrain`` command: prep, tokenizer, train, sample, caption, edit, eval, convert, demo."""
+"""The ``mmtrain`` command: prep, tokenizer, train, launch, jobs, sample, caption, edit, eval, convert, export, demo."""
 from __future__ import annotations
 
 import argparse
@@ -89,7 +89,13 @@ def preflight(config_path: str, overrides: list[str]):
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = preflight(args.config, args.overrides)
-    if "RANK" in os.environ:  # already inside a launcher (torchrun / srun)
+    if args.srun:  # one task of an srun step (slurm/train.sbatch): the rank comes from Slurm's variables
+        from submitit.slurm.slurm import SlurmJobEnvironment
+
+        from mmtrain.launch.job import rendezvous_env
+
+        os.environ.update(rendezvous_env(SlurmJobEnvironment()))
+    if "RANK" in os.environ:  # already one rank (torchrun, srun, mmtrain launch)
         from mmtrain.train import exit_rank, main as train_main
 
         exit_rank(train_main([args.config, *args.overrides]))
@@ -101,6 +107,68 @@ def cmd_train(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
            "-m", "mmtrain.train", args.config, *args.overrides]
     return subprocess.call(cmd, env=env)
+
+
+# --------------------------------------------------------------------------- launch
+
+# flag of `mmtrain launch` -> key of the launch section (mmtrain.launch.submit.LaunchConfig)
+_LAUNCH_FLAGS = ("cluster", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "partition", "account", "qos",
+                 "constraint", "mem", "time", "max_timeouts", "job_name")
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from mmtrain.launch.submit import render_sbatch, submit, tasks_per_node
+
+    # JSON-quoted: a YAML scalar like 12:00 would otherwise be read as a base-60 integer
+    flags = [f"launch.{k}={json.dumps(v)}" for k in _LAUNCH_FLAGS if (v := getattr(args, k)) is not None]
+    if args.exclusive:
+        flags.append("launch.exclusive=true")
+    cfg = preflight(args.config, [*args.overrides, *flags])
+    launch = cfg.launch
+    if args.dry_run:
+        if launch.cluster == "slurm":
+            print(render_sbatch(launch, cfg.train.run_dir, cfg.train.nproc_per_node), end="")
+        else:
+            print(f"{launch.cluster}: 1 node x {tasks_per_node(launch, cfg.train.nproc_per_node)} ranks, "
+                  f"time limit {launch.timeout_min} min, run dir {cfg.train.run_dir}")
+        return 0
+    job = submit(cfg, args.config)
+    run_dir = cfg.train.run_dir
+    print(f"submitted job {job.job_id} ({launch.cluster}: {launch.nodes} node(s) x "
+          f"{tasks_per_node(launch, cfg.train.nproc_per_node)} ranks) for {run_dir}")
+    print(f"logs: {run_dir}/logs/{job.job_id}/   status: mmtrain jobs {run_dir}")
+    if launch.cluster == "debug" or args.wait:
+        try:
+            result = job.result()
+        except Exception as exc:  # submitit's FailedJobError carries rank 0's traceback between dashed lines
+            parts = str(exc).split("----------------------")
+            trace = [l for l in (parts[1] if len(parts) > 2 else str(exc)).splitlines() if l.strip()]
+            print(f"job {job.job_id} failed: {trace[-1].strip() if trace else exc}", file=sys.stderr)
+            return 1
+        print(f"job {job.job_id} done at step {result['step']}" + (f" ({result['stopped_by']})" if result["stopped_by"] else ""))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from mmtrain.components.checkpoint import latest_tag
+    from mmtrain.launch.registry import job_table, registry_path
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    rows = job_table(run_dir)
+    if not rows:
+        print(f"no jobs recorded in {registry_path(run_dir)} (runs started with `mmtrain launch` record theirs)")
+    else:
+        print(f"{'JOB':<12} {'CLUSTER':<8} {'STATE':<10} {'STARTS':>6} {'LAST STEP':>9}  SUBMITTED            LOGS")
+        for r in rows:
+            step = "-" if r["last_step"] is None else str(r["last_step"])
+            print(f"{r['job_id']:<12} {r['cluster']:<8} {r['state']:<10} {r['starts']:>6} {step:>9}  "
+                  f"{r['submitted'] or '-':<20} {r.get('logs') or '-'}")
+    tag = latest_tag(run_dir)
+    planned = load_config(run_dir / "config.yaml").train.steps if (run_dir / "config.yaml").is_file() else None
+    print(f"latest checkpoint: {tag or 'none'}" + (f" (of {planned} planned steps)" if tag and planned else ""))
+    return 0
 
 
 def _cuda_available() -> bool:
@@ -361,7 +429,34 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train with DeepSpeed on this node's ranks (resumes from the run dir)")
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", help="key.sub=value")
+    tr.add_argument("--srun", action="store_true",
+                    help="this process is one rank of an srun step (slurm/train.sbatch): rendezvous from SLURM_* variables")
     tr.set_defaults(func=cmd_train)
+
+    la = sub.add_parser("launch", help="submit training through submitit: Slurm, this machine (local) or in-process (debug)")
+    la.add_argument("config")
+    la.add_argument("overrides", nargs="*", help="key.sub=value")
+    la.add_argument("--cluster", choices=["slurm", "local", "debug"])
+    la.add_argument("--nodes", type=int)
+    la.add_argument("--gpus-per-node", type=int)
+    la.add_argument("--tasks-per-node", type=int, help="ranks per node (default: GPUs per node, or train.nproc_per_node)")
+    la.add_argument("--cpus-per-task", type=int)
+    la.add_argument("--partition")
+    la.add_argument("--time", help="time limit per run of the job: HH:MM (hours:minutes), HH:MM:SS, D-HH:MM")
+    la.add_argument("--account")
+    la.add_argument("--qos")
+    la.add_argument("--constraint")
+    la.add_argument("--mem", help="memory per node, e.g. 400G")
+    la.add_argument("--exclusive", action="store_true")
+    la.add_argument("--max-timeouts", type=int, help="requeues after hitting the time limit (default 3)")
+    la.add_argument("--job-name")
+    la.add_argument("--dry-run", action="store_true", help="print the sbatch script (or the local plan); submit nothing")
+    la.add_argument("--wait", action="store_true", help="wait for the job to end (debug always runs in this process)")
+    la.set_defaults(func=cmd_launch)
+
+    jo = sub.add_parser("jobs", help="a run's launched jobs: id, state, starts, last step; latest checkpoint")
+    jo.add_argument("run_dir")
+    jo.set_defaults(func=cmd_jobs)
 
     sa = sub.add_parser("sample", help="prompts (or class labels) -> PNG grid of generated images")
     sa.add_argument("run_dir", help="a training run directory or a converted model directory")
@@ -434,7 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `launch CONFIG --nodes 2 key=value`: overrides may follow the options
+        if args.command in ("launch", "train") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:  # TokenizerMismatchError is a ValueError

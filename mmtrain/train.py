@@ -29,6 +29,7 @@ from mmtrain.components.data import Batch, build_train_loader
 from mmtrain.components.ema import ShardedEMA
 from mmtrain.components.metrics import MetricsLogger, peak_flops
 from mmtrain.components.optimizer import build_optimizer, deepspeed_config
+from mmtrain.components.preemption import PreemptionWatch
 from mmtrain.config import Config, save_config
 from mmtrain.models import build_model
 from mmtrain.models.causalfusion import training_flops, training_inputs
@@ -219,7 +220,9 @@ def save_sample_grid(engine, cfg: Config, step: int, data: Batch, text_tok, imag
     return path
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
+    """Train to ``train.steps``, or until ``watch`` reports a preemption signal: then every
+    rank saves the current step and the result's ``stopped_by`` says ``requeue`` or ``stop``."""
     rank, world = _init_distributed(cfg)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -282,7 +285,7 @@ def train(cfg: Config) -> dict:
         }, cfg.checkpoint.keep_last, ema)
 
     data_iter = iter(loader)
-    start_step, grad_norm = step, 0.0
+    start_step, grad_norm, saved_step, stopped_by = step, 0.0, -1, None
     try:
         while step < cfg.train.steps:
             for micro in range(cfg.train.grad_accum):
@@ -332,23 +335,42 @@ def train(cfg: Config) -> dict:
                     metrics.log_image(step, path, f"step {step}")
             if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
                 save()
+                saved_step = step
+            if watch is not None and step < cfg.train.steps and (stopped_by := watch.agreed()):
+                if saved_step != step:
+                    save()
+                log.warning("%s: saved step %d of %d, stopping (%s)", watch.signal_name or "signal on another rank",
+                            step, cfg.train.steps, stopped_by)
+                break
         del data_iter  # stop the loader's workers before the process group goes
         dist.barrier()
     finally:
         metrics.close()
-    log.info("finished %d steps; checkpoints in %s", step, checkpoint.checkpoint_root(run_dir))
-    return {"step": step, "history": history}
+    if stopped_by is None:
+        log.info("finished %d steps; checkpoints in %s", step, checkpoint.checkpoint_root(run_dir))
+    return {"step": step, "history": history, "stopped_by": stopped_by}
+
+
+def quiet_library_warnings() -> None:
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside DeepSpeed's own calls
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside DeepSpeed's own calls
+    quiet_library_warnings()
     from mmtrain.config import load_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = load_config(argv[0], argv[1:])
+    # under Slurm (slurm/train.sbatch), TERM announces a preemption; under torchrun alone it
+    # is torchrun ending the ranks after a failure
+    watch = PreemptionWatch(stop_on_term="SLURM_JOB_ID" in os.environ)
     try:
-        train(cfg)
+        result = train(cfg, watch)
+        if result["stopped_by"] == "requeue" and dist.get_rank() == 0:
+            from mmtrain.launch.job import requeue_slurm_job
+
+            requeue_slurm_job(cfg.launch.max_timeouts)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

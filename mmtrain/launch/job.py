@@ -1,0 +1,165 @@
+"""What runs in every rank of a launched job.
+
+Rendezvous comes from the scheduler's environment (no ssh, no hostfile): submitit's
+``JobEnvironment`` reads ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID`` /
+``SLURM_JOB_NODELIST`` (or the local executor's equivalents), and :func:`rendezvous_env`
+turns them into torch's ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``. The port is derived from the job id, so all ranks (and every requeued run
+of the job) agree on it without talking to each other.
+
+Preemption: :class:`~mmtrain.components.preemption.PreemptionWatch` replaces submitit's
+signal handlers. submitit would checkpoint from rank 0's signal handler alone, which
+cannot work for a collective ZeRO-3 save. Here the training loop saves on all ranks at
+the next step boundary; then rank 0 hands over to submitit's own handler, which writes
+this job for its next run and requeues it (``scontrol requeue`` on Slurm, exit code 144
+to the local controller), or refuses after ``launch.max_timeouts`` time-limit hits.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+
+from submitit.core.utils import UncompletedJobError
+
+from mmtrain.launch import registry
+
+log = logging.getLogger("mmtrain.launch")
+
+
+def rendezvous_env(job_env) -> dict[str, str]:
+    """torch.distributed's env:// variables from a submitit ``JobEnvironment``."""
+    hosts = list(job_env.hostnames)
+    port = os.environ.get("MASTER_PORT") or str(20000 + int(hashlib.sha1(job_env.job_id.encode()).hexdigest(), 16) % 40000)
+    return {
+        # one node: loopback, which needs no name resolution
+        "MASTER_ADDR": hosts[0] if job_env.num_nodes > 1 else "127.0.0.1",
+        "MASTER_PORT": port,
+        "RANK": str(job_env.global_rank),
+        "WORLD_SIZE": str(job_env.num_tasks),
+        "LOCAL_RANK": str(job_env.local_rank),
+        "LOCAL_WORLD_SIZE": str(job_env.num_tasks // max(job_env.num_nodes, 1)),
+        "NODE_RANK": str(job_env.node),
+    }
+
+
+def _configure_host(local_world_size: int) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or max(1, len(os.sched_getaffinity(0)) // local_world_size)
+        torch.set_num_threads(cores)
+
+
+def _latest_step(run_dir: str) -> int:
+    from mmtrain.components.checkpoint import latest_tag
+
+    tag = latest_tag(run_dir)
+    return int(tag.removeprefix("step")) if tag else 0
+
+
+class TrainJob:
+    """A submitit job (Checkpointable: it has ``checkpoint``) that trains one resolved config."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+
+    def checkpoint(self, *args, **kwargs):
+        """Called by submitit's signal handler on rank 0 after our collective save: the
+        next run of the job is this same object, which resumes from the run directory."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+    def __call__(self) -> dict:
+        import submitit
+        import torch.distributed as dist
+
+        job_env = submitit.JobEnvironment()
+        env = rendezvous_env(job_env)
+        os.environ.update(env)
+        _configure_host(int(env["LOCAL_WORLD_SIZE"]))  # before DeepSpeed is imported: it picks its accelerator then
+
+        from mmtrain.components.preemption import PreemptionWatch
+        from mmtrain.config import config_from_dict
+        from mmtrain.train import exit_rank, quiet_library_warnings, train
+
+        quiet_library_warnings()
+        cfg = config_from_dict(self.config, "submitted config")
+        run_dir, rank, job_id = cfg.train.run_dir, job_env.global_rank, job_env.job_id
+        watch = PreemptionWatch(stop_on_term=True)
+        if rank == 0:
+            registry.record(run_dir, "started", job_id, cluster=job_env.cluster, step=_latest_step(run_dir),
+                            world_size=job_env.num_tasks, host=job_env.hostname)
+        code = 1
+        try:
+            result = train(cfg, watch)
+            if result["stopped_by"] == "requeue":
+                self._requeue(watch, rank, run_dir, job_id, result["step"])
+            if rank == 0:
+                registry.record(run_dir, "stopped" if result["stopped_by"] else "finished", job_id, step=result["step"],
+                                signal=watch.signal_name or None)
+            code = 0
+            return {"step": result["step"], "stopped_by": result["stopped_by"]}
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+            raise
+        except BaseException as exc:
+            if rank == 0 and not isinstance(exc, UncompletedJobError):
+                registry.record(run_dir, "failed", job_id, step=_latest_step(run_dir), error=f"{type(exc).__name__}: {exc}"[:500])
+            raise
+        finally:
+            watch.restore()
+            if job_env.cluster == "debug":  # in the caller's process: leave it usable
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+            else:
+                # after submitit has written the result: leave without C++ teardown (see exit_rank)
+                atexit.register(exit_rank, code)
+
+    @staticmethod
+    def _requeue(watch, rank: int, run_dir: str, job_id: str, step: int) -> None:
+        import torch.distributed as dist
+
+        submitit_handler = watch.previous_handler(signal.SIGUSR2)
+        try:
+            if rank == 0 and callable(submitit_handler):
+                try:
+                    # writes this job for its next run, requeues it and exits (SystemExit); or
+                    # raises UncompletedJobError after launch.max_timeouts time-limit hits
+                    submitit_handler(signal.SIGUSR2, None)
+                except SystemExit:
+                    registry.record(run_dir, "requeued", job_id, step=step, signal=watch.signal_name or "another rank's")
+                    raise
+                except UncompletedJobError as exc:
+                    registry.record(run_dir, "not_requeued", job_id, step=step, reason=str(exc))
+                    raise
+        finally:
+            # the other ranks leave only once rank 0 has requeued: an early exit could end the job first
+            dist.barrier()
+
+
+def requeue_slurm_job(max_requeues: int) -> bool:
+    """Plain ``sbatch slurm/train.sbatch`` runs (no submitit): rank 0 requeues its own job
+    after the preemption save, at most ``max_requeues`` times (``SLURM_RESTART_COUNT``)."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        log.warning("preemption signal outside a Slurm job: saved, not requeued")
+        return False
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    if restarts >= max_requeues:
+        log.warning("job %s was requeued %d times already (launch.max_timeouts=%d): not requeued", job_id, restarts,
+                    max_requeues)
+        return False
+    try:
+        subprocess.check_call(["scontrol", "requeue", job_id], timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.error("could not requeue job %s (%s); the checkpoint is saved, resubmit by hand", job_id, exc)
+        return False
+    log.warning("requeued job %s (restart %d of at most %d)", job_id, restarts + 1, max_requeues)
+    return True
