@@ -1,0 +1,1 @@
+"""Evaluation metrics computed by the reference implementations (pycocoevalcap, ...)."""
