@@ -66,7 +66,7 @@ def tag_for_step(step: int) -> str:
     return f"step{step:08d}"
 
 
-def _step_of(tag: str) -> int:
+def step_of(tag: str) -> int:
     return int(tag[len("step"):])
 
 
@@ -164,10 +164,10 @@ def discard_incomplete(run_dir: str | os.PathLike) -> list[str]:
     if not root.is_dir():
         return []
     latest = latest_tag(run_dir)
-    newest_complete = _step_of(latest) if latest else -1
+    newest_complete = step_of(latest) if latest else -1
     removed = []
     for d in sorted(root.iterdir()):
-        if d.is_dir() and d.name.startswith("step") and d.name[4:].isdigit() and _step_of(d.name) > newest_complete:
+        if d.is_dir() and d.name.startswith("step") and d.name[4:].isdigit() and step_of(d.name) > newest_complete:
             shutil.rmtree(d)
             removed.append(d.name)
     for leftover in root.glob(f".{UNIVERSAL_PREFIX}*"):  # an interrupted universal conversion

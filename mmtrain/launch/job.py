@@ -24,6 +24,7 @@ import signal
 import subprocess
 
 from submitit.core.utils import UncompletedJobError
+from submitit.helpers import Checkpointable
 
 from mmtrain.launch import registry
 
@@ -57,24 +58,19 @@ def _configure_host(local_world_size: int) -> None:
 
 
 def _latest_step(run_dir: str) -> int:
-    from mmtrain.components.checkpoint import latest_tag
+    from mmtrain.components.checkpoint import latest_tag, step_of
 
     tag = latest_tag(run_dir)
-    return int(tag.removeprefix("step")) if tag else 0
+    return step_of(tag) if tag else 0
 
 
-class TrainJob:
-    """A submitit job (Checkpointable: it has ``checkpoint``) that trains one resolved config."""
+class TrainJob(Checkpointable):
+    """A submitit job that trains one resolved config. Its inherited ``checkpoint`` (called by
+    submitit's handler on rank 0 after our collective save) resubmits this same object,
+    which resumes from the run directory."""
 
     def __init__(self, config: dict) -> None:
         self.config = config
-
-    def checkpoint(self, *args, **kwargs):
-        """Called by submitit's signal handler on rank 0 after our collective save: the
-        next run of the job is this same object, which resumes from the run directory."""
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
     def __call__(self) -> dict:
         import submitit

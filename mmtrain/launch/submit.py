@@ -72,15 +72,14 @@ class LaunchConfig:
     def __post_init__(self) -> None:
         if self.cluster not in CLUSTERS:
             raise ValueError(f"launch.cluster: expected one of {', '.join(CLUSTERS)}, got {self.cluster!r}")
-        for name in ("nodes",):
-            if getattr(self, name) < 1:
-                raise ValueError(f"launch.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.nodes < 1:
+            raise ValueError(f"launch.nodes: expected >= 1, got {self.nodes}")
         for name in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "max_timeouts", "signal_delay_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"launch.{name}: expected >= 0, got {getattr(self, name)}")
         if self.cluster != "slurm" and self.nodes != 1:
             raise ValueError(f"launch.nodes={self.nodes}: cluster {self.cluster!r} runs on this machine only (nodes=1)")
-        self.timeout_min  # validates launch.time
+        parse_time(self.time)  # a bad launch.time fails at load, not at submission
 
     @property
     def timeout_min(self) -> int:
