@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -330,16 +331,66 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from mmtrain.evaluate import evaluate_synthetic
-    from mmtrain.inference import load_run
+def _torchrun_cli(nproc: int, argv: list[str]) -> int:
+    """Run ``mmtrain ARGV`` as ``nproc`` ranks on this machine. The arguments travel in
+    ``MMTRAIN_ARGV``: torchrun's own parser would take ``--num`` for an abbreviation of its options."""
+    env = dict(os.environ, MMTRAIN_ARGV=json.dumps(argv))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
+           "-m", "mmtrain.cli"]
+    return subprocess.call(cmd, env=env)
 
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """eval caption / eval generate: on --nproc ranks (torchrun), or on the ranks that started us."""
+    if args.nproc > 1 and "RANK" not in os.environ:
+        return _torchrun_cli(args.nproc, _without_option(args.argv, "--nproc"))
+    from mmtrain.config import apply_overrides, build_dataclass
+    from mmtrain.eval.config import EvalConfig
+    from mmtrain.eval.ranks import init_ranks
+    from mmtrain.eval.samples import open_eval_set
+    from mmtrain.inference import load_run
+    from mmtrain.train import exit_rank
+
+    ranks = init_ranks()
     run = load_run(args.run_dir, weights=args.weights)
-    sample = _sample_cfg(run, args.overrides)
-    out = args.out or str(Path(args.run_dir) / "eval" / f"step{run.step:08d}")
-    report = evaluate_synthetic(run, args.shards or run.cfg.data.val_shards, args.num, sample, out)
-    print(json.dumps({k: report[k] for k in ("step", "num_samples", "caption_accuracy", "image_accuracy", "reference_image_accuracy")}, indent=2))
-    print(f"report: {Path(out) / 'metrics.json'}")
+    eval_overrides = [o.removeprefix("eval.") for o in args.overrides if o.startswith("eval.")]
+    sample = _sample_cfg(run, [o for o in args.overrides if not o.startswith("eval.")])
+    tree = apply_overrides(dataclasses.asdict(run.cfg.eval), eval_overrides)
+    for key, value in (("num_samples", args.num), ("shards", args.shards), ("cfg_scales", getattr(args, "cfg", None)),
+                       ("ar_steps", getattr(args, "ar_steps", None))):
+        if value is not None:
+            tree[key] = value
+    eval_cfg = build_dataclass(EvalConfig, tree, "eval")
+    data = run.cfg.data
+
+    def open_set(num: int):
+        return open_eval_set(eval_cfg.shards or data.val_shards, args.coco_annotations, args.coco_images, num,
+                             data.image_size, data.resize_mode)
+
+    out = args.out or str(Path(args.run_dir) / "eval" / f"step{run.step:08d}" / args.eval_kind)
+    if args.eval_kind == "caption":
+        from mmtrain.eval.captioning import evaluate_captions as evaluate
+    else:
+        from mmtrain.eval.generation import evaluate_generation as evaluate
+    report = evaluate(run, open_set, eval_cfg, sample, out, ranks, weights=args.weights)
+    if report is not None:
+        print(f"report: {report['files']['report']}  metrics: {report['files']['metrics']}")
+    if ranks.world_size > 1:
+        ranks.barrier()
+        exit_rank(0)
     return 0
 
 
@@ -361,10 +412,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     """What every command that loads a trained model takes: sample overrides and the weights to use."""
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="sample setting override, repeatable, e.g. --set ar_steps=8 --set cfg_scale=2")
+                        help="sample (or eval.*) setting override, repeatable, e.g. --set ar_steps=8 --set eval.batch_size=32")
     parser.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
                         help="EMA or trained weights (auto: the EMA when the checkpoint has one)")
 
@@ -505,13 +570,22 @@ def build_parser() -> argparse.ArgumentParser:
     cvv.add_argument("--trust-pickle", action="store_true", help="allow non-tensor pickled objects in the checkpoint")
     cvv.set_defaults(func=cmd_convert_vae)
 
-    ev = sub.add_parser("eval", help="attribute accuracy of captions and generated images (synthetic data)")
-    ev.add_argument("run_dir")
-    ev.add_argument("--shards", help="held-out shards (default: the run's data.val_shards)")
-    ev.add_argument("--num", type=int, default=64)
-    ev.add_argument("--out", help="report directory (default: RUN_DIR/eval/stepN)")
-    _add_inference_options(ev)
-    ev.set_defaults(func=cmd_eval)
+    ev = sub.add_parser("eval", help="evaluate captioning or generation: metrics.json + report.html")
+    ev_sub = ev.add_subparsers(dest="eval_kind", required=True)
+    evc = ev_sub.add_parser("caption", help="BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap); attribute accuracy on synthetic data")
+    evg = ev_sub.add_parser("generate", help="FID/sFID, IS, KID, precision/recall, CLIP score, attribute accuracy; CFG x AR-steps sweep")
+    for p_ in (evc, evg):
+        p_.add_argument("run_dir", help="a run directory or a model directory (mmtrain export / convert)")
+        p_.add_argument("--shards", help="eval shards, webdataset or MDS (default: eval.shards, else data.val_shards)")
+        p_.add_argument("--coco-annotations", default="", help="COCO captions_*.json instead of shards")
+        p_.add_argument("--coco-images", default="", help="the folder of the images --coco-annotations names")
+        p_.add_argument("--num", type=int, help="samples to evaluate (eval.num_samples)")
+        p_.add_argument("--out", help="report directory (default: RUN_DIR/eval/stepN/caption|generate)")
+        p_.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun); batches are split across them")
+        _add_inference_options(p_)
+        p_.set_defaults(func=cmd_eval)
+    evg.add_argument("--cfg", type=_float_list, help="CFG scales to sweep, e.g. 1,2,4 (eval.cfg_scales)")
+    evg.add_argument("--ar-steps", type=_int_list, help="AR step counts to sweep, e.g. 1,4,16 (eval.ar_steps)")
 
     ex = sub.add_parser("export", help="a run's ZeRO checkpoint -> model dir (model/EMA safetensors + config + tokenizer)")
     ex.add_argument("run_dir")
@@ -529,8 +603,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s")
+    if argv is None and len(sys.argv) == 1 and "MMTRAIN_ARGV" in os.environ:  # a rank of _torchrun_cli
+        argv = json.loads(os.environ.pop("MMTRAIN_ARGV"))
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if extra:
         # `launch CONFIG --nodes 2 key=value`: overrides may follow the options
         if args.command in ("launch", "train") and all("=" in e and not e.startswith("-") for e in extra):

@@ -25,6 +25,7 @@ from mmtrain.components.ema import EMAConfig
 from mmtrain.components.metrics import LoggingConfig
 from mmtrain.components.optimizer import OptimizerConfig
 from mmtrain.data.synthetic import SyntheticConfig
+from mmtrain.eval.config import EvalConfig
 from mmtrain.launch.submit import LaunchConfig
 from mmtrain.models.causalfusion import ModelConfig
 from mmtrain.models.diffusion import DiffusionConfig
@@ -159,6 +160,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def text_model_path(self) -> str:

@@ -59,8 +59,11 @@ def run_demo(out: str, overrides: list[str]) -> int:
     cli.main(["caption", str(run_dir), "--shards", str(data / "val"), "--num", "8"])
     timings["sample_caption"] = time.perf_counter() - t
 
-    t = _stage("5/5 eval: attribute accuracy against the generator's ground truth")
-    cli.main(["eval", str(run_dir), "--num", "64", "--out", str(out_dir / "eval")])
+    t = _stage("5/5 eval: caption metrics and a CFG sweep, scored against the generator's ground truth")
+    cli.main(["eval", "caption", str(run_dir), "--num", "64", "--out", str(out_dir / "eval" / "caption")])
+    # no Inception weights can be assumed here: FID uses the seeded random feature extractor
+    cli.main(["eval", "generate", str(run_dir), "--num", "64", "--cfg", "1,3", "--out", str(out_dir / "eval" / "generate"),
+              "--set", "eval.feature_extractor=tiny_random", "--set", f"eval.stats_cache={out_dir / 'eval' / 'ref_stats'}"])
     timings["eval"] = time.perf_counter() - t
 
     (out_dir / "timings.json").write_text(json.dumps(timings, indent=2))
@@ -69,6 +72,6 @@ def run_demo(out: str, overrides: list[str]) -> int:
     print(f"tokenizer:     {tok.with_suffix('.model')}")
     print(f"run:           {run_dir}  (config.yaml, checkpoints/, metrics.jsonl, wandb/)")
     print(f"samples:       {out_dir / 'samples.png'}")
-    print(f"eval report:   {out_dir / 'eval' / 'metrics.json'}  (+ generated.png, captions.png)")
+    print(f"eval reports:  {out_dir / 'eval' / 'caption' / 'report.html'}  {out_dir / 'eval' / 'generate' / 'report.html'}")
     print("seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return 0

@@ -136,14 +136,22 @@ def _sampler_kwargs(sample: SampleConfig) -> dict:
                 cfg_interval=tuple(sample.cfg_interval), clip_x0=sample.clip_x0)
 
 
-def generate_tokens(run: LoadedRun, conditions: list, sample: SampleConfig, batch_size: int = 16) -> torch.Tensor:
-    """Image tokens (N, L, P, raster order) for prompts or class labels."""
+def batch_generator(seed: int, batch_index: int) -> torch.Generator:
+    """The noise of batch ``batch_index``: batches drawn on different ranks, or in another
+    order, get the same noise as in one sequential run."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + batch_index)
+
+
+def generate_tokens(run: LoadedRun, conditions: list, sample: SampleConfig, batch_size: int = 16,
+                    first_batch: int = 0) -> torch.Tensor:
+    """Image tokens (N, L, P, raster order) for prompts or class labels; the conditions are
+    batches ``first_batch``, ``first_batch + 1``, ... of ``batch_size``."""
     diffusion = build_diffusion(run.cfg.diffusion, sample.diffusion_steps)
-    gen = torch.Generator().manual_seed(sample.seed)
     out = []
-    for i in range(0, len(conditions), batch_size):
+    for b, i in enumerate(range(0, len(conditions), batch_size), start=first_batch):
         cond = _condition_batch(run, conditions[i:i + batch_size])
-        out.append(sample_image_tokens(run.model, diffusion, generator=gen, **cond, **_sampler_kwargs(sample)))
+        out.append(sample_image_tokens(run.model, diffusion, generator=batch_generator(sample.seed, b), **cond,
+                                       **_sampler_kwargs(sample)))
     return torch.cat(out)
 
 
@@ -163,8 +171,9 @@ def images_to_tokens(run: LoadedRun, images: list[Image.Image]) -> torch.Tensor:
         return patchify(image_tok.encode(pil_to_tensor(images)), run.cfg.model.patch_size)
 
 
-def generate_images(run: LoadedRun, conditions: list, sample: SampleConfig, batch_size: int = 16) -> list[Image.Image]:
-    return tokens_to_images(run, generate_tokens(run, conditions, sample, batch_size))
+def generate_images(run: LoadedRun, conditions: list, sample: SampleConfig, batch_size: int = 16,
+                    first_batch: int = 0) -> list[Image.Image]:
+    return tokens_to_images(run, generate_tokens(run, conditions, sample, batch_size, first_batch))
 
 
 def region_token_mask(run: LoadedRun, box: tuple[float, float, float, float]) -> torch.Tensor:

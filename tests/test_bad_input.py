@@ -54,7 +54,7 @@ def test_corrupt_image_in_training_stream_names_shard_and_key(tmp_path):
 
 
 def test_not_a_run_dir(tmp_path, capsys):
-    assert cli.main(["eval", str(tmp_path)]) == 2
+    assert cli.main(["eval", "generate", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
 
 

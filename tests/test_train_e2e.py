@@ -76,14 +76,18 @@ def test_train_resume_sample_caption_eval(synthetic_data, tmp_path, capsys):
     assert [l.split("\t")[0] for l in lines] == ["00000000", "00000001", "00000002"]
 
     out = tmp_path / "eval"
-    assert cli.main(["eval", str(run_dir), "--num", "8", "--out", str(out)]) == 0
-    report = json.loads((out / "metrics.json").read_text())
+    assert cli.main(["eval", "caption", str(run_dir), "--num", "8", "--out", str(out / "caption")]) == 0
+    report = json.loads((out / "caption" / "metrics.json").read_text())
     assert report["step"] == 20 and report["num_samples"] == 8
-    for key in ("caption_accuracy", "image_accuracy"):
-        assert set(report[key]) == {"kind", "color", "size", "exact", "count"}
-        assert all(0.0 <= v <= 1.0 for v in report[key].values())
+    assert {"BLEU-4", "CIDEr", "attr_exact"} <= set(report["scores"])
+    assert cli.main(["eval", "generate", str(run_dir), "--num", "8", "--out", str(out / "generate"),
+                     "--set", "eval.feature_extractor=tiny_random", "--set", f"eval.stats_cache={tmp_path / 'stats'}"]) == 0
+    report = json.loads((out / "generate" / "metrics.json").read_text())
+    (row,) = report["settings"]
+    assert report["step"] == 20 and row["images"] == 8 and row["fid"] >= 0
+    assert all(0.0 <= row[f"attr_{k}"] <= 1.0 for k in ("kind", "color", "size", "exact", "count"))
     assert report["reference_image_accuracy"]["exact"] == 1.0
-    assert (out / "generated.png").is_file() and (out / "captions.png").is_file()
+    assert (out / "generate" / "report.html").is_file() and (out / "caption" / "report.html").is_file()
 
     # zero-shot editing: the right half is regenerated, the left half is kept as context
     from mmtrain.data.shards import iter_shard_samples

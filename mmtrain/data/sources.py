@@ -208,6 +208,18 @@ class WdsSource:
             raise ShardDataError(f"{where}: cannot read: {exc}") from exc
         return RawSample(key=self.key(i), where=where, caption=caption, label=label, image=image, latent=latent)
 
+    def read_metadata(self, i: int) -> dict | None:
+        """The sample's ``KEY.json`` object (e.g. the synthetic generator's ground truth), or None."""
+        if self.offsets["json"][i] < 0:
+            return None
+        try:
+            value = json.loads(self._member(i, "json"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ShardDataError(f"{self.where(i)}: cannot decode field 'json' (expected a JSON object): {exc}") from exc
+        if not isinstance(value, dict):
+            raise ShardDataError(f"{self.where(i)}: field 'json' holds a {type(value).__name__}, expected a JSON object")
+        return value
+
     def close(self) -> None:
         self._files.close()
 
@@ -362,6 +374,20 @@ class MdsSource:
             image = raw["image"] if enc["image"] == "bytes" else decode("image")
         latent = _check_latent(decode("latent"), where) if want_latent and "latent" in raw else None
         return RawSample(key=key, where=where, caption=caption, label=label, image=image, latent=latent)
+
+    def read_metadata(self, i: int) -> dict | None:
+        """The sample's ``json`` column, or None when there is none."""
+        if "json" not in self.column_index:
+            return None
+        from streaming.base.format.mds.encodings import mds_decode
+
+        try:
+            value = mds_decode("json", self._columns(i)["json"])
+        except Exception as exc:  # OSError from the read, JSONDecodeError from the codec
+            raise ShardDataError(f"{self.where(i)}: cannot decode column 'json': {exc}") from exc
+        if not isinstance(value, dict):
+            raise ShardDataError(f"{self.where(i)}: column 'json' holds a {type(value).__name__}, expected a JSON object")
+        return value
 
     def close(self) -> None:
         self._files.close()

@@ -1,0 +1,101 @@
+"""What an evaluation reads: the first N samples of a shard set (webdataset or MDS) or of a
+COCO-style caption annotation file, with images at the model's size."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmtrain.components.data import decode_image
+
+
+@dataclass
+class EvalSample:
+    index: int
+    key: str
+    references: list[str]  # reference captions; the first is the generation prompt
+    label: int | None
+    attributes: dict | None  # the synthetic generator's ground truth, when the shards carry it
+    image: np.ndarray | None = None  # H, W, 3 uint8 at the eval size; None when not asked for
+
+    @property
+    def prompt(self) -> str:
+        return self.references[0]
+
+
+class ShardEvalSet:
+    """The first ``num`` samples of a webdataset or MDS source, in file order."""
+
+    def __init__(self, path: str, num: int, image_size: int, resize_mode: str = "center_crop"):
+        from mmtrain.data.sources import open_source
+
+        self.source = open_source(path)
+        if len(self.source) == 0:
+            raise ValueError(f"eval shards {path}: no samples")
+        self.name = path
+        self.files = list(getattr(self.source, "shards", None) or self.source.files)
+        self.size, self.resize_mode = image_size, resize_mode
+        self.num = min(num, len(self.source))
+
+    def __len__(self) -> int:
+        return self.num
+
+    def load(self, i: int, with_image: bool = True) -> EvalSample:
+        raw = self.source.read(i, want_image=with_image)
+        image = None
+        if with_image:
+            if raw.image is None:
+                raise ValueError(f"{raw.where}: has no image to evaluate")
+            image = decode_image(raw.image, self.size, self.resize_mode, where=raw.where)
+        meta = self.source.read_metadata(i)
+        attributes = meta if meta is not None and "shapes" in meta else None
+        return EvalSample(i, raw.key, [raw.caption], raw.label, attributes, image)
+
+
+class CocoEvalSet:
+    """Images of a COCO ``captions_*.json`` (``images`` + ``annotations``) under ``image_dir``,
+    in the file's image order; every caption of an image is a reference."""
+
+    def __init__(self, annotation_file: str, image_dir: str, num: int, image_size: int, resize_mode: str = "center_crop"):
+        from mmtrain.eval.caption_metrics import load_coco_references
+
+        path = Path(annotation_file)
+        refs = load_coco_references(path)
+        images = json.loads(path.read_text()).get("images")
+        if not isinstance(images, list):
+            raise ValueError(f"{path}: expected an 'images' list of {{'id', 'file_name'}} next to 'annotations'")
+        self.items = []
+        for n, im in enumerate(images):
+            if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+                raise ValueError(f"{path}: images[{n}] needs 'id' and 'file_name', got {im!r:.80}")
+            if str(im["id"]) in refs:
+                self.items.append((str(im["id"]), Path(image_dir) / im["file_name"], refs[str(im["id"])]))
+        if not self.items:
+            raise ValueError(f"{path}: no image has a caption annotation")
+        self.items = self.items[:num]
+        self.name = str(path)
+        self.files = [str(path)] + [str(p) for _, p, _ in self.items]
+        self.size, self.resize_mode = image_size, resize_mode
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, i: int, with_image: bool = True) -> EvalSample:
+        key, file, refs = self.items[i]
+        image = None
+        if with_image:
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: image of COCO id {key} not found (check --coco-images)")
+            image = decode_image(file.read_bytes(), self.size, self.resize_mode, where=str(file))
+        return EvalSample(i, key, refs, None, None, image)
+
+
+def open_eval_set(shards: str, coco_annotations: str, coco_images: str, num: int, image_size: int,
+                  resize_mode: str) -> ShardEvalSet | CocoEvalSet:
+    if coco_annotations:
+        if not coco_images:
+            raise ValueError("--coco-annotations needs --coco-images (the folder of the annotated images)")
+        return CocoEvalSet(coco_annotations, coco_images, num, image_size, resize_mode)
+    return ShardEvalSet(shards, num, image_size, resize_mode)
