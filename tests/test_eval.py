@@ -132,9 +132,8 @@ def test_clip_score_with_a_local_checkpoint(tiny_clip, val_images, tmp_path):
 # --------------------------------------------------------------------------- the commands
 
 
-@pytest.fixture(scope="module")
-def model_dir(synthetic_data, tmp_path_factory):
-    """An untrained tiny text model in the layout of `mmtrain export` (no training needed to test eval)."""
+def untrained_model_dir(synthetic_data, out: Path, *overrides: str) -> Path:
+    """An untrained tiny model in the layout of `mmtrain export` (no training needed to test eval)."""
     from safetensors.torch import save_file
 
     from mmtrain.config import load_config, save_config
@@ -142,10 +141,10 @@ def model_dir(synthetic_data, tmp_path_factory):
     from mmtrain.tokenize.image import build_image_tokenizer
     from mmtrain.tokenize.text import TextTokenizer
 
-    out = tmp_path_factory.mktemp("model")
-    cfg = load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(synthetic_data, out / "run"))
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(REPO / "configs" / "tiny.yaml", tiny_overrides(synthetic_data, out / "run", *overrides))
     torch.manual_seed(0)
-    text_tok = TextTokenizer.from_file(synthetic_data["tokenizer"])
+    text_tok = TextTokenizer.from_file(synthetic_data["tokenizer"]) if cfg.model.condition == "text" else None
     model = build_model(cfg.model, cfg.data.image_size, text_tok, build_image_tokenizer(cfg.tokenizer.image))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     save_config(cfg, out / "config.yaml")
@@ -153,6 +152,25 @@ def model_dir(synthetic_data, tmp_path_factory):
     for suffix in (".model", ".json"):
         shutil.copy(Path(synthetic_data["tokenizer"]).with_suffix(suffix), out / "tokenizer" / f"text{suffix}")
     return out
+
+
+@pytest.fixture(scope="module")
+def model_dir(synthetic_data, tmp_path_factory):
+    return untrained_model_dir(synthetic_data, tmp_path_factory.mktemp("model"))
+
+
+def test_eval_generate_class_conditional(synthetic_data, tmp_path):
+    """Class labels from the shards' cls field; prompt-based metrics are reported as not applicable."""
+    model = untrained_model_dir(synthetic_data, tmp_path / "model", "model.condition=class", "model.num_classes=18")
+    out = tmp_path / "gen"
+    assert cli.main(["eval", "generate", str(model), "--num", "4", "--out", str(out), "--set", "eval.feature_extractor=tiny_random",
+                     "--set", f"eval.stats_cache={tmp_path / 'cache'}"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["settings"][0]["fid"] >= 0
+    assert report["unavailable"]["clip"].startswith("class-conditional model") and "attributes" in report["unavailable"]
+    labels = [str(s["label"]) for _, s in zip(range(4), iter_shard_samples(synthetic_data["val"]))]
+    assert all(f"<figcaption>{label}</figcaption>" in (out / "report.html").read_text() for label in labels)
+    assert cli.main(["eval", "caption", str(model), "--num", "2", "--out", str(tmp_path / "cap")]) == 2
 
 
 def test_eval_generate_sweep_reports_missing_weights(model_dir, tmp_path, monkeypatch, capsys):

@@ -140,8 +140,8 @@ def evaluate_generation(run: LoadedRun, open_set: Callable[[int], object], eval_
         if not ranks.is_main:
             continue
         items = sorted((it for part in gathered for it in part), key=lambda it: it["batch"])
-        row = {"cfg_scale": setting.cfg_scale, "ar_steps": setting.ar_steps, "images": len(samples), "seconds": seconds,
-               "images_per_s": len(samples) / seconds}
+        row = {"tag": _tag(setting), "cfg_scale": setting.cfg_scale, "ar_steps": setting.ar_steps, "images": len(samples),
+               "seconds": seconds, "images_per_s": len(samples) / seconds}
         log.info("%s: %d images in %.1f s (%.2f images/s on %d ranks)", _tag(setting), len(samples), seconds,
                  row["images_per_s"], ranks.world_size)
         if extractor is not None:
@@ -157,14 +157,14 @@ def evaluate_generation(run: LoadedRun, open_set: Callable[[int], object], eval_
             row["clip_score"] = float(torch.cat([it["clip"] for it in items]).mean())
         if truths is not None:
             row.update({f"attr_{k}": v for k, v in mean_accuracy([a for it in items for a in it["attributes"]]).items()})
-        folder = out_dir / "images" / _tag(setting)
+        folder = out_dir / "images" / row["tag"]
         folder.mkdir(parents=True, exist_ok=True)
         row["previews"] = []
         for i, im in (p for it in items for p in it["preview"]):
             im.save(folder / f"{i:06d}.png")
             row["previews"].append(i)
         if eval_cfg.save_samples:
-            npz = out_dir / "samples" / f"{_tag(setting)}.npz"
+            npz = out_dir / "samples" / f"{row['tag']}.npz"
             npz.parent.mkdir(parents=True, exist_ok=True)
             with open(npz.with_suffix(".tmp"), "wb") as fh:
                 np.savez(fh, arr_0=np.concatenate([it["pixels"] for it in items]))
@@ -183,11 +183,11 @@ def evaluate_generation(run: LoadedRun, open_set: Callable[[int], object], eval_
     if truths is not None:  # the pixel analyser on the real images: the ceiling of the image metric
         real = [eval_set.load(i).image for i in range(len(samples))]
         report["reference_image_accuracy"] = mean_accuracy([attribute_accuracy(estimate_shapes(im), t) for im, t in zip(real, truths)])
-    _write_outputs(report, run, samples, conditions, out_dir)
+    _write_outputs(report, run, conditions, out_dir)
     return report
 
 
-def _write_outputs(report: dict, run: LoadedRun, samples, conditions, out_dir: Path) -> None:
+def _write_outputs(report: dict, run: LoadedRun, conditions: list, out_dir: Path) -> None:
     rows = report["settings"]
     columns = [c for c in TABLE_COLUMNS if any(r.get(c) is not None for r in rows)]
     print_table(f"eval generate: {report['checkpoint']} step {report['step']} ({report['num_samples']} samples)", columns, rows)
@@ -212,8 +212,7 @@ def _write_outputs(report: dict, run: LoadedRun, samples, conditions, out_dir: P
         html.image(plot.name, "metrics against the CFG scale")
     for row in rows:
         html.heading(f"CFG {row['cfg_scale']:g}, {row['ar_steps']} AR steps")
-        html.gallery([(f"images/{_tag(SampleConfig(cfg_scale=row['cfg_scale'], ar_steps=row['ar_steps']))}/{i:06d}.png",
-                       [(str(conditions[i]), "")]) for i in row["previews"]])
+        html.gallery([(f"images/{row['tag']}/{i:06d}.png", [(str(conditions[i]), "")]) for i in row["previews"]])
     html.preformatted("run config (config.yaml)", config_yaml(run.cfg))
     html.preformatted("eval and sample settings", json.dumps({"eval": report["eval"], "sample": report["sample"]}, indent=2))
     html.write(out_dir / "report.html")
