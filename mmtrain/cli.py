@@ -100,13 +100,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         from mmtrain.train import exit_rank, main as train_main
 
         exit_rank(train_main([args.config, *args.overrides]))
-    nproc = cfg.train.nproc_per_node
-    env = dict(os.environ)
+    return _torchrun(cfg.train.nproc_per_node, ["mmtrain.train", args.config, *args.overrides])
+
+
+def _torchrun(nproc: int, module_args: list[str], extra_env: dict[str, str] | None = None) -> int:
+    """``python -m MODULE_ARGS`` as ``nproc`` ranks on this machine, the cores shared between them."""
+    env = dict(os.environ, **(extra_env or {}))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     if not _cuda_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
-           "-m", "mmtrain.train", args.config, *args.overrides]
+           "-m", *module_args]
     return subprocess.call(cmd, env=env)
 
 
@@ -331,16 +335,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
-def _torchrun_cli(nproc: int, argv: list[str]) -> int:
-    """Run ``mmtrain ARGV`` as ``nproc`` ranks on this machine. The arguments travel in
-    ``MMTRAIN_ARGV``: torchrun's own parser would take ``--num`` for an abbreviation of its options."""
-    env = dict(os.environ, MMTRAIN_ARGV=json.dumps(argv))
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
-           "-m", "mmtrain.cli"]
-    return subprocess.call(cmd, env=env)
-
-
 def _without_option(argv: list[str], option: str) -> list[str]:
     out, skip = [], False
     for a in argv:
@@ -356,7 +350,8 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """eval caption / eval generate: on --nproc ranks (torchrun), or on the ranks that started us."""
     if args.nproc > 1 and "RANK" not in os.environ:
-        return _torchrun_cli(args.nproc, _without_option(args.argv, "--nproc"))
+        # the arguments travel in MMTRAIN_ARGV: torchrun's parser would take --num for an abbreviation of its options
+        return _torchrun(args.nproc, ["mmtrain.cli"], {"MMTRAIN_ARGV": json.dumps(_without_option(args.argv, "--nproc"))})
     from mmtrain.config import apply_overrides, build_dataclass
     from mmtrain.eval.config import EvalConfig
     from mmtrain.eval.ranks import init_ranks
@@ -603,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(name)s: %(message)s")
-    if argv is None and len(sys.argv) == 1 and "MMTRAIN_ARGV" in os.environ:  # a rank of _torchrun_cli
+    if argv is None and len(sys.argv) == 1 and "MMTRAIN_ARGV" in os.environ:  # a rank started by cmd_eval through _torchrun
         argv = json.loads(os.environ.pop("MMTRAIN_ARGV"))
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
