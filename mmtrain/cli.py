@@ -247,10 +247,13 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from mmtrain.models.convert import convert_causalfusion_official
+    from mmtrain.models.convert import convert_causalfusion_official, convert_transdiff_official
 
-    out = convert_causalfusion_official(args.checkpoint, args.out, patch_size=args.patch_size, image_downsample=args.image_downsample,
-                                        image_tokenizer=args.image_tokenizer, scale_factor=args.scale_factor)
+    common = dict(image_downsample=args.image_downsample, image_tokenizer=args.image_tokenizer, scale_factor=args.scale_factor)
+    if args.source == "transdiff-official":
+        out = convert_transdiff_official(args.checkpoint, args.out, num_heads=args.num_heads, buffer_size=args.buffer_size, **common)
+    else:
+        out = convert_causalfusion_official(args.checkpoint, args.out, patch_size=args.patch_size, **common)
     print(f"converted {args.checkpoint} -> {out}/model.safetensors + config.yaml")
     return 0
 
@@ -558,6 +561,15 @@ def build_parser() -> argparse.ArgumentParser:
     cfo.add_argument("--image-tokenizer", default="mar_kl16", help="tokenizer.image.kind written into config.yaml")
     cfo.add_argument("--scale-factor", type=float, default=0.2325, help="latent scale (official sampler: 0.2325)")
     cfo.set_defaults(func=cmd_convert)
+    tdo = cv_sub.add_parser("transdiff-official", help="official TransDiff .pth ({'model': state_dict}, e.g. zhendch/Transdiff)")
+    tdo.add_argument("checkpoint")
+    tdo.add_argument("out", help="output model directory (model.safetensors + config.yaml)")
+    tdo.add_argument("--num-heads", type=int, default=0, help="attention heads; 0 = the released sizes' (B 12, L 16, H 16)")
+    tdo.add_argument("--buffer-size", type=int, default=64, help="class buffer slots of an MRAR model (official 64)")
+    tdo.add_argument("--image-downsample", type=int, default=16, help="image pixels per latent pixel (MAR KL-16: 16)")
+    tdo.add_argument("--image-tokenizer", default="mar_kl16", help="tokenizer.image.kind written into config.yaml")
+    tdo.add_argument("--scale-factor", type=float, default=0.2325, help="latent scale (official sampler: 0.2325)")
+    tdo.set_defaults(func=cmd_convert)
     cvv = cv_sub.add_parser("vae", help="original LDM / MAR KL-VAE checkpoint -> diffusers AutoencoderKL folder")
     cvv.add_argument("checkpoint", help=".ckpt / .pt / .pth / .safetensors")
     cvv.add_argument("out", help="output folder (use it as tokenizer.image.path)")

@@ -27,8 +27,8 @@ from mmtrain.components.optimizer import OptimizerConfig
 from mmtrain.data.synthetic import SyntheticConfig
 from mmtrain.eval.config import EvalConfig
 from mmtrain.launch.submit import LaunchConfig
-from mmtrain.models.causalfusion import ModelConfig
-from mmtrain.models.diffusion import DiffusionConfig
+from mmtrain.models.config import ModelConfig
+from mmtrain.models.diffusion import FLOW_SAMPLERS, DiffusionConfig
 from mmtrain.tokenize.image import ImageTokenizerConfig
 from mmtrain.tokenize.text import TextTokenizerConfig
 
@@ -124,6 +124,13 @@ class SampleConfig:
         seed: sampling seed. Default 0.
         clip_x0: clamp predicted clean latents to [-clip_x0, clip_x0]; 0 = off (VAE latents).
             Default 1.0, right for pixel "latents" in [-1, 1].
+        flow_sampler: rectified flow only: ``euler`` (the ODE, deterministic) or
+            ``euler_maruyama`` (the reverse SDE of the official TransDiff sampler). Default ``euler``.
+        sde_drift_scale: euler_maruyama: drift multiplier (official ``scale_0``). Default 1.0.
+        sde_noise_scale: euler_maruyama: noise multiplier (official ``scale_1``). Default 1.0.
+
+    For ``model.family=transdiff``, ``ar_steps`` is the MRAR chain length (capped at
+    ``model.transdiff.mrar_refs + 1``) and ``diffusion_steps`` the flow steps per image.
     """
 
     ar_steps: int = 4
@@ -134,12 +141,17 @@ class SampleConfig:
     max_caption_len: int = 40
     seed: int = 0
     clip_x0: float = 1.0
+    flow_sampler: str = "euler"
+    sde_drift_scale: float = 1.0
+    sde_noise_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.cfg_schedule not in ("constant", "linear", "interval"):
             raise ValueError(f"sample.cfg_schedule: expected 'constant', 'linear' or 'interval', got {self.cfg_schedule!r}")
         if len(self.cfg_interval) != 2 or self.cfg_interval[0] > self.cfg_interval[1]:
             raise ValueError(f"sample.cfg_interval: expected [low, high] with low <= high, got {list(self.cfg_interval)}")
+        if self.flow_sampler not in FLOW_SAMPLERS:
+            raise ValueError(f"sample.flow_sampler: expected one of {FLOW_SAMPLERS}, got {self.flow_sampler!r}")
         if self.ar_steps < 1 or self.diffusion_steps < 1:
             raise ValueError(f"sample.ar_steps and sample.diffusion_steps must be >= 1, got {self.ar_steps}, {self.diffusion_steps}")
 
@@ -161,6 +173,13 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.family == "transdiff" and self.diffusion.process != "rectified_flow":
+            raise ValueError(f"model.family=transdiff trains a flow decoder: set diffusion.process=rectified_flow "
+                             f"(got {self.diffusion.process!r})")
+        if self.sample.flow_sampler != "euler" and self.diffusion.process != "rectified_flow":
+            raise ValueError(f"sample.flow_sampler={self.sample.flow_sampler!r} needs diffusion.process=rectified_flow")
 
     @property
     def text_model_path(self) -> str:

@@ -12,8 +12,8 @@ from mmtrain.components.checkpoint import checkpoint_root, latest_tag, load_mode
 from mmtrain.components.ema import consolidate as consolidate_ema
 from mmtrain.components.ema import has_ema
 from mmtrain.config import Config, SampleConfig, load_config
-from mmtrain.models import build_model
-from mmtrain.models.causalfusion import CausalFusion, generate_caption_ids, sample_image_tokens
+from mmtrain.models import Model, build_model, family, model_class
+from mmtrain.models.causalfusion import generate_caption_ids
 from mmtrain.models.diffusion import build_diffusion
 from mmtrain.tokenize.image import ImageTokenizer, build_image_tokenizer, patchify, pil_to_tensor, tensor_to_pil, unpatchify
 from mmtrain.tokenize.text import TextTokenizer
@@ -22,7 +22,7 @@ from mmtrain.tokenize.text import TextTokenizer
 @dataclass
 class LoadedRun:
     cfg: Config
-    model: CausalFusion
+    model: Model
     text_tok: TextTokenizer | None  # None in class mode
     image_tok: ImageTokenizer | None  # None when its kind is not available here (tokens only)
     step: int
@@ -84,13 +84,16 @@ def load_model_dir(path: str | Path, weights: str = "auto") -> LoadedRun:
     return LoadedRun(cfg, model.eval(), text_tok, image_tok, step, str(file), image_tok_error)
 
 
-def _build_for_state(cfg: Config, text_tok, image_tok, state: dict) -> CausalFusion:
+def _build_for_state(cfg: Config, text_tok, image_tok, state: dict) -> Model:
     if image_tok is not None:
         return build_model(cfg.model, cfg.data.image_size, text_tok, image_tok)
     # no image tokenizer: the latent geometry comes from the weights
-    P = state["x_proj.weight"].shape[1]
-    grid = round(state["pos_embed"].shape[1] ** 0.5)
-    return CausalFusion(cfg.model, latent_channels=P // cfg.model.patch_size**2, latent_size=grid * cfg.model.patch_size)
+    if cfg.model.family == "transdiff":
+        P, L = state["decoder.input_proj.weight"].shape[1], state["decoder.diffusion_pos_embed_learned"].shape[1]
+    else:
+        P, L = state["x_proj.weight"].shape[1], state["pos_embed"].shape[1]
+    grid = round(L ** 0.5)
+    return model_class(cfg.model)(cfg.model, latent_channels=P // cfg.model.patch_size**2, latent_size=grid * cfg.model.patch_size)
 
 
 def load_run(run_dir: str | Path, tag: str | None = None, weights: str = "auto") -> LoadedRun:
@@ -131,9 +134,12 @@ def _condition_batch(run: LoadedRun, conditions: list) -> dict:
     return {"text": text, "text_len": text_len}
 
 
-def _sampler_kwargs(sample: SampleConfig) -> dict:
+def _sampler_kwargs(run: LoadedRun, sample: SampleConfig) -> dict:
+    flow = {}
+    if run.cfg.diffusion.process == "rectified_flow":
+        flow = dict(sampler=sample.flow_sampler, drift_scale=sample.sde_drift_scale, noise_scale=sample.sde_noise_scale)
     return dict(ar_steps=sample.ar_steps, cfg_scale=sample.cfg_scale, cfg_schedule=sample.cfg_schedule,
-                cfg_interval=tuple(sample.cfg_interval), clip_x0=sample.clip_x0)
+                cfg_interval=tuple(sample.cfg_interval), clip_x0=sample.clip_x0, flow_options=flow)
 
 
 def batch_generator(seed: int, batch_index: int) -> torch.Generator:
@@ -150,8 +156,8 @@ def generate_tokens(run: LoadedRun, conditions: list, sample: SampleConfig, batc
     out = []
     for b, i in enumerate(range(0, len(conditions), batch_size), start=first_batch):
         cond = _condition_batch(run, conditions[i:i + batch_size])
-        out.append(sample_image_tokens(run.model, diffusion, generator=batch_generator(sample.seed, b), **cond,
-                                       **_sampler_kwargs(sample)))
+        out.append(family(run.model).sample_image_tokens(run.model, diffusion, generator=batch_generator(sample.seed, b), **cond,
+                                                         **_sampler_kwargs(run, sample)))
     return torch.cat(out)
 
 
@@ -199,14 +205,17 @@ def edit_image(run: LoadedRun, image: Image.Image, regenerate: torch.Tensor, con
     gen = torch.Generator().manual_seed(sample.seed)
     known = images_to_tokens(run, [image]).expand(num, -1, -1)
     cond = _condition_batch(run, [condition] * num)
-    tokens = sample_image_tokens(run.model, diffusion, generator=gen, known_tokens=known, known_mask=~regenerate.bool(),
-                                 **cond, **_sampler_kwargs(sample))
+    tokens = family(run.model).sample_image_tokens(run.model, diffusion, generator=gen, known_tokens=known,
+                                                   known_mask=~regenerate.bool(), **cond, **_sampler_kwargs(run, sample))
     return tokens_to_images(run, tokens)
 
 
 def caption_images(run: LoadedRun, images: list[Image.Image], sample: SampleConfig, top_p: float = 0.0, batch_size: int = 32) -> list[str]:
     if run.cfg.model.condition != "text":
         raise ValueError("captioning needs a text model (model.condition=text); this model is class-conditional")
+    if run.cfg.model.family != "causalfusion":
+        raise ValueError(f"captioning needs model.family=causalfusion (one model reads and writes text); "
+                         f"this is a {run.cfg.model.family} model, which only generates images")
     gen = torch.Generator().manual_seed(sample.seed)
     captions: list[str] = []
     for i in range(0, len(images), batch_size):

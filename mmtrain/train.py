@@ -31,8 +31,7 @@ from mmtrain.components.metrics import MetricsLogger, peak_flops
 from mmtrain.components.optimizer import build_optimizer, deepspeed_config
 from mmtrain.components.preemption import PreemptionWatch
 from mmtrain.config import Config, save_config
-from mmtrain.models import build_model
-from mmtrain.models.causalfusion import training_flops, training_inputs
+from mmtrain.models import build_model, family
 from mmtrain.models.diffusion import build_diffusion
 from mmtrain.tokenize.image import build_image_tokenizer, patchify
 from mmtrain.tokenize.text import TextTokenizer
@@ -239,9 +238,10 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
     if cfg.train.init_from and point is None:
         load_initial_weights(model, cfg.train.init_from)
     if cfg.train.compile:
-        for block in model.blocks:
+        for block in model.transformer_blocks():
             block.compile()
     diffusion = build_diffusion(cfg.diffusion)
+    model_family = family(model)
     opt, sched = build_optimizer(model, cfg.optim, cfg.train.steps, cfg.train.offload)
 
     import deepspeed
@@ -299,10 +299,10 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
                     latents = data.latents if data.latents is not None else image_tok.encode(data.images)
                     tokens = patchify(latents, cfg.model.patch_size).to(dtype)
                 if text_tok is not None:
-                    batch = training_inputs(model, tokens, diffusion, gen, rng, text=data.text, text_len=data.text_len)
+                    batch = model_family.training_inputs(model, tokens, diffusion, gen, rng, text=data.text, text_len=data.text_len)
                 else:
                     check_labels(data.labels, cfg.model.num_classes, data.keys)
-                    batch = training_inputs(model, tokens, diffusion, gen, rng, labels=data.labels)
+                    batch = model_family.training_inputs(model, tokens, diffusion, gen, rng, labels=data.labels)
                 out = engine(**batch)
                 if not _all_finite(out["loss"]):
                     last = checkpoint.latest_tag(run_dir)
@@ -313,7 +313,7 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
                 if cfg.train.zero_stage == 0 and micro == cfg.train.grad_accum - 1:
                     grad_norm = _full_grad_norm(engine.module)  # DeepSpeed reports none without ZeRO
                 engine.step()
-                window.add(out, training_flops(model, len(data.keys), out["sequence_length"]))
+                window.add(out, model_family.training_flops(model, len(data.keys), out["sequence_length"]))
             step += 1
             samples_seen += samples_per_step
             if step == start_step + 1:  # optimizer state now exists; init transients are over

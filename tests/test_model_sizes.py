@@ -29,3 +29,24 @@ def test_paper_sizes(name, shape, millions):
     assert n == official_param_count(*shape)
     assert round(n / 1e6) == millions
     assert model.pos_embed.requires_grad and cfg.model.grad_checkpoint
+
+
+def test_transdiff_l_config_has_the_papers_size():
+    """TransDiff-L is 683M parameters in the paper. Counted independently from the official
+    layer list: 2 x 16 encoder blocks, 16 decoder blocks, z_proj (C -> D) and one mask token;
+    mmtrain drops the 1-step model's dead z_proj and learns one query per slot (+255 x D)."""
+    cfg = load_config(CONFIGS / "transdiff_l.yaml")
+    from mmtrain.models.transdiff import TransDiff
+
+    with torch.device("meta"):
+        model = TransDiff(cfg.model, latent_channels=16, latent_size=cfg.data.image_size // 16)
+    D, C, L = 1024, 16, 256
+    ln = 2 * D
+    enc_block = 2 * ln + (3 * D * D + 3 * D) + (D * D + D) + (4 * D * D + 4 * D) + (4 * D * D + D)
+    dec_block = 3 * ln + (3 * D * D + 3 * D) + (D * D + D) + 4 * (D * D + D) + (4 * D * D + 4 * D) + (4 * D * D + D) + 6 * D
+    decoder = (C * D + D) + L * D + (256 * D + D) + (D * D + D) + (6 * D * D + 6 * D) + (D * D + D) + 16 * dec_block \
+        + (D * C + C) + 2 * D
+    official = 1000 * D + D + (C * D + D) + ln + D + (64 + L) * D + 32 * enc_block + ln + L * D + decoder
+    assert round(official / 1e6) == 683
+    n = sum(p.numel() for p in model.parameters())
+    assert n == official - (C * D + D) + (L - 1) * D

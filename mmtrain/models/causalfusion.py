@@ -36,86 +36,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from mmtrain.models.config import ModelConfig
+
 # what a slot embeds
 PAD, TEXT, CLASS, CLEAN, NOISY = 0, 1, 2, 3, 4
 # how a slot attends (see attention_allowed)
 ROLE_PAD, ROLE_BIDIR, ROLE_CAUSAL, ROLE_CLEAN, ROLE_NOISY = 0, 1, 2, 3, 4
-
-
-@dataclass
-class ModelConfig:
-    """Model shape and training objective.
-
-    Args:
-        hidden_size: width D. Default 192.
-        depth: transformer blocks. Default 6.
-        num_heads: attention heads. Default 6.
-        mlp_ratio: MLP hidden = mlp_ratio * D. Default 4.0.
-        patch_size: latent pixels per token side. Default 4.
-        condition: ``text`` (multimodal: prompts, captions) or ``class`` (the official
-            class-conditional model: ``num_cond_tokens`` tokens from a label embedding).
-            Default ``text``.
-        num_classes: labels in class mode; label ``num_classes`` is the null class used
-            for classifier-free guidance. Default 1000.
-        num_cond_tokens: condition tokens per label in class mode. Default 4.
-        trainable_pos: learn the image position embedding (starts as 2-D sin-cos; the
-            official L/XL/H models learn it). Default false.
-        max_text_len: text slots T including <s> and </s>. Default 32.
-        ar_step_decay: P(S = k) proportional to decay^(k-1) when drawing AR steps. Default 0.9.
-        max_ar_weight: diffusion-loss weight of the first AR step. Default 2.0.
-        min_ar_weight: weight of the last AR step. Default 1.0.
-        ar_weight_schedule: ``linear`` or ``cosine`` between the two. Default ``linear``.
-        text_loss_weight: coefficient of the text cross-entropy. Default 1.0.
-        cond_drop_prob: probability to drop the prompt or label (for classifier-free
-            guidance). Default 0.1.
-        caption_prob: fraction of samples laid out image -> text (text mode). Default 0.5.
-        pack_length: pack the samples of a batch into rows of this many slots, dropping
-            their padding (first-fit; samples in one row never see each other); 0 = one
-            row per sample. Must be at least the longest sample. Default 0.
-        attention: ``sdpa`` (boolean mask, any device) or ``flex`` (FlexAttention block
-            mask built from the slot roles, no N x N matrix; compiled on CUDA; on CPU it
-            runs forward only, so CPU training needs ``sdpa``). Same numbers. Default ``sdpa``.
-        grad_checkpoint: recompute block activations in backward. Default false.
-    """
-
-    hidden_size: int = 192
-    depth: int = 6
-    num_heads: int = 6
-    mlp_ratio: float = 4.0
-    patch_size: int = 4
-    condition: str = "text"
-    num_classes: int = 1000
-    num_cond_tokens: int = 4
-    trainable_pos: bool = False
-    max_text_len: int = 32
-    ar_step_decay: float = 0.9
-    max_ar_weight: float = 2.0
-    min_ar_weight: float = 1.0
-    ar_weight_schedule: str = "linear"
-    text_loss_weight: float = 1.0
-    cond_drop_prob: float = 0.1
-    caption_prob: float = 0.5
-    pack_length: int = 0
-    attention: str = "sdpa"
-    grad_checkpoint: bool = False
-
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
-        if self.hidden_size % 4:
-            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by 4 (2-D sin-cos positions)")
-        if self.condition not in ("text", "class"):
-            raise ValueError(f"model.condition: expected 'text' or 'class', got {self.condition!r}")
-        if self.ar_weight_schedule not in ("linear", "cosine"):
-            raise ValueError(f"model.ar_weight_schedule: expected 'linear' or 'cosine', got {self.ar_weight_schedule!r}")
-        if self.attention not in ("sdpa", "flex"):
-            raise ValueError(f"model.attention: expected 'sdpa' or 'flex', got {self.attention!r}")
-        if not 0.0 <= self.caption_prob <= 1.0:
-            raise ValueError(f"model.caption_prob: expected a probability, got {self.caption_prob}")
-        if self.max_text_len < 2:
-            raise ValueError(f"model.max_text_len: expected >= 2, got {self.max_text_len}")
-        if self.num_classes < 1 or self.num_cond_tokens < 1:
-            raise ValueError(f"model.num_classes and model.num_cond_tokens must be >= 1, got {self.num_classes}, {self.num_cond_tokens}")
 
 
 # --------------------------------------------------------------------------- AR split
@@ -485,6 +411,10 @@ class CausalFusion(nn.Module):
             h = torch.where((lay.kind == CLASS)[..., None], cls, h)
         return torch.where((lay.kind == PAD)[..., None], torch.zeros_like(h), h)
 
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The blocks ``train.compile`` compiles one by one."""
+        return list(self.blocks)
+
     def run_blocks(self, h: torch.Tensor, mask, caches: list | None = None, update_cache: bool = False) -> torch.Tensor:
         """Transformer blocks then the final norm. ``mask``: bool (B, N, Nk) or a flex BlockMask."""
         for i, block in enumerate(self.blocks):
@@ -763,7 +693,7 @@ def sample_image_tokens(model: CausalFusion, diffusion, *, ar_steps: int, genera
                         text: torch.Tensor | None = None, text_len: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                         cfg_scale: float = 1.0, cfg_schedule: str = "constant", cfg_interval: tuple[float, float] = (0.0, 1000.0),
                         use_cache: bool = True, clip_x0: float = 0.0, known_tokens: torch.Tensor | None = None,
-                        known_mask: torch.Tensor | None = None) -> torch.Tensor:
+                        known_mask: torch.Tensor | None = None, flow_options: dict | None = None) -> torch.Tensor:
     """Condition -> image tokens (B, L, P, raster order) in ``ar_steps`` AR steps.
 
     Each step denoises its subset of tokens (a random order, cut evenly) with the full
@@ -774,6 +704,8 @@ def sample_image_tokens(model: CausalFusion, diffusion, *, ar_steps: int, genera
     kept. Kept tokens enter as the clean tokens of a first AR step (the model saw such
     partial contexts in training: any subset can be an earlier step); only the others
     are generated, in ``ar_steps`` steps.
+
+    ``flow_options`` (rectified flow only): the sampler's ``sampler``, ``drift_scale``, ``noise_scale``.
     """
     cond = {"text": text, "text_len": text_len, "labels": labels}
     B = (labels if model.cfg.condition == "class" else text).shape[0]
@@ -815,7 +747,7 @@ def sample_image_tokens(model: CausalFusion, diffusion, *, ar_steps: int, genera
             return guided(pred, guidance_scale(cfg_scale, cfg_schedule, progress, float(t[0]), cfg_interval))
 
         noise = torch.randn(B, size, P, generator=generator).to(dev)
-        x0 = diffusion.sample(model_fn, noise, generator=generator, clip_x0=clip_x0)
+        x0 = diffusion.sample(model_fn, noise, generator=generator, clip_x0=clip_x0, **(flow_options or {}))
         out.scatter_(1, pos[..., None].expand(B, size, P), x0.to(dtype))
         if s < len(split) - 1:
             ctx.add_clean(dup(model.image_embed(x0, pos)))

@@ -34,6 +34,9 @@ FLOW_TIME_SCALE = 1000.0
 _PROCESSES = ("ddpm", "rectified_flow")
 _VARIANCES = ("fixed_large", "fixed_small")
 _FLOW_T_SAMPLING = ("uniform", "logit_normal")
+FLOW_SAMPLERS = ("euler", "euler_maruyama")
+# the Euler-Maruyama chain stops its noisy steps here (the score ~ 1/t blows up at 0)
+SDE_T_MIN = 0.04
 
 
 @dataclass
@@ -350,23 +353,53 @@ class RectifiedFlow:
         noise: torch.Tensor,
         generator: torch.Generator | None = None,
         clip_x0: float = 0.0,
+        sampler: str = "euler",
+        drift_scale: float = 1.0,
+        noise_scale: float = 1.0,
     ) -> torch.Tensor:
-        """Euler-integrate from ``noise`` (t=1) to t=0; ``model_fn(x_t, t * 1000)`` predicts the velocity.
+        """Integrate from ``noise`` (t=1) to t=0; ``model_fn(x_t, t * 1000)`` predicts the velocity.
 
         ``t_model`` is a (B,) float32 tensor. ``clip_x0 > 0`` clamps the implied clean
         sample ``x_t - t v`` to ``[-clip_x0, clip_x0]`` and recomputes ``v`` from it.
-        The sampler is deterministic (``generator`` is accepted for interface parity
-        and unused). The chain runs in ``noise``'s dtype and device.
+        The chain runs in ``noise``'s dtype and device.
+
+        ``sampler``: ``euler`` (the ODE; deterministic, ``generator`` unused) or
+        ``euler_maruyama`` (the reverse SDE with diffusion g^2 = 2t, as the official
+        TransDiff sampler): the drift is ``v - t * score = (2 - t) v + x_t`` (the score of
+        the linear path is ``((t - 1) v - x_t) / t``), each of the first ``steps - 1``
+        steps adds ``noise_scale * sqrt(2 t |dt|)`` Gaussian noise drawn from
+        ``generator``, the drift is multiplied by ``drift_scale``, and the grid stops at
+        t = 0.04 before one last noise-free Euler step to 0 (unscaled drift, as official).
         """
-        del generator
+        if sampler == "euler_maruyama":
+            return self._sample_sde(model_fn, noise, generator, clip_x0, drift_scale, noise_scale)
+        if sampler != "euler":
+            raise ValueError(f"sample.flow_sampler: expected 'euler' or 'euler_maruyama', got {sampler!r}")
         x = noise
         times = self.sample_times
         for i in range(self.sample_steps):
             t, t_next = float(times[i]), float(times[i + 1])
-            t_model = torch.full((x.shape[0],), t * FLOW_TIME_SCALE, device=x.device, dtype=torch.float32)
-            v = model_fn(x, t_model).to(x.dtype)
-            if clip_x0 > 0:
-                x0 = (x - t * v).clamp(-clip_x0, clip_x0)
-                v = (x - x0) / t
-            x = x + (t_next - t) * v
+            x = x + (t_next - t) * self._velocity(model_fn, x, t, clip_x0)
+        return x
+
+    def _velocity(self, model_fn: ModelFn, x: torch.Tensor, t: float, clip_x0: float) -> torch.Tensor:
+        t_model = torch.full((x.shape[0],), t * FLOW_TIME_SCALE, device=x.device, dtype=torch.float32)
+        v = model_fn(x, t_model).to(x.dtype)
+        if clip_x0 > 0:
+            x0 = (x - t * v).clamp(-clip_x0, clip_x0)
+            v = (x - x0) / t
+        return v
+
+    def _sample_sde(self, model_fn: ModelFn, noise: torch.Tensor, generator: torch.Generator | None, clip_x0: float,
+                    drift_scale: float, noise_scale: float) -> torch.Tensor:
+        grid = np.concatenate([np.linspace(1.0, SDE_T_MIN, self.sample_steps), [0.0]])
+        times = self.shift * grid / (1.0 + (self.shift - 1.0) * grid)
+        x = noise
+        for i in range(self.sample_steps):
+            t, t_next = float(times[i]), float(times[i + 1])
+            drift = (2.0 - t) * self._velocity(model_fn, x, t, clip_x0) + x
+            if i == self.sample_steps - 1:
+                return x + (t_next - t) * drift
+            eps = _draw_normal(x.shape, x, generator)
+            x = x + drift_scale * (t_next - t) * drift + noise_scale * math.sqrt(2.0 * t * (t - t_next)) * eps
         return x

@@ -1,0 +1,147 @@
+"""Model configs: :class:`ModelConfig` (the ``model:`` section) with its TransDiff part.
+
+``model.family`` picks the architecture: ``causalfusion`` (one decoder-only transformer,
+:mod:`mmtrain.models.causalfusion`) or ``transdiff`` (an AR encoder plus a flow decoder,
+:mod:`mmtrain.models.transdiff`). The shared fields (width, depth, condition, text
+length, CFG drop) mean the same for both; the encoder of TransDiff is ``depth`` blocks of
+``hidden_size``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FAMILIES = ("causalfusion", "transdiff")
+
+
+@dataclass
+class TransDiffConfig:
+    """The ``model.transdiff`` section (used when ``model.family=transdiff``).
+
+    Args:
+        decoder_depth: flow-decoder blocks (adaLN self-attention, cross-attention to the
+            encoder features, MLP). Default 4.
+        decoder_hidden_size: decoder width W; 0 = ``model.hidden_size`` (as every
+            official size). Default 0.
+        decoder_heads: decoder attention heads; 0 = ``model.num_heads``. Default 0.
+        buffer_size: class mode: condition slots, each holding the class embedding (the
+            official "buffer"). Text mode uses ``model.max_text_len`` text slots. Default 64.
+        num_queries: learned query tokens whose encoder outputs the decoder attends to;
+            0 = one per image token (the official 1-step model). Default 0.
+        mrar_refs: Multi-Reference Autoregression: reference images K before the final
+            one. 0 = plain TransDiff (one image per condition). Default 0.
+        ref_patch: a reference image enters the encoder as tokens of ``ref_patch`` x
+            ``ref_patch`` image tokens (official MRAR: 2, so 64 tokens per 256-token image). Default 2.
+        condition_sees_query: class mode: condition slots also attend to the query block
+            (the official 1-step encoder is fully bidirectional; its MRAR encoder is
+            block-causal and sets this false). Default true.
+        diffusion_batch_mul: decoder loss evaluated at this many (t, noise) draws per
+            image, reusing the encoder features (official ``diffusion_batch_mul``). Default 1.
+        dropout: attention and projection dropout in encoder and decoder (official 0.1). Default 0.0.
+    """
+
+    decoder_depth: int = 4
+    decoder_hidden_size: int = 0
+    decoder_heads: int = 0
+    buffer_size: int = 64
+    num_queries: int = 0
+    mrar_refs: int = 0
+    ref_patch: int = 2
+    condition_sees_query: bool = True
+    diffusion_batch_mul: int = 1
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("decoder_depth", "buffer_size", "ref_patch", "diffusion_batch_mul"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.transdiff.{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("decoder_hidden_size", "decoder_heads", "num_queries", "mrar_refs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.transdiff.{name}: expected >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.transdiff.dropout: expected a probability in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ModelConfig:
+    """Model shape and training objective.
+
+    Args:
+        hidden_size: width D. Default 192.
+        depth: transformer blocks. Default 6.
+        num_heads: attention heads. Default 6.
+        mlp_ratio: MLP hidden = mlp_ratio * D. Default 4.0.
+        patch_size: latent pixels per token side. Default 4.
+        condition: ``text`` (multimodal: prompts, captions) or ``class`` (the official
+            class-conditional model: ``num_cond_tokens`` tokens from a label embedding).
+            Default ``text``.
+        num_classes: labels in class mode; label ``num_classes`` is the null class used
+            for classifier-free guidance. Default 1000.
+        num_cond_tokens: condition tokens per label in class mode. Default 4.
+        trainable_pos: learn the image position embedding (starts as 2-D sin-cos; the
+            official L/XL/H models learn it). Default false.
+        max_text_len: text slots T including <s> and </s>. Default 32.
+        ar_step_decay: P(S = k) proportional to decay^(k-1) when drawing AR steps. Default 0.9.
+        max_ar_weight: diffusion-loss weight of the first AR step. Default 2.0.
+        min_ar_weight: weight of the last AR step. Default 1.0.
+        ar_weight_schedule: ``linear`` or ``cosine`` between the two. Default ``linear``.
+        text_loss_weight: coefficient of the text cross-entropy. Default 1.0.
+        cond_drop_prob: probability to drop the prompt or label (for classifier-free
+            guidance). Default 0.1.
+        caption_prob: fraction of samples laid out image -> text (text mode). Default 0.5.
+        pack_length: pack the samples of a batch into rows of this many slots, dropping
+            their padding (first-fit; samples in one row never see each other); 0 = one
+            row per sample. Must be at least the longest sample. Default 0.
+        attention: ``sdpa`` (boolean mask, any device) or ``flex`` (FlexAttention block
+            mask built from the slot roles, no N x N matrix; compiled on CUDA; on CPU it
+            runs forward only, so CPU training needs ``sdpa``). Same numbers. Default ``sdpa``.
+        grad_checkpoint: recompute block activations in backward. Default false.
+        family: ``causalfusion`` or ``transdiff``. Default ``causalfusion``. TransDiff
+            ignores the AR-split, caption and packing knobs and needs
+            ``diffusion.process=rectified_flow``.
+        transdiff: the TransDiff part, see :class:`TransDiffConfig`.
+    """
+
+    hidden_size: int = 192
+    depth: int = 6
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    patch_size: int = 4
+    condition: str = "text"
+    num_classes: int = 1000
+    num_cond_tokens: int = 4
+    trainable_pos: bool = False
+    max_text_len: int = 32
+    ar_step_decay: float = 0.9
+    max_ar_weight: float = 2.0
+    min_ar_weight: float = 1.0
+    ar_weight_schedule: str = "linear"
+    text_loss_weight: float = 1.0
+    cond_drop_prob: float = 0.1
+    caption_prob: float = 0.5
+    pack_length: int = 0
+    attention: str = "sdpa"
+    grad_checkpoint: bool = False
+    family: str = "causalfusion"
+    transdiff: TransDiffConfig = field(default_factory=TransDiffConfig)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family: expected one of {FAMILIES}, got {self.family!r}")
+        if self.family == "transdiff" and (self.attention != "sdpa" or self.pack_length):
+            raise ValueError("model.family=transdiff runs SDPA on unpacked rows: set model.attention=sdpa and model.pack_length=0")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+        if self.hidden_size % 4:
+            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by 4 (2-D sin-cos positions)")
+        if self.condition not in ("text", "class"):
+            raise ValueError(f"model.condition: expected 'text' or 'class', got {self.condition!r}")
+        if self.ar_weight_schedule not in ("linear", "cosine"):
+            raise ValueError(f"model.ar_weight_schedule: expected 'linear' or 'cosine', got {self.ar_weight_schedule!r}")
+        if self.attention not in ("sdpa", "flex"):
+            raise ValueError(f"model.attention: expected 'sdpa' or 'flex', got {self.attention!r}")
+        if not 0.0 <= self.caption_prob <= 1.0:
+            raise ValueError(f"model.caption_prob: expected a probability, got {self.caption_prob}")
+        if self.max_text_len < 2:
+            raise ValueError(f"model.max_text_len: expected >= 2, got {self.max_text_len}")
+        if self.num_classes < 1 or self.num_cond_tokens < 1:
+            raise ValueError(f"model.num_classes and model.num_cond_tokens must be >= 1, got {self.num_classes}, {self.num_cond_tokens}")
