@@ -225,6 +225,12 @@ def test_flow_samplers_reach_a_point_mass(sampler):
         assert residual.std(0).tolist() == pytest.approx([0.04] * 3, rel=0.1)
     with pytest.raises(ValueError, match="flow_sampler"):
         flow.sample(lambda x, t: x, torch.zeros(1, 3), sampler="heun")
+    # the same flow with an x0-predicting network: the exact prediction is c itself
+    x0_flow = build_diffusion(DiffusionConfig(process="rectified_flow", prediction="x0"), 200)
+    y = x0_flow.sample(lambda x, t: c.expand_as(x), torch.randn(4096, 3, generator=torch.Generator().manual_seed(0)),
+                       generator=torch.Generator().manual_seed(1), sampler=sampler)
+    torch.testing.assert_close(y, x, atol=1e-4, rtol=0)
+    assert torch.equal(x0_flow.target(c, torch.zeros(3)), c) and torch.equal(flow.target(c, torch.zeros(3)), -c)
 
 
 @pytest.mark.parametrize("condition", ["class", "text"])
@@ -282,8 +288,11 @@ def test_transdiff_trains_on_two_zero3_ranks_and_samples_through_the_cli(synthet
     losses = [r["loss"] for r in records]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
     assert all(r["text_loss"] == 0 for r in records)
-    # resumes from the ZeRO-3 checkpoint of step 8 like any run
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000008", "step00000012"]
+    # a second launch resumes from the ZeRO-3 checkpoint of step 12, like any run
+    assert cli.main(["train", config, *common, "train.steps=16"]) == 0
+    resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][len(records):]
+    assert [r["step"] for r in resumed] == [16] and resumed[0]["samples_seen"] == 16 * 8 * 2
 
     capsys.readouterr()
     grid = tmp_path / "grid.png"

@@ -51,10 +51,12 @@ class DiffusionConfig:
             sampling steps when ``build_diffusion`` gets none. Default 1000.
         beta_schedule: ddpm only: only ``linear`` for now (beta from 1e-4 to 0.02,
             rescaled by 1000 / T as in ADM). Default ``linear``.
-        prediction: ddpm only: what the network outputs: ``eps`` (the added noise, as
+        prediction: what the network outputs. ddpm: ``eps`` (the added noise, as
             CausalFusion and DiT) or ``x0`` (the clean tokens; learns coarse structure
-            much sooner, which is what a few-minute CPU run needs). Rectified flow
-            always predicts the velocity ``noise - x0`` and rejects ``x0``. Default ``eps``.
+            much sooner, which is what a few-minute CPU run needs). rectified_flow:
+            ``eps`` means the velocity ``noise - x0`` (as SD3 and TransDiff), ``x0`` the
+            clean tokens, turned into the velocity ``(x_t - x0) / t`` by the sampler
+            (the same flow, with the loss weighted toward high noise). Default ``eps``.
         variance: ddpm only: the sampler's fixed variance: ``fixed_large`` (beta_t, the
             official CausalFusion default) or ``fixed_small`` (the posterior variance;
             the official ``sigma_small=True``). Default ``fixed_large``.
@@ -86,9 +88,6 @@ class DiffusionConfig:
             raise ValueError(f"diffusion.beta_schedule: expected 'linear', got {self.beta_schedule!r}")
         if self.prediction not in ("eps", "x0"):
             raise ValueError(f"diffusion.prediction: expected 'eps' or 'x0', got {self.prediction!r}")
-        if self.process == "rectified_flow" and self.prediction != "eps":
-            raise ValueError(f"diffusion.prediction={self.prediction!r} applies to diffusion.process='ddpm' only; "
-                             "rectified_flow always predicts the velocity (leave prediction at 'eps')")
         if self.num_timesteps < 2:
             raise ValueError(f"diffusion.num_timesteps: expected >= 2, got {self.num_timesteps}")
         if self.variance not in _VARIANCES:
@@ -314,6 +313,7 @@ class RectifiedFlow:
         if cfg.process != "rectified_flow":
             raise ValueError(f"diffusion.process={cfg.process!r}: RectifiedFlow is the 'rectified_flow' process; "
                              "use build_diffusion(cfg) to get the right one")
+        self.predicts_x0 = cfg.prediction == "x0"
         self.t_sampling = cfg.flow_t_sampling
         self.logit_mean = cfg.flow_logit_mean
         self.logit_std = cfg.flow_logit_std
@@ -338,8 +338,8 @@ class RectifiedFlow:
         return t.float() * FLOW_TIME_SCALE
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The velocity ``noise - x0`` the network regresses."""
-        return noise - x0
+        """What the network regresses: the velocity ``noise - x0``, or ``x0`` itself."""
+        return x0 if self.predicts_x0 else noise - x0
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Interpolate clean tokens ``x0`` (B, ...) toward ``noise`` at times ``t`` (B,) in [0, 1]."""
@@ -357,7 +357,8 @@ class RectifiedFlow:
         drift_scale: float = 1.0,
         noise_scale: float = 1.0,
     ) -> torch.Tensor:
-        """Integrate from ``noise`` (t=1) to t=0; ``model_fn(x_t, t * 1000)`` predicts the velocity.
+        """Integrate from ``noise`` (t=1) to t=0; ``model_fn(x_t, t * 1000)`` predicts the velocity
+        (or the clean sample with ``diffusion.prediction=x0``).
 
         ``t_model`` is a (B,) float32 tensor. ``clip_x0 > 0`` clamps the implied clean
         sample ``x_t - t v`` to ``[-clip_x0, clip_x0]`` and recomputes ``v`` from it.
@@ -385,6 +386,9 @@ class RectifiedFlow:
     def _velocity(self, model_fn: ModelFn, x: torch.Tensor, t: float, clip_x0: float) -> torch.Tensor:
         t_model = torch.full((x.shape[0],), t * FLOW_TIME_SCALE, device=x.device, dtype=torch.float32)
         v = model_fn(x, t_model).to(x.dtype)
+        if self.predicts_x0:  # the output is x0; t > 0 at every point the samplers evaluate
+            x0 = v.clamp(-clip_x0, clip_x0) if clip_x0 > 0 else v
+            return (x - x0) / t
         if clip_x0 > 0:
             x0 = (x - t * v).clamp(-clip_x0, clip_x0)
             v = (x - x0) / t
