@@ -231,7 +231,7 @@ def test_flow_chain_runs_in_the_noise_dtype():
 
 @pytest.mark.parametrize(("kwargs", "key"), [
     ({"process": "ddim"}, "diffusion.process"),
-    ({"process": "rectified_flow", "prediction": "x0"}, "diffusion.prediction"),
+    ({"process": "rectified_flow", "prediction": "v"}, "diffusion.prediction"),
     ({"variance": "learned"}, "diffusion.variance"),
     ({"flow_t_sampling": "beta"}, "diffusion.flow_t_sampling"),
     ({"flow_logit_std": 0.0}, "diffusion.flow_logit_std"),
