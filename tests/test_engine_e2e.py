@@ -163,8 +163,18 @@ def test_a_dead_rank_ends_the_job_with_an_error(synthetic_data, tmp_path):
         assert code != 0
         assert time.time() - t0 < 60  # the launcher tears the job down; nobody waits out a collective
     finally:
+        # the ranks run in sessions of their own (torchrun), so a failed test kills them by name, not by group
+        try:
+            leftovers = psutil.Process(job.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            leftovers = []
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
+        for p in leftovers:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 def test_resume_on_another_world_size_goes_through_a_universal_checkpoint(synthetic_data, tmp_path, capfd):
