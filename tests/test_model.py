@@ -74,7 +74,9 @@ def test_loss_decreases_when_overfitting_one_batch(condition, process):
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 @pytest.mark.parametrize("condition", ["text", "class"])
 def test_kv_cache_sampler_equals_uncached(ar_steps, cfg_scale, condition):
-    model = tiny_model() if condition == "text" else class_model()
+    # float64: the untrained model's samples reach |x| ~ 600, where float32 rounding alone
+    # differs by a few 1e-4 between the cached and the full attention kernels on some CPUs
+    model = (tiny_model() if condition == "text" else class_model()).double()
     _, text, text_len = batch(B=2)
     cond = dict(text=text, text_len=text_len) if condition == "text" else dict(labels=torch.tensor([1, 4]))
     diffusion = GaussianDiffusion(DiffusionConfig(), sample_steps=4)
@@ -181,8 +183,9 @@ def test_guidance_schedule_changes_samples_and_stays_cache_exact(schedule):
 
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_editing_keeps_known_tokens_and_regenerates_the_rest(use_cache):
-    model = tiny_model()
+    model = tiny_model().double()  # float64 for the cached = uncached check, as above
     tokens, text, text_len = batch(B=2)
+    tokens = tokens.double()
     diffusion = GaussianDiffusion(DiffusionConfig(), sample_steps=4)
     keep = torch.zeros(16, dtype=torch.bool)
     keep[:8] = True  # top half kept, bottom half regenerated (outpainting)
