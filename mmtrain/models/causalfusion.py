@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from mmtrain.models.base import ImageTokenModel
 from mmtrain.models.config import ModelConfig
 
 # what a slot embeds
@@ -329,23 +330,11 @@ def pack_layout(lay: Layout, length: int) -> Layout:
     return Layout(**packed)
 
 
-class CausalFusion(nn.Module):
+class CausalFusion(ImageTokenModel):
     """The decoder. ``forward`` returns the training losses."""
 
     def __init__(self, cfg: ModelConfig, latent_channels: int, latent_size: int, vocab_size: int = 0, special_ids: dict | None = None):
-        super().__init__()
-        if latent_size % cfg.patch_size:
-            raise ValueError(f"latent size {latent_size} is not divisible by model.patch_size {cfg.patch_size}")
-        if cfg.condition == "text" and (vocab_size < 1 or not special_ids):
-            raise ValueError("model.condition=text needs a text tokenizer (vocab_size and special ids)")
-        self.cfg = cfg
-        self.vocab_size = vocab_size
-        self.latent_channels = latent_channels
-        self.latent_size = latent_size
-        self.grid = latent_size // cfg.patch_size
-        self.num_image_tokens = self.grid**2
-        self.token_dim = cfg.patch_size**2 * latent_channels
-        self.ids = dict(special_ids or {})  # pad, bos, eos, boi, eoi
+        super().__init__(cfg, latent_channels, latent_size, vocab_size, special_ids)
         D = cfg.hidden_size
 
         self.x_proj = nn.Linear(self.token_dim, D)
@@ -365,11 +354,7 @@ class CausalFusion(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        self._init_linear_layers()
         if self.cfg.condition == "text":
             nn.init.normal_(self.tok_embed.weight, std=0.02)
             nn.init.normal_(self.text_pos, std=0.02)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mmtrain.models.causalfusion import guidance_scale, guided
+from mmtrain.models.base import ImageTokenModel
 from mmtrain.models.config import ModelConfig
 
 LN_EPS = 1e-6  # the official norm_layer
@@ -251,26 +252,14 @@ def reference_tokens(image_tokens: torch.Tensor, grid: int, ref_patch: int) -> t
     return x.reshape(*lead, (g // r) ** 2, r * r * P)
 
 
-class TransDiff(nn.Module):
+class TransDiff(ImageTokenModel):
     """Encoder + flow decoder. ``forward`` returns the training losses."""
 
     def __init__(self, cfg: ModelConfig, latent_channels: int, latent_size: int, vocab_size: int = 0, special_ids: dict | None = None):
-        super().__init__()
+        super().__init__(cfg, latent_channels, latent_size, vocab_size, special_ids)
         td = cfg.transdiff
-        if latent_size % cfg.patch_size:
-            raise ValueError(f"latent size {latent_size} is not divisible by model.patch_size {cfg.patch_size}")
-        if cfg.condition == "text" and (vocab_size < 1 or not special_ids):
-            raise ValueError("model.condition=text needs a text tokenizer (vocab_size and special ids)")
-        self.cfg = cfg
-        self.vocab_size = vocab_size
-        self.latent_channels = latent_channels
-        self.latent_size = latent_size
-        self.grid = latent_size // cfg.patch_size
         if self.grid % td.ref_patch:
             raise ValueError(f"model.transdiff.ref_patch {td.ref_patch} does not divide the {self.grid}x{self.grid} token grid")
-        self.num_image_tokens = self.grid**2
-        self.token_dim = cfg.patch_size**2 * latent_channels
-        self.ids = dict(special_ids or {})
         self.num_queries = td.num_queries or self.num_image_tokens
         self.ref_len = (self.grid // td.ref_patch) ** 2
         self.cond_len = td.buffer_size if cfg.condition == "class" else cfg.max_text_len
@@ -298,11 +287,7 @@ class TransDiff(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        self._init_linear_layers()
         for p in (self.mask_token, self.encoder_pos_embed_learned, self.diffusion_pos_embed_learned,
                   self.decoder.diffusion_pos_embed_learned):
             nn.init.normal_(p, std=0.02)
