@@ -54,3 +54,7 @@ def test_bad_inputs_are_named(tmp_path):
     ann.write_text(json.dumps({"annotations": [{"image_id": 7}]}))
     with pytest.raises(ValueError, match=r"annotations\[0\] needs 'image_id' and a string 'caption'"):
         load_coco_references(ann)
+    for text in ("[]", "{not json", '{"annotations": 3}'):
+        ann.write_text(text)
+        with pytest.raises(ValueError, match="captions_val.json: expected COCO captions JSON with an 'annotations' list"):
+            load_coco_references(ann)

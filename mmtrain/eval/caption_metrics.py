@@ -51,20 +51,31 @@ def score_captions(references: dict[str, list[str]], candidates: dict[str, str],
     return scores
 
 
-def load_coco_references(annotation_file: str | Path) -> dict[str, list[str]]:
-    """``captions_*.json`` of COCO (``{"annotations": [{"image_id", "caption"}, ...]}``) ->
-    image id (as a string) -> its reference captions."""
+def read_coco_captions(annotation_file: str | Path) -> dict:
+    """Parse a COCO ``captions_*.json``; errors name the file."""
     path = Path(annotation_file)
     try:
         data = json.loads(path.read_text())
-        annotations = data["annotations"]
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such annotation file") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except json.JSONDecodeError:
         raise ValueError(f"{path}: expected COCO captions JSON with an 'annotations' list") from None
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise ValueError(f"{path}: expected COCO captions JSON with an 'annotations' list")
+    return data
+
+
+def coco_references(data: dict, annotation_file: str | Path) -> dict[str, list[str]]:
+    """Parsed COCO captions (``{"annotations": [{"image_id", "caption"}, ...]}``) ->
+    image id (as a string) -> its reference captions."""
     refs: dict[str, list[str]] = {}
-    for n, ann in enumerate(annotations):
+    for n, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
-            raise ValueError(f"{path}: annotations[{n}] needs 'image_id' and a string 'caption', got {ann!r:.80}")
+            raise ValueError(f"{annotation_file}: annotations[{n}] needs 'image_id' and a string 'caption', got {ann!r:.80}")
         refs.setdefault(str(ann["image_id"]), []).append(ann["caption"])
     return refs
+
+
+def load_coco_references(annotation_file: str | Path) -> dict[str, list[str]]:
+    """``captions_*.json`` of COCO -> image id (as a string) -> its reference captions."""
+    return coco_references(read_coco_captions(annotation_file), annotation_file)

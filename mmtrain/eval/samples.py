@@ -2,7 +2,6 @@
 COCO-style caption annotation file, with images at the model's size."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,11 +58,12 @@ class CocoEvalSet:
     in the file's image order; every caption of an image is a reference."""
 
     def __init__(self, annotation_file: str, image_dir: str, num: int, image_size: int, resize_mode: str = "center_crop"):
-        from mmtrain.eval.caption_metrics import load_coco_references
+        from mmtrain.eval.caption_metrics import coco_references, read_coco_captions
 
         path = Path(annotation_file)
-        refs = load_coco_references(path)
-        images = json.loads(path.read_text()).get("images")
+        data = read_coco_captions(path)
+        refs = coco_references(data, path)
+        images = data.get("images")
         if not isinstance(images, list):
             raise ValueError(f"{path}: expected an 'images' list of {{'id', 'file_name'}} next to 'annotations'")
         self.items = []
