@@ -59,7 +59,7 @@ def read_coco_captions(annotation_file: str | Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such annotation file") from None
     except json.JSONDecodeError:
-        raise ValueError(f"{path}: expected COCO captions JSON with an 'annotations' list") from None
+        data = None
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise ValueError(f"{path}: expected COCO captions JSON with an 'annotations' list")
     return data

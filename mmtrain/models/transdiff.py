@@ -37,8 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mmtrain.models.causalfusion import guidance_scale, guided
 from mmtrain.models.base import ImageTokenModel
+from mmtrain.models.causalfusion import guidance_scale, guided
 from mmtrain.models.config import ModelConfig
 
 LN_EPS = 1e-6  # the official norm_layer
