@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmtrain-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# wheels for the GPU machine (no registry there): what benchmarks/gpu_check.py needs beyond its image
+gpu-wheels: $(STAMP)
+	$(PY) benchmarks/gpu_wheels.py --out .whl
 
 clean:
 	rm -rf $(VENV) demo_out

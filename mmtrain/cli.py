@@ -195,7 +195,7 @@ def _sample_cfg(run, overrides: list[str]):
 def cmd_sample(args: argparse.Namespace) -> int:
     from mmtrain.inference import generate_images, image_grid, load_run
 
-    run = load_run(args.run_dir, weights=args.weights)
+    run = load_run(args.run_dir, weights=args.weights, device=args.device, dtype=args.dtype)
     sample = _sample_cfg(run, args.overrides)
     conditions = _conditions(run, args)
     conditions = [c for c in conditions for _ in range(args.num_per_prompt)]
@@ -223,7 +223,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     from mmtrain.inference import edit_image, image_grid, load_run, region_token_mask
 
-    run = load_run(args.run_dir, weights=args.weights)
+    run = load_run(args.run_dir, weights=args.weights, device=args.device, dtype=args.dtype)
     sample = _sample_cfg(run, args.overrides)
     try:
         image = Image.open(args.image).convert("RGB")
@@ -319,7 +319,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from mmtrain.data.shards import iter_shard_samples
     from mmtrain.inference import caption_images, load_run
 
-    run = load_run(args.run_dir, weights=args.weights)
+    run = load_run(args.run_dir, weights=args.weights, device=args.device, dtype=args.dtype)
     sample = _sample_cfg(run, args.overrides)
     if args.shards:
         items = [(s["key"], s["image"]) for s in itertools.islice(iter_shard_samples(args.shards), args.num)]
@@ -363,7 +363,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmtrain.train import exit_rank
 
     ranks = init_ranks()
-    run = load_run(args.run_dir, weights=args.weights)
+    run = load_run(args.run_dir, weights=args.weights, device=args.device, dtype=args.dtype)
     eval_overrides = [o.removeprefix("eval.") for o in args.overrides if o.startswith("eval.")]
     sample = _sample_cfg(run, [o for o in args.overrides if not o.startswith("eval.")])
     tree = apply_overrides(dataclasses.asdict(run.cfg.eval), eval_overrides)
@@ -430,6 +430,11 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
                         help="sample (or eval.*) setting override, repeatable, e.g. --set ar_steps=8 --set eval.batch_size=32")
     parser.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
                         help="EMA or trained weights (auto: the EMA when the checkpoint has one)")
+    parser.add_argument("--device", default="auto",
+                        help="where the model (and VAE, Inception, CLIP) runs: auto (this rank's GPU when CUDA is available, "
+                             "else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="compute dtype; bf16/fp16 run under autocast with fp32 weights and diffusion chain")
 
 
 def build_parser() -> argparse.ArgumentParser:

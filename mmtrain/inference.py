@@ -1,5 +1,11 @@
 """Load a trained (or converted) model on one process and use it: condition -> image,
-image -> text, and in-context editing."""
+image -> text, and in-context editing.
+
+A loaded run lives on one device (``--device``: this rank's GPU when there is one) and
+computes in one dtype (``--dtype``): bf16/fp16 run the model and the VAE under autocast
+with the weights and the diffusion chain kept in fp32, so the numbers stay close to fp32.
+The sampling noise is drawn on the CPU from per-batch seeds and copied over, so a GPU
+draws the same noise as a CPU and any split of batches across ranks does too."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,6 +35,15 @@ class LoadedRun:
     checkpoint: str
 
     image_tok_error: str = ""
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32  # compute dtype: autocast below fp32, weights stay as loaded
+
+    def placement(self) -> dict:
+        """Where the numbers were computed, for reports: device type and compute dtype."""
+        return {"device": self.device.type, "dtype": {v: k for k, v in DTYPES.items()}[self.dtype]}
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def require_image_tokenizer(self) -> ImageTokenizer:
         if self.image_tok is None:
@@ -46,6 +61,22 @@ def _image_tokenizer_or_error(cfg: Config) -> tuple[ImageTokenizer | None, str]:
 
 
 WEIGHTS = ("auto", "ema", "model")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def place(run: LoadedRun, device: str | torch.device | None = None, dtype: str = "fp32") -> LoadedRun:
+    """Move the model and the image tokenizer to ``device`` (None/``auto``: this rank's GPU
+    when CUDA is available, else the CPU) and compute in ``dtype`` (fp32, bf16, fp16)."""
+    from mmtrain.distributed import resolve_device
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    run.device = device if isinstance(device, torch.device) else resolve_device(device)
+    run.dtype = DTYPES[dtype]
+    run.model.to(run.device)
+    if run.image_tok is not None:
+        run.image_tok.to(run.device)
+    return run
 
 
 def _check_weights(weights: str) -> None:
@@ -53,7 +84,8 @@ def _check_weights(weights: str) -> None:
         raise ValueError(f"weights={weights!r}: expected one of {WEIGHTS} (auto = the EMA when there is one)")
 
 
-def load_model_dir(path: str | Path, weights: str = "auto") -> LoadedRun:
+def load_model_dir(path: str | Path, weights: str = "auto", device: str | torch.device | None = "cpu",
+                   dtype: str = "fp32") -> LoadedRun:
     """A model directory: ``config.yaml`` + ``model.safetensors`` (+ ``ema.safetensors``), as
     ``mmtrain convert`` and ``mmtrain export`` write. ``weights``: ``auto`` takes the EMA when
     the directory has one, ``ema`` requires it, ``model`` takes the trained weights."""
@@ -81,7 +113,7 @@ def load_model_dir(path: str | Path, weights: str = "auto") -> LoadedRun:
     model.load_state_dict(state, strict=True)
     info = path / "export.json"
     step = json.loads(info.read_text())["step"] if info.is_file() else 0
-    return LoadedRun(cfg, model.eval(), text_tok, image_tok, step, str(file), image_tok_error)
+    return place(LoadedRun(cfg, model.eval(), text_tok, image_tok, step, str(file), image_tok_error), device, dtype)
 
 
 def _build_for_state(cfg: Config, text_tok, image_tok, state: dict) -> Model:
@@ -96,14 +128,16 @@ def _build_for_state(cfg: Config, text_tok, image_tok, state: dict) -> Model:
     return model_class(cfg.model)(cfg.model, latent_channels=P // cfg.model.patch_size**2, latent_size=grid * cfg.model.patch_size)
 
 
-def load_run(run_dir: str | Path, tag: str | None = None, weights: str = "auto") -> LoadedRun:
+def load_run(run_dir: str | Path, tag: str | None = None, weights: str = "auto", device: str | torch.device | None = "cpu",
+             dtype: str = "fp32") -> LoadedRun:
     """Model weights from the run's latest (or ``tag``) DeepSpeed checkpoint, with its config and tokenizers;
     or a model directory written by ``mmtrain convert`` / ``mmtrain export``. ``weights``: see
-    :func:`load_model_dir` (``auto`` = the EMA when the checkpoint has one)."""
+    :func:`load_model_dir` (``auto`` = the EMA when the checkpoint has one); ``device``,
+    ``dtype``: see :func:`place`."""
     _check_weights(weights)
     run_dir = Path(run_dir)
     if (run_dir / "model.safetensors").is_file() and not (run_dir / "checkpoints").is_dir():
-        return load_model_dir(run_dir, weights)
+        return load_model_dir(run_dir, weights, device, dtype)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml); pass the train.run_dir of a training run")
     cfg = load_config(run_dir / "config.yaml")
@@ -119,7 +153,7 @@ def load_run(run_dir: str | Path, tag: str | None = None, weights: str = "auto")
     model = build_model(cfg.model, cfg.data.image_size, text_tok, image_tok)
     model.load_state_dict(state, strict=True)
     model.eval()
-    return LoadedRun(cfg, model, text_tok, image_tok, meta["step"], str(run_dir / "checkpoints"))
+    return place(LoadedRun(cfg, model, text_tok, image_tok, meta["step"], str(run_dir / "checkpoints")), device, dtype)
 
 
 def _condition_batch(run: LoadedRun, conditions: list) -> dict:
@@ -129,9 +163,9 @@ def _condition_batch(run: LoadedRun, conditions: list) -> dict:
         bad = [c for c in labels if not 0 <= c < run.cfg.model.num_classes]
         if bad:
             raise ValueError(f"class labels {bad} outside [0, {run.cfg.model.num_classes}) (model.num_classes)")
-        return {"labels": torch.tensor(labels)}
+        return {"labels": torch.tensor(labels).to(run.device)}
     text, text_len = run.text_tok.encode_batch([str(c) for c in conditions], run.cfg.model.max_text_len)
-    return {"text": text, "text_len": text_len}
+    return {"text": text.to(run.device), "text_len": text_len.to(run.device)}
 
 
 def _sampler_kwargs(run: LoadedRun, sample: SampleConfig) -> dict:
@@ -156,16 +190,17 @@ def generate_tokens(run: LoadedRun, conditions: list, sample: SampleConfig, batc
     out = []
     for b, i in enumerate(range(0, len(conditions), batch_size), start=first_batch):
         cond = _condition_batch(run, conditions[i:i + batch_size])
-        out.append(family(run.model).sample_image_tokens(run.model, diffusion, generator=batch_generator(sample.seed, b), **cond,
-                                                         **_sampler_kwargs(run, sample)))
+        with run.autocast():
+            out.append(family(run.model).sample_image_tokens(run.model, diffusion, generator=batch_generator(sample.seed, b),
+                                                             **cond, **_sampler_kwargs(run, sample)).float())
     return torch.cat(out)
 
 
 def tokens_to_images(run: LoadedRun, tokens: torch.Tensor) -> list[Image.Image]:
     image_tok = run.require_image_tokenizer()
     latent = run.model.latent_size
-    latents = unpatchify(tokens.float(), run.cfg.model.patch_size, latent, latent)
-    with torch.no_grad():
+    latents = unpatchify(tokens.float().to(run.device), run.cfg.model.patch_size, latent, latent)
+    with torch.no_grad(), run.autocast():
         return tensor_to_pil(image_tok.decode(latents))
 
 
@@ -173,8 +208,8 @@ def images_to_tokens(run: LoadedRun, images: list[Image.Image]) -> torch.Tensor:
     image_tok = run.require_image_tokenizer()
     size = run.cfg.data.image_size
     images = [im.convert("RGB").resize((size, size), resample=3) if im.size != (size, size) else im.convert("RGB") for im in images]
-    with torch.no_grad():
-        return patchify(image_tok.encode(pil_to_tensor(images)), run.cfg.model.patch_size)
+    with torch.no_grad(), run.autocast():
+        return patchify(image_tok.encode(pil_to_tensor(images).to(run.device)).float(), run.cfg.model.patch_size)
 
 
 def generate_images(run: LoadedRun, conditions: list, sample: SampleConfig, batch_size: int = 16,
@@ -205,9 +240,10 @@ def edit_image(run: LoadedRun, image: Image.Image, regenerate: torch.Tensor, con
     gen = torch.Generator().manual_seed(sample.seed)
     known = images_to_tokens(run, [image]).expand(num, -1, -1)
     cond = _condition_batch(run, [condition] * num)
-    tokens = family(run.model).sample_image_tokens(run.model, diffusion, generator=gen, known_tokens=known,
-                                                   known_mask=~regenerate.bool(), **cond, **_sampler_kwargs(run, sample))
-    return tokens_to_images(run, tokens)
+    with run.autocast():
+        tokens = family(run.model).sample_image_tokens(run.model, diffusion, generator=gen, known_tokens=known,
+                                                       known_mask=~regenerate.bool(), **cond, **_sampler_kwargs(run, sample))
+    return tokens_to_images(run, tokens.float())
 
 
 def caption_images(run: LoadedRun, images: list[Image.Image], sample: SampleConfig, top_p: float = 0.0, batch_size: int = 32) -> list[str]:
@@ -220,7 +256,8 @@ def caption_images(run: LoadedRun, images: list[Image.Image], sample: SampleConf
     captions: list[str] = []
     for i in range(0, len(images), batch_size):
         tokens = images_to_tokens(run, images[i:i + batch_size])
-        ids = generate_caption_ids(run.model, tokens, sample.max_caption_len, gen, top_p=top_p)
+        with run.autocast():
+            ids = generate_caption_ids(run.model, tokens, sample.max_caption_len, gen, top_p=top_p)
         captions += [run.text_tok.decode(x) for x in ids]
     return captions
 def image_grid(images: list[Image.Image], captions: list[str] | None = None, cols: int = 8, scale: int = 2) -> Image.Image:

@@ -17,12 +17,11 @@ import resource
 import sys
 import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from mmtrain import distributed
 from mmtrain.atomic import atomic_write_bytes
 from mmtrain.components import checkpoint
 from mmtrain.components.data import Batch, build_train_loader
@@ -41,14 +40,6 @@ log = logging.getLogger("mmtrain.train")
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def _init_distributed(cfg: Config) -> tuple[int, int]:
-    import deepspeed
-
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.train.dist_timeout_s))
-    return dist.get_rank(), dist.get_world_size()
 
 
 def check_run_tokenizer(cfg: Config, text_tok: TextTokenizer | None) -> None:
@@ -78,7 +69,7 @@ def _prepare_run_dir(cfg: Config, rank: int, text_tok: TextTokenizer | None) -> 
                 dst = tok_dir / f"text{suffix}"
                 if src.with_suffix(suffix).resolve() != dst.resolve():
                     atomic_write_bytes(dst, src.with_suffix(suffix).read_bytes())
-    dist.barrier()
+    distributed.barrier()
     return run_dir
 
 
@@ -116,17 +107,18 @@ def step_seed(seed: int, step: int, data_slice: int) -> int:
     return (((seed * 1000 + data_slice) * 1_000_003 + step) * 1009) % 2**63
 
 
-def _all_finite(loss: torch.Tensor) -> bool:
-    """Agreed by every rank, so a NaN on one rank stops all of them at the same step."""
-    flag = torch.tensor([float(torch.isfinite(loss.detach()).all())])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def _full_grad_norm(module: torch.nn.Module) -> float:
-    """Global L2 norm of the (already all-reduced) gradients of an unpartitioned model."""
+def _full_grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """Global L2 norm of the (already all-reduced) gradients of an unpartitioned model, on its device."""
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
+    return torch.stack(norms).norm() if norms else torch.zeros(())
+
+
+def _non_finite_error(step: int, losses: list[torch.Tensor], rank: int, run_dir: Path) -> NonFiniteLossError:
+    bad = [float(x) for x in losses if not torch.isfinite(x)]
+    where = f"loss {bad[0]} on rank {rank}" if bad else f"on another rank than {rank}"
+    last = checkpoint.latest_tag(run_dir)
+    return NonFiniteLossError(f"non-finite loss at step {step + 1} ({where}); stopped without saving. "
+                              f"Last good checkpoint: {checkpoint.checkpoint_root(run_dir) / last if last else 'none'}")
 
 
 def reset_peak_memory() -> None:
@@ -153,43 +145,42 @@ def _peak_rss_mb() -> float:
 
 def peak_memory_mb() -> dict:
     """Peak resident memory (and peak CUDA allocation) of a rank since the first step, max over ranks."""
-    stats = torch.tensor([_peak_rss_mb(), torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0],
-                         dtype=torch.float64)
-    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-    out = {"peak_rss_mb": round(stats[0].item(), 1)}
-    if torch.cuda.is_available():
-        out["peak_cuda_mb"] = round(stats[1].item(), 1)
-    return out
+    cuda = torch.cuda.is_available()
+    rss, cuda_mb = distributed.max_over_ranks([_peak_rss_mb(), torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0])
+    return {"peak_rss_mb": round(rss, 1), **({"peak_cuda_mb": round(cuda_mb, 1)} if cuda else {})}
 
 
 class Window:
-    """Running sums between two log lines; ``data_hash`` fingerprints the sample keys this rank saw."""
+    """Running sums between two log lines; ``data_hash`` fingerprints the sample keys this rank saw.
 
-    KEYS = ("loss", "diffusion_loss", "text_loss", "micro_batches", "sequence_tokens", "flops")
+    Losses and token counts add up on the device, so a micro-batch costs no host read;
+    :meth:`record` reads them once per log step."""
 
-    def __init__(self) -> None:
-        self.sums = dict.fromkeys(self.KEYS, 0.0)
+    DEVICE_KEYS = ("loss", "diffusion_loss", "text_loss", "sequence_tokens")
+
+    def __init__(self, dev: torch.device) -> None:
+        self.sums = torch.zeros(len(self.DEVICE_KEYS), dtype=torch.float64, device=dev)
+        self.micro_batches, self.flops = 0, 0.0
         self.t0 = time.perf_counter()
         self.data_hash = hashlib.sha1()
 
     def add(self, out: dict, flops: float) -> None:
-        for k in ("loss", "diffusion_loss", "text_loss", "sequence_tokens"):
-            self.sums[k] += float(out[k].detach())
-        self.sums["micro_batches"] += 1
-        self.sums["flops"] += flops
+        self.sums += torch.stack([out[k].detach().to(torch.float64) for k in self.DEVICE_KEYS])
+        self.micro_batches += 1
+        self.flops += flops
 
     def record(self, micro_batch_size: int, peak: float | None) -> dict:
         """Collective: averages over ranks and the window, throughput summed over ranks."""
-        totals = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64)
-        dist.all_reduce(totals)
-        s = dict(zip(self.KEYS, totals.tolist()))
-        elapsed = time.perf_counter() - self.t0
+        host = torch.tensor([self.micro_batches, self.flops], dtype=torch.float64)
+        totals = distributed.sum_over_ranks(torch.cat([self.sums, distributed.to_device(host, self.sums.device)]))
+        elapsed = time.perf_counter() - self.t0  # after the read: the device has finished the window's work
+        s = dict(zip((*self.DEVICE_KEYS, "micro_batches", "flops"), totals))
         n = max(s["micro_batches"], 1.0)
         rec = {"loss": s["loss"] / n, "diffusion_loss": s["diffusion_loss"] / n, "text_loss": s["text_loss"] / n,
                "samples_per_s": s["micro_batches"] * micro_batch_size / elapsed,
                "tokens_per_s": s["sequence_tokens"] / elapsed}
         if peak is not None:
-            rec["mfu"] = s["flops"] / elapsed / (peak * dist.get_world_size())
+            rec["mfu"] = s["flops"] / elapsed / (peak * distributed.world_size())
         return rec
 
 
@@ -208,7 +199,8 @@ def save_sample_grid(engine, cfg: Config, step: int, data: Batch, text_tok, imag
         # sampling reads the top module's own tensors (pos_embed, text_pos, ...) outside its
         # forward, where ZeRO-3's hooks would gather them: gather them for the duration
         with torch.no_grad(), GatheredParameters(list(module.parameters(recurse=False))):
-            images = generate_images(LoadedRun(cfg, module, text_tok, image_tok, step, ""), conditions, cfg.sample, batch_size=n)
+            images = generate_images(LoadedRun(cfg, module, text_tok, image_tok, step, "", device=distributed.device()), conditions,
+                                     cfg.sample, batch_size=n)
     finally:
         module.train()
     if rank != 0:
@@ -222,7 +214,7 @@ def save_sample_grid(engine, cfg: Config, step: int, data: Batch, text_tok, imag
 def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
     """Train to ``train.steps``, or until ``watch`` reports a preemption signal: then every
     rank saves the current step and the result's ``stopped_by`` says ``requeue`` or ``stop``."""
-    rank, world = _init_distributed(cfg)
+    rank, world, dev = distributed.init(cfg.train.dist_timeout_s, with_deepspeed=True)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     text_tok = TextTokenizer.from_file(cfg.text_model_path) if cfg.model.condition == "text" else None
@@ -231,9 +223,9 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
     if point is not None and point.universal:
         if rank == 0:
             checkpoint.make_universal(run_dir, point)
-        dist.barrier()
+        distributed.barrier()
 
-    image_tok = build_image_tokenizer(cfg.tokenizer.image)
+    image_tok = build_image_tokenizer(cfg.tokenizer.image).to(dev)
     model = build_model(cfg.model, cfg.data.image_size, text_tok, image_tok)
     if cfg.train.init_from and point is None:
         load_initial_weights(model, cfg.train.init_from)
@@ -243,12 +235,16 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
     diffusion = build_diffusion(cfg.diffusion)
     model_family = family(model)
     opt, sched = build_optimizer(model, cfg.optim, cfg.train.steps, cfg.train.offload)
+    # read before DeepSpeed swaps its own tensors into the groups; parameter names per optimizer group: how an offline export finds ZeRO-0's fp32 masters
+    names = {id(p): n for n, p in model.named_parameters()}
+    group_names = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+
 
     import deepspeed
 
     ds_cfg = deepspeed_config(cfg.optim, cfg.train, cfg.model.hidden_size, load_universal=point is not None and point.universal)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
-    ema = ShardedEMA(engine.module, cfg.ema, rank, world) if cfg.ema.enabled else None
+    ema = ShardedEMA(engine.module, cfg.ema, rank, world, engine.optimizer) if cfg.ema.enabled else None
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
     step, samples_seen = 0, 0
@@ -270,11 +266,14 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
     if point is not None and point.meta.get("loader", {}).get("stream") not in (None, loader.stream_identity):
         log.warning("the data config changed since %s (was %s): stream position %d now indexes a different stream",
                     point.tag, point.meta["loader"]["stream"], samples_seen)
-    gen, rng = torch.Generator(), random.Random()
+    # noise, masks, t and token order are drawn where they are used: no copy per micro-batch
+    gen, rng = torch.Generator(device=dev), random.Random()
+    # the VAE encodes on the GPU in bf16 when DeepSpeed trains in bf16 (its tokens are cast to bf16 anyway)
+    encode_autocast = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" and dtype == torch.bfloat16)
     metrics = MetricsLogger(cfg.logging, str(run_dir), cfg.train.steps, step, cfg.to_dict(), enabled=rank == 0)
     peak = peak_flops(cfg.logging, cfg.train.precision)
     samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
-    window = Window()
+    window = Window(dev)
     history: list[dict] = []
 
     def save() -> None:
@@ -282,21 +281,27 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
             "step": step, "samples_seen": samples_seen, "world_size": world, "zero_stage": cfg.train.zero_stage,
             "loader": {"position": samples_seen, "stream": loader.stream_identity},
             "tokenizer_fingerprint": text_tok.fingerprint if text_tok else None, "config": cfg.to_dict(),
+            "param_group_names": group_names,
         }, cfg.checkpoint.keep_last, ema)
 
     data_iter = iter(loader)
-    start_step, grad_norm, saved_step, stopped_by = step, 0.0, -1, None
+    start_step, grad_norm, saved_step, stopped_by = step, torch.zeros(()), -1, None
+    last_micro = cfg.train.grad_accum - 1
     try:
         while step < cfg.train.steps:
+            finite = torch.ones((), dtype=torch.bool, device=dev)  # every loss of this optimizer step so far
+            losses = []
+            logs_now = (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.train.steps
             for micro in range(cfg.train.grad_accum):
                 seed = step_seed(cfg.train.seed, step, micro * world + rank)
                 gen.manual_seed(seed)
                 rng.seed(seed)
                 data = next(data_iter)
                 window.data_hash.update("\n".join(data.keys).encode())
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast(**encode_autocast):
                     # data.use_latents: `mmtrain prep latents` stored image_tok.encode() output (already scaled)
-                    latents = data.latents if data.latents is not None else image_tok.encode(data.images)
+                    latents = (distributed.to_device(data.latents, dev) if data.latents is not None
+                               else image_tok.encode(data.images_on(dev)))
                     tokens = patchify(latents, cfg.model.patch_size).to(dtype)
                 if text_tok is not None:
                     batch = model_family.training_inputs(model, tokens, diffusion, gen, rng, text=data.text, text_len=data.text_len)
@@ -304,14 +309,16 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
                     check_labels(data.labels, cfg.model.num_classes, data.keys)
                     batch = model_family.training_inputs(model, tokens, diffusion, gen, rng, labels=data.labels)
                 out = engine(**batch)
-                if not _all_finite(out["loss"]):
-                    last = checkpoint.latest_tag(run_dir)
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step + 1} (loss {float(out['loss'])} on rank {rank}); stopped without "
-                        f"saving. Last good checkpoint: {checkpoint.checkpoint_root(run_dir) / last if last else 'none'}")
+                finite &= torch.isfinite(out["loss"].detach())
+                losses.append(out["loss"].detach())
                 engine.backward(out["loss"])
-                if cfg.train.zero_stage == 0 and micro == cfg.train.grad_accum - 1:
-                    grad_norm = _full_grad_norm(engine.module)  # DeepSpeed reports none without ZeRO
+                if micro == last_micro:
+                    # one host read per optimizer step, before DeepSpeed applies the update: a NaN
+                    # on any rank stops every rank here, with the weights of the last good step
+                    if not distributed.all_true(finite):
+                        raise _non_finite_error(step, losses, rank, run_dir)
+                    if cfg.train.zero_stage == 0 and logs_now:
+                        grad_norm = _full_grad_norm(engine.module)  # DeepSpeed reports none without ZeRO
                 engine.step()
                 window.add(out, model_family.training_flops(model, len(data.keys), out["sequence_length"]))
             step += 1
@@ -328,7 +335,7 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
                           "samples_seen": samples_seen, "data_hash": window.data_hash.hexdigest()[:16], **peak_memory_mb()}
                 history.append({"step": step, **record})
                 metrics.log(step, record)
-                window = Window()
+                window = Window(dev)
             if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
                 path = save_sample_grid(engine, cfg, step, data, text_tok, image_tok, run_dir, rank)
                 if path is not None:
@@ -343,7 +350,7 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
                             step, cfg.train.steps, stopped_by)
                 break
         del data_iter  # stop the loader's workers before the process group goes
-        dist.barrier()
+        distributed.barrier()
     finally:
         metrics.close()
     if stopped_by is None:
@@ -367,13 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     watch = PreemptionWatch(stop_on_term="SLURM_JOB_ID" in os.environ)
     try:
         result = train(cfg, watch)
-        if result["stopped_by"] == "requeue" and dist.get_rank() == 0:
+        if result["stopped_by"] == "requeue" and distributed.rank() == 0:
             from mmtrain.launch.job import requeue_slurm_job
 
             requeue_slurm_job(cfg.launch.max_timeouts)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.destroy()
     return 0
 
 

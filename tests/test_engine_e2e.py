@@ -54,6 +54,8 @@ def test_zero3_ema_is_the_ema_of_the_weights_and_exports_for_sampling(synthetic_
     for step in range(1, 5):
         weights, meta = load_model_state(run_dir, f"step{step:08d}")
         assert meta["step"] == step
+        if precision == "bf16":  # the fp32 masters, not their bf16 rounding
+            assert any(bool((w.bfloat16().float() != w).any()) for w in weights.values())
         ema = {k: 0.6 * ema[k] + 0.4 * weights[k].float() for k in ema}
     sharded = consolidate(run_dir / "checkpoints" / "step00000004")
     assert set(sharded) == set(ema)
@@ -83,6 +85,37 @@ def test_zero3_ema_is_the_ema_of_the_weights_and_exports_for_sampling(synthetic_
                            "--out", str(tmp_path / "grid.png")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_bf16_export_and_ema_hold_the_fp32_master_weights(synthetic_data, tmp_path, zero_stage):
+    """bf16 at ZeRO-0/1/2: the module DeepSpeed saves is bf16; export and the EMA use the fp32
+    master weights the optimizer updates (the module's bf16 weights are exactly their rounding)."""
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(synthetic_data, run_dir, "train.steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
+                               "ema.decay=0.6", "ema.warmup=false", "logging.log_every=3", "train.precision=bf16",
+                               f"train.zero_stage={zero_stage}")
+    assert cli.main(["train", CONFIG, *overrides]) == 0
+    ema = {k: v.bfloat16().float() for k, v in initial_weights(run_dir).items()}  # the masters start from the bf16 model
+    for step in range(1, 4):
+        weights, _ = load_model_state(run_dir, f"step{step:08d}")
+        module = torch.load(run_dir / "checkpoints" / f"step{step:08d}" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        assert set(weights) == set(module) and all(v.dtype == torch.bfloat16 for v in module.values())
+        for k, w in weights.items():
+            assert w.dtype == torch.float32 and torch.equal(w.bfloat16(), module[k]), k
+        finer = [k for k, w in weights.items() if bool((w.bfloat16().float() != w).any())]
+        assert len(finer) > len(weights) // 2  # trained weights carry bits that bf16 cannot hold
+        ema = {k: 0.6 * ema[k] + 0.4 * weights[k] for k in ema}
+    sharded = consolidate(run_dir / "checkpoints" / "step00000003")
+    assert set(sharded) == set(ema)
+    for k in ema:
+        torch.testing.assert_close(sharded[k], ema[k], rtol=1e-5, atol=1e-6)
+    out = tmp_path / "export"
+    assert cli.main(["export", str(run_dir), "--out", str(out)]) == 0
+    from safetensors.torch import load_file
+
+    exported = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(exported[k], weights[k]) for k in weights)
 
 
 KILL_IN_SAVE = '''

@@ -1,6 +1,7 @@
 """Generation and captioning evaluation: torch-fidelity metrics on real features, the ADM
 reference format, CLIP score through open_clip, missing weights, reports, and ranks."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -255,3 +256,41 @@ def test_eval_caption_on_coco_annotations(model_dir, val_images, tmp_path):
     (images / "000000000001.jpg").unlink()
     assert cli.main(["eval", "caption", str(model_dir), "--coco-annotations", str(tmp_path / "captions.json"),
                      "--coco-images", str(images), "--out", str(out)]) == 2
+
+
+def test_inference_on_an_explicit_device_in_bf16_stays_close_to_fp32(synthetic_data, tmp_path, capsys):
+    """`--device cpu --dtype bf16`: the same sampler and captioner under bf16 autocast; tokens
+    stay within 1% of fp32, greedy captions start the same, reports say where they ran."""
+    from safetensors.torch import load_file, save_file
+
+    from mmtrain.config import SampleConfig
+    from mmtrain.inference import caption_images, generate_tokens, load_run, tokens_to_images
+
+    model = untrained_model_dir(synthetic_data, tmp_path / "model")
+    gen = torch.Generator().manual_seed(1)  # nonzero heads: an untrained model's zero-initialised outputs would hide bf16
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in load_file(str(model / "model.safetensors")).items()}
+    save_file(state, str(model / "model.safetensors"))
+    prompts, sample = ["a red circle", "two blue squares", "a green triangle", "x"], SampleConfig(ar_steps=2, diffusion_steps=5)
+    tokens, captions = {}, {}
+    for dtype in ("fp32", "bf16"):
+        run = load_run(model, device="cpu", dtype=dtype)
+        assert run.placement() == {"device": "cpu", "dtype": dtype}
+        tokens[dtype] = generate_tokens(run, prompts, sample, batch_size=4)
+        captions[dtype] = caption_images(run, tokens_to_images(run, tokens["fp32"]), sample)
+    diff = (tokens["fp32"] - tokens["bf16"]).abs()
+    assert tokens["bf16"].dtype == torch.float32 and 0 < diff.max()  # bf16 did run
+    assert diff.mean() < 0.01 * tokens["fp32"].abs().mean()
+    assert all(len(os.path.commonprefix([a, b])) >= 10 for a, b in zip(captions["fp32"], captions["bf16"]))
+
+    assert cli.main(["sample", str(model), "--prompt", "a red circle", "--num-per-prompt", "2", "--out", str(tmp_path / "s.png"),
+                     "--device", "cpu", "--dtype", "bf16"]) == 0
+    assert cli.main(["caption", str(model), "--shards", synthetic_data["val"], "--num", "2", "--device", "cpu", "--dtype", "bf16"]) == 0
+    out = tmp_path / "gen"
+    assert cli.main(["eval", "generate", str(model), "--num", "4", "--out", str(out), "--device", "cpu", "--dtype", "bf16",
+                     "--set", "eval.feature_extractor=tiny_random", "--set", f"eval.stats_cache={tmp_path / 'cache'}"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert (report["device"], report["dtype"]) == ("cpu", "bf16") and report["settings"][0]["fid"] >= 0
+    if not torch.cuda.is_available():
+        capsys.readouterr()
+        assert cli.main(["sample", str(model), "--prompt", "x", "--device", "cuda", "--out", str(tmp_path / "c.png")]) == 2
+        assert "--device cuda: CUDA is not available" in capsys.readouterr().err

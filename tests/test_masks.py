@@ -167,6 +167,18 @@ def test_flex_attention_matches_sdpa(condition, packed):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
+def test_flex_falls_back_to_sdpa_where_torch_has_no_flex_attention(monkeypatch):
+    from mmtrain.models import causalfusion
+
+    _, lay, _, _ = _random_layout(3, "text")
+    assert not isinstance(lay.attention_mask("flex"), torch.Tensor)  # a BlockMask where flex exists
+    monkeypatch.setattr(causalfusion, "_flex_ok", None)
+    monkeypatch.setitem(__import__("sys").modules, "torch.nn.attention.flex_attention", None)  # import fails
+    with pytest.warns(UserWarning, match="using SDPA with a dense mask"):
+        mask = lay.attention_mask("flex")
+    assert torch.equal(mask, lay.attention_mask("sdpa"))
+
+
 @pytest.mark.parametrize("condition", ["text", "class"])
 def test_packing_isolates_samples_and_keeps_the_losses(condition):
     """Packed rows: fewer, no attention across samples, and the very same losses and gradients."""

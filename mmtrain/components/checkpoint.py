@@ -20,6 +20,7 @@ the unfinished directory.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from mmtrain import distributed
 from mmtrain.atomic import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger("mmtrain.checkpoint")
@@ -82,12 +83,10 @@ def latest_tag(run_dir: str | os.PathLike) -> str | None:
 
 
 def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return distributed.rank(), distributed.world_size()
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+_barrier = distributed.barrier
 
 
 # --------------------------------------------------------------------------- RNG states
@@ -292,7 +291,11 @@ def _unshare_step_counters(engine) -> None:
 def load_model_state(run_dir: str | os.PathLike, tag: str | None = None) -> tuple[dict, dict]:
     """Consolidated fp32 model state dict and client_state, on one process, no DeepSpeed init.
 
-    Works for ZeRO-3 (gathers the per-rank shards) and ZeRO-0/1/2 (full module state).
+    The weights are the fp32 master weights the optimizer updates, also after bf16 training,
+    where the module's own copy is only their bf16 rounding: at ZeRO-1/2/3 gathered from the
+    optimizer partitions of every rank, at ZeRO-0 the full fp32 copies DeepSpeed's
+    mixed-precision optimizer keeps. Parameters no optimizer holds (frozen ones) come from
+    the module state, upcast.
     """
     root = checkpoint_root(run_dir)
     tag = tag or latest_tag(run_dir)
@@ -301,17 +304,39 @@ def load_model_state(run_dir: str | os.PathLike, tag: str | None = None) -> tupl
     ckpt_dir = root / tag
     zero3_files = sorted(ckpt_dir.glob("zero_pp_rank_*_mp_rank_*_model_states.pt"))
     plain_files = sorted(ckpt_dir.glob("mp_rank_*_model_states.pt"))
-    if zero3_files:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        meta = torch.load(zero3_files[0], map_location="cpu", weights_only=False)
-        # frozen parameters come back in the training dtype (bf16); make everything fp32
-        state = {k: v.detach().float() for k, v in get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag).items()}
-    elif plain_files:
-        meta = torch.load(plain_files[0], map_location="cpu", weights_only=False)
-        state = {k: v.float() for k, v in meta["module"].items()}
-    else:
+    # ZeRO-1/2 partitions: zero_pp_rank_* (fp32) or bf16_zero_pp_rank_* (bf16) optimizer files
+    zero12_optim = sorted(ckpt_dir.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")) if not zero3_files else []
+    if not (zero3_files or plain_files):
         raise FileNotFoundError(f"{ckpt_dir}: no DeepSpeed *model_states.pt file")
+    meta = torch.load((zero3_files or plain_files)[0], map_location="cpu", weights_only=False)
     if "mmtrain" not in meta:
         raise ValueError(f"{ckpt_dir}: not an mmtrain checkpoint (no 'mmtrain' client state)")
+    # ZeRO-3's module state holds placeholders: every weight comes from the partitions
+    state = {} if zero3_files else {k: v.detach().float() for k, v in meta["module"].items()}
+    if zero3_files or zero12_optim:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(sys.stderr):  # its progress lines are not the caller's output
+            masters = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    else:
+        masters = _zero0_fp32_masters(meta, ckpt_dir)
+    state.update({k: v.detach().float() for k, v in masters.items()})
     return state, meta["mmtrain"]
+
+
+def _zero0_fp32_masters(meta: dict, ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """ZeRO-0 in bf16/fp16: DeepSpeed's unfused optimizer saves one fp32 copy per parameter,
+    group by group, in the order of the optimizer's parameter groups, which the training
+    loop records by name (``param_group_names``). fp32 ZeRO-0 keeps none: the module is fp32."""
+    groups = (meta.get("optimizer") or {}).get("fp32_groups")
+    if not groups:
+        return {}
+    names = meta["mmtrain"].get("param_group_names")
+    if names is None:
+        log.warning("%s: no parameter names for the fp32 master weights (saved by an older mmtrain); "
+                    "using the module's %s weights", ckpt_dir, next(iter(meta["module"].values())).dtype)
+        return {}
+    if [len(g) for g in names] != [len(g) for g in groups]:
+        raise ValueError(f"{ckpt_dir}: {sum(map(len, groups))} fp32 master tensors in {len(groups)} groups do not match "
+                         f"the {sum(map(len, names))} recorded parameter names")
+    return {name: tensor for name_group, group in zip(names, groups) for name, tensor in zip(name_group, group)}

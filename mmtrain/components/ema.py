@@ -1,15 +1,25 @@
-"""Exponential moving average of the weights, sharded like ZeRO-3 at every ZeRO stage.
+"""Exponential moving average of the weights, sharded across ranks at every ZeRO stage,
+and always of the fp32 weights the optimizer updates.
 
-Each rank keeps an fp32 EMA of only its own slice of every parameter: the flattened
-parameter cut into ``world_size`` contiguous pieces of ``ceil(numel / world_size)``
-elements, rank r owning piece r. That is exactly ZeRO-3's partition (``p.ds_tensor``),
-so under ZeRO-3 the update reads the local partition and never gathers a parameter;
-under ZeRO-0/1/2 the same slice is cut from the full parameter. EMA memory per rank is
-therefore ``4 * n_params / world_size`` bytes at every stage.
+Each rank keeps an fp32 EMA of only its own contiguous slice of every (flattened)
+parameter, and takes that slice from where the fp32 values live, so an update reads
+local memory and never gathers a parameter:
 
-Shards are saved per rank into the checkpoint directory (``ema/rank00000.safetensors``)
-with their world size, and :func:`consolidate` puts them back together on one process,
-so a resume with another world size re-slices them and export needs no DeepSpeed.
+- ZeRO-3: the rank's partition (``p.ds_tensor``: ``ceil(numel / world_size)`` elements from
+  ``rank * ceil(numel / world_size)``); in bf16 the optimizer's fp32 master of it.
+- ZeRO-1/2, and DeepSpeed's bf16 optimizer at ZeRO-0: the fragment of the parameter that
+  this rank's fp32 master partition holds (``p._hp_mapping``); a parameter split across
+  two ranks' partitions has a piece on each, one held wholly elsewhere none here.
+- bf16 at ZeRO-0 (DeepSpeed's unfused mixed-precision optimizer, which keeps one full fp32
+  copy of each parameter on every rank): slice ``rank`` of ``world_size`` equal pieces of
+  that fp32 copy.
+- otherwise (fp32 ZeRO-0, frozen parameters): the same slice of the module's own weights,
+  which then are the fp32 values (frozen ones are never updated).
+
+So EMA memory per rank is about ``4 * n_params / world_size`` bytes at every stage. Shards
+are saved per rank into the checkpoint directory (``ema/rank00000.safetensors``) with the
+start of each slice, and :func:`consolidate` puts them back together on one process, so a
+resume with another world size or ZeRO stage re-slices them and export needs no DeepSpeed.
 """
 from __future__ import annotations
 
@@ -55,20 +65,36 @@ def shard_bounds(numel: int, rank: int, world_size: int) -> tuple[int, int, int]
     return start, min(start + size, numel), size
 
 
-def local_shard(param: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's slice of ``param`` (padded to the shard size), as a view where possible."""
+def fp32_masters(optimizer) -> dict[int, torch.Tensor]:
+    """id(low-precision parameter) -> its fp32 master, for DeepSpeed's ZeRO-0 mixed-precision
+    optimizer (parallel ``fp16_groups`` / ``fp32_groups`` lists, also used for bf16); empty
+    for any other optimizer (ZeRO-1/2/3 link their masters to the parameters themselves)."""
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if not isinstance(low, list) or not isinstance(high, list):
+        return {}
+    return {id(lp): hp for lp_group, hp_group in zip(low, high) for lp, hp in zip(lp_group, hp_group)
+            if isinstance(hp, torch.Tensor) and hp.shape == lp.shape and lp.dtype != torch.float32}
+
+
+def local_slice(param: torch.Tensor, rank: int, world_size: int, master: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
+    """(start, values): this rank's slice of the flattened ``param``, ``values`` a view of the
+    fp32 copy the optimizer updates wherever DeepSpeed keeps one (see the module docstring);
+    ``master``: that copy when it is a full tensor of its own (ZeRO-0, see :func:`fp32_masters`)."""
     if hasattr(param, "ds_tensor"):  # ZeRO-3: the partition DeepSpeed keeps on this rank
+        start, stop, _ = shard_bounds(param.ds_numel, rank, world_size)
         local = param.ds_tensor.view(-1)
         if local.dtype != torch.float32 and param.requires_grad:
-            # bf16 training: average the optimizer's fp32 master partition, not its bf16 rounding
             from deepspeed.utils import safe_get_local_fp32_param
 
-            master = safe_get_local_fp32_param(param).view(-1)
-            return master if master.numel() == local.numel() else torch.cat([master, master.new_zeros(local.numel() - master.numel())])
-        return local
-    start, stop, size = shard_bounds(param.numel(), rank, world_size)
-    flat = param.detach().view(-1)[start:stop]
-    return flat if stop - start == size else torch.cat([flat, flat.new_zeros(size - (stop - start))])
+            local = safe_get_local_fp32_param(param).view(-1)
+        return start, local[: stop - start]
+    if hasattr(param, "_hp_mapping"):  # ZeRO-1/2 or the bf16 optimizer: this rank's fp32 master fragment
+        mapping = param._hp_mapping
+        if mapping is None:  # the parameter lies wholly in other ranks' partitions
+            return 0, torch.zeros(0, device=param.device)
+        return mapping.lp_fragment_address.start, mapping.hp_fragment.view(-1)
+    start, stop, _ = shard_bounds(param.numel(), rank, world_size)
+    return start, (master if master is not None else param).detach().view(-1)[start:stop]
 
 
 def _numel(param: torch.Tensor) -> int:
@@ -82,11 +108,17 @@ def _shape(param: torch.Tensor) -> tuple[int, ...]:
 class ShardedEMA:
     """The EMA shards of one rank. ``module`` is the (possibly ZeRO-3 partitioned) model."""
 
-    def __init__(self, module: torch.nn.Module, cfg: EMAConfig, rank: int, world_size: int):
+    def __init__(self, module: torch.nn.Module, cfg: EMAConfig, rank: int, world_size: int, optimizer=None):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.params = {name: p for name, p in module.named_parameters()}
+        masters = fp32_masters(optimizer)
+        self.masters = {name: masters[id(p)] for name, p in self.params.items() if id(p) in masters}
         self.shapes = {name: _shape(p) for name, p in self.params.items()}
-        self.shards = {name: local_shard(p, rank, world_size).detach().float().clone() for name, p in self.params.items()}
+        self.starts: dict[str, int] = {}
+        self.shards: dict[str, torch.Tensor] = {}
+        for name, p in self.params.items():
+            self.starts[name], values = local_slice(p, rank, world_size, self.masters.get(name))
+            self.shards[name] = values.detach().float().clone()
 
     def decay_at(self, step: int) -> float:
         return min(self.cfg.decay, (1 + step) / (10 + step)) if self.cfg.warmup else self.cfg.decay
@@ -96,15 +128,16 @@ class ShardedEMA:
         """Call after each optimizer step; ``step`` counts optimizer steps done before this one."""
         d = self.decay_at(step)
         for name, p in self.params.items():
-            self.shards[name].lerp_(local_shard(p, self.rank, self.world_size).float(), 1.0 - d)
+            self.shards[name].lerp_(local_slice(p, self.rank, self.world_size, self.masters.get(name))[1].float(), 1.0 - d)
 
     def save(self, ckpt_dir: str | os.PathLike) -> None:
         """Each rank writes its own file; the caller's barrier makes the set complete."""
         out = Path(ckpt_dir) / EMA_DIR
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"world_size": str(self.world_size), "rank": str(self.rank), "shapes": json.dumps(self.shapes)}
+        meta = {"world_size": str(self.world_size), "rank": str(self.rank), "shapes": json.dumps(self.shapes),
+                "starts": json.dumps(self.starts)}
         tmp = out / f".rank{self.rank:05d}.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in self.shards.items()}, str(tmp), metadata=meta)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.shards.items()}, str(tmp), metadata=meta)
         os.replace(tmp, out / f"rank{self.rank:05d}.safetensors")
 
     def load(self, ckpt_dir: str | os.PathLike) -> None:
@@ -114,9 +147,8 @@ class ShardedEMA:
         if missing:
             raise ValueError(f"{Path(ckpt_dir) / EMA_DIR}: EMA has no entry for parameters {missing[:5]}")
         for name, shard in self.shards.items():
-            start, stop, _ = shard_bounds(full[name].numel(), self.rank, self.world_size)
-            shard.zero_()
-            shard[: stop - start] = full[name].view(-1)[start:stop]
+            start = self.starts[name]
+            shard.copy_(full[name].view(-1)[start:start + shard.numel()])
 
 
 def has_ema(ckpt_dir: str | os.PathLike) -> bool:
@@ -134,13 +166,21 @@ def consolidate(ckpt_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     world_size, shapes = int(meta["world_size"]), json.loads(meta["shapes"])
     if len(files) != world_size:
         raise FileNotFoundError(f"{folder}: {len(files)} EMA shard files, but the run had {world_size} ranks")
-    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in shapes}
-    for file in files:
+    out = {name: torch.zeros(math.prod(shape)) for name, shape in shapes.items()}
+    covered = {name: torch.zeros(math.prod(shape), dtype=torch.int32) for name, shape in shapes.items()}
+    for rank, file in enumerate(files):
         with safe_open(str(file), "pt") as f:
-            for name in shapes:
-                pieces[name].append(f.get_tensor(name))
-    out = {}
-    for name, shape in shapes.items():
-        numel = math.prod(shape)
-        out[name] = torch.cat(pieces[name])[:numel].view(shape).clone()
-    return out
+            file_meta = f.metadata()
+            # shards written before slices had recorded starts: rank r holds piece r of equal pieces
+            starts = json.loads(file_meta["starts"]) if "starts" in file_meta else None
+            for name, shape in shapes.items():
+                piece = f.get_tensor(name).float()
+                start = starts[name] if starts is not None else shard_bounds(math.prod(shape), rank, world_size)[0]
+                n = min(piece.numel(), out[name].numel() - start)
+                out[name][start:start + n] = piece[:n]
+                covered[name][start:start + n] += 1
+    for name, count in covered.items():
+        if not bool((count == 1).all()):
+            raise ValueError(f"{folder}: the EMA shards cover parameter {name} {'partly' if bool((count == 0).any()) else 'twice'}; "
+                             f"the shard files do not belong to one checkpoint")
+    return {name: out[name].view(shapes[name]) for name in shapes}

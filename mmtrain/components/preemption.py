@@ -20,8 +20,7 @@ from __future__ import annotations
 import signal
 import threading
 
-import torch
-import torch.distributed as dist
+from mmtrain import distributed
 
 ACTIONS = {0: None, 1: "stop", 2: "requeue"}
 
@@ -55,9 +54,7 @@ class PreemptionWatch:
 
     def agreed(self) -> str | None:
         """Collective: ``requeue``, ``stop`` or None, the same answer on every rank."""
-        flag = torch.tensor([float(self.code)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return ACTIONS[int(flag.item())]
+        return ACTIONS[distributed.agreed_code(self.code)]
 
     def previous_handler(self, sig: int):
         """The handler this watch replaced (submitit's own, inside a submitit job)."""

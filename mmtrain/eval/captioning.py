@@ -70,7 +70,7 @@ def evaluate_captions(run: LoadedRun, open_set: Callable[[int], object], eval_cf
 
     row = {**scores, "images": len(items), "seconds": seconds, "images_per_s": len(items) / seconds}
     report = {"kind": "caption", "checkpoint": run.checkpoint, "step": run.step, "weights": weights,
-              "eval_set": eval_set.name, "num_samples": len(items), "world_size": ranks.world_size,
+              "eval_set": eval_set.name, "num_samples": len(items), "world_size": ranks.world_size, **run.placement(),
               "eval": dataclasses.asdict(eval_cfg), "sample": dataclasses.asdict(sample), "scores": row,
               "unavailable": unavailable,
               "examples": [{"key": it["key"], "caption": it["caption"], "references": it["references"]} for it in items[:eval_cfg.report_images]]}

@@ -43,4 +43,4 @@ class ClipScorer:
         pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
         image_emb = F.normalize(self.model.encode_image(pixels).float(), dim=-1)  # N, E
         text_emb = F.normalize(self.model.encode_text(self.tokenizer(prompts).to(self.device)).float(), dim=-1)  # N, E
-        return 100 * (image_emb * text_emb).sum(-1).clamp(min=0)
+        return (100 * (image_emb * text_emb).sum(-1).clamp(min=0)).cpu()

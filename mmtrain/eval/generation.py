@@ -112,7 +112,7 @@ def evaluate_generation(run: LoadedRun, open_set: Callable[[int], object], eval_
     extractor = None
     if wanted:
         try:
-            extractor = build_feature_extractor(eval_cfg.feature_extractor, eval_cfg.inception_weights_path)
+            extractor = build_feature_extractor(eval_cfg.feature_extractor, eval_cfg.inception_weights_path, run.device)
         except MetricUnavailable as exc:
             unavailable.update({m: str(exc) for m in wanted})
     clip = None
@@ -121,7 +121,7 @@ def evaluate_generation(run: LoadedRun, open_set: Callable[[int], object], eval_
             unavailable["clip"] = "class-conditional model: no prompt to compare the images with"
         else:
             try:
-                clip = ClipScorer(eval_cfg.clip_model, eval_cfg.clip_weights_path, eval_cfg.clip_model_config)
+                clip = ClipScorer(eval_cfg.clip_model, eval_cfg.clip_weights_path, eval_cfg.clip_model_config, run.device)
             except MetricUnavailable as exc:
                 unavailable["clip"] = str(exc)
     truths = None
@@ -175,7 +175,7 @@ def evaluate_generation(run: LoadedRun, open_set: Callable[[int], object], eval_
 
     report = {
         "kind": "generate", "checkpoint": run.checkpoint, "step": run.step, "weights": weights, "eval_set": eval_set.name,
-        "num_samples": len(samples), "world_size": ranks.world_size, "eval": dataclasses.asdict(eval_cfg),
+        "num_samples": len(samples), "world_size": ranks.world_size, **run.placement(), "eval": dataclasses.asdict(eval_cfg),
         "sample": dataclasses.asdict(sample), "feature_extractor": getattr(extractor, "id", None),
         "reference": None if reference is None else {"path": str(reference.path), **reference.meta},
         "settings": rows, "unavailable": unavailable,

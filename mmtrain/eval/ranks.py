@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 
-import torch.distributed as dist
+from mmtrain import distributed
 
 
 @dataclass
@@ -26,24 +25,18 @@ class Ranks:
 
     def gather(self, obj) -> list | None:
         """Every rank's ``obj`` on rank 0 (in rank order); None on the other ranks."""
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size if self.is_main else None
-        dist.gather_object(obj, out, dst=0)
-        return out
+        return [obj] if self.world_size == 1 else distributed.gather_objects(obj)
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            dist.barrier()
+            distributed.barrier()
 
 
 def init_ranks(timeout_s: int = 7200) -> Ranks:
     """The ranks torchrun (or another launcher) started: ``RANK`` / ``WORLD_SIZE`` /
     ``MASTER_ADDR`` / ``MASTER_PORT``. One process without them. The timeout is long: rank 0
     computes reference statistics while the others wait."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Ranks()
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
-    return Ranks(dist.get_rank(), dist.get_world_size())
+    rank, world, _ = distributed.init(timeout_s)
+    return Ranks(rank, world)

@@ -74,7 +74,8 @@ class TrainJob(Checkpointable):
 
     def __call__(self) -> dict:
         import submitit
-        import torch.distributed as dist
+
+        from mmtrain import distributed
 
         job_env = submitit.JobEnvironment()
         env = rendezvous_env(job_env)
@@ -112,15 +113,14 @@ class TrainJob(Checkpointable):
         finally:
             watch.restore()
             if job_env.cluster == "debug":  # in the caller's process: leave it usable
-                if dist.is_initialized():
-                    dist.destroy_process_group()
+                distributed.destroy()
             else:
                 # after submitit has written the result: leave without C++ teardown (see exit_rank)
                 atexit.register(exit_rank, code)
 
     @staticmethod
     def _requeue(watch, rank: int, run_dir: str, job_id: str, step: int) -> None:
-        import torch.distributed as dist
+        from mmtrain import distributed
 
         submitit_handler = watch.previous_handler(signal.SIGUSR2)
         try:
@@ -137,7 +137,7 @@ class TrainJob(Checkpointable):
                     raise
         finally:
             # the other ranks leave only once rank 0 has requeued: an early exit could end the job first
-            dist.barrier()
+            distributed.barrier()
 
 
 def requeue_slurm_job(max_requeues: int) -> bool:

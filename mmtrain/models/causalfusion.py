@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from mmtrain.distributed import to_device
 from mmtrain.models.base import ImageTokenModel
 from mmtrain.models.config import ModelConfig
 
@@ -112,6 +113,27 @@ def dense_mask(role: torch.Tensor, level: torch.Tensor, sample: torch.Tensor | N
     same = True if sample is None else sample[:, :, None] == sample[:, None, :]
     return attention_allowed(role[:, :, None], level[:, :, None], idx[None, :, None],
                              role[:, None, :], level[:, None, :], idx[None, None, :], same)
+
+
+_flex_ok: bool | None = None
+
+
+def flex_available() -> bool:
+    """FlexAttention is in this torch; without it ``model.attention=flex`` falls back to SDPA
+    (the same rule as a dense mask), with one warning."""
+    global _flex_ok
+    if _flex_ok is None:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+
+            _flex_ok = True
+        except ImportError as exc:
+            import warnings
+
+            warnings.warn(f"model.attention=flex: FlexAttention is not available in torch {torch.__version__} ({exc}); "
+                          "using SDPA with a dense mask", stacklevel=2)
+            _flex_ok = False
+    return _flex_ok
 
 
 def flex_block_mask(role: torch.Tensor, level: torch.Tensor, sample: torch.Tensor | None = None):
@@ -279,9 +301,9 @@ class Layout:
     sample: torch.Tensor | None = None  # batch row of the sample a slot belongs to; set when packed
 
     def attention_mask(self, backend: str = "sdpa"):
-        if backend == "sdpa":
-            return dense_mask(self.role, self.level, self.sample)
-        return flex_block_mask(self.role, self.level, self.sample)
+        if backend == "flex" and flex_available():
+            return flex_block_mask(self.role, self.level, self.sample)
+        return dense_mask(self.role, self.level, self.sample)
 
     def sample_rows(self) -> torch.Tensor:
         """B, N: which batch row's image, timestep and label each slot reads."""
@@ -418,10 +440,10 @@ class CausalFusion(ImageTokenModel):
         B, L = order.shape
         dev = order.device
         n_clean = L - split[-1]
-        step = torch.repeat_interleave(torch.arange(1, len(split) + 1, device=dev), torch.tensor(split, device=dev))  # L
+        step = torch.repeat_interleave(torch.arange(1, len(split) + 1, device=dev), to_device(torch.tensor(split), dev))  # L
         img_level = torch.cat([step[:n_clean], step]).expand(B, -1)
-        img_role = torch.cat([torch.full((n_clean,), ROLE_CLEAN), torch.full((L,), ROLE_NOISY)]).to(dev).expand(B, -1)
-        img_kind = torch.cat([torch.full((n_clean,), CLEAN), torch.full((L,), NOISY)]).to(dev).expand(B, -1)
+        img_role = to_device(torch.cat([torch.full((n_clean,), ROLE_CLEAN), torch.full((L,), ROLE_NOISY)]), dev).expand(B, -1)
+        img_kind = to_device(torch.cat([torch.full((n_clean,), CLEAN), torch.full((L,), NOISY)]), dev).expand(B, -1)
         img_idx = torch.cat([order[:, :n_clean], order], 1)
         img_w = torch.cat([torch.zeros(B, n_clean, device=dev), loss_weights.to(dev).expand(B, L)], 1)
         zeros = lambda n: torch.zeros(B, n, dtype=torch.long, device=dev)  # noqa: E731
@@ -548,30 +570,31 @@ def training_inputs(model: CausalFusion, latent_tokens: torch.Tensor, diffusion,
     cfg = model.cfg
     B, L, _ = latent_tokens.shape
     dev = latent_tokens.device
+    g = gen.device  # draws happen on the generator's device (the rank's GPU in training): nothing to copy
     cond = {}
     if cfg.condition == "text":
-        caption_rows = torch.rand(B, generator=gen) < cfg.caption_prob
+        caption_rows = torch.rand(B, generator=gen, device=g) < cfg.caption_prob
         # classifier-free guidance: a dropped prompt becomes the empty caption "<s></s>"
-        drop = (torch.rand(B, generator=gen) < cfg.cond_drop_prob) & ~caption_rows
-        text = text.clone()
+        drop = (torch.rand(B, generator=gen, device=g) < cfg.cond_drop_prob) & ~caption_rows
+        text, text_len = to_device(text, g).clone(), to_device(text_len, g)
         text[drop, 0], text[drop, 1] = model.ids["bos"], model.ids["eos"]
         text_len = torch.where(drop, torch.full_like(text_len, 2), text_len)
         cond = {"text": text.to(dev), "text_len": text_len.to(dev), "caption_rows": caption_rows.to(dev)}
     else:
         if labels is None:
             raise ValueError("model.condition=class needs class labels in the batch (the shards' 'cls' field)")
-        drop = torch.rand(B, generator=gen) < cfg.cond_drop_prob
-        cond = {"labels": torch.where(drop, cfg.num_classes, labels.long()).to(dev)}
+        drop = torch.rand(B, generator=gen, device=g) < cfg.cond_drop_prob
+        cond = {"labels": torch.where(drop, cfg.num_classes, to_device(labels, g).long()).to(dev)}
     t = diffusion.sample_train_t(B, gen)
-    noise = torch.randn(latent_tokens.shape, generator=gen)
-    order = torch.argsort(torch.rand(B, L, generator=gen), dim=1)
+    noise = torch.randn(latent_tokens.shape, generator=gen, device=g)
+    order = torch.argsort(torch.rand(B, L, generator=gen, device=g), dim=1)
     split = draw_ar_split(L, cfg.ar_step_decay, rng)
     weights = ar_loss_weights(split, cfg.max_ar_weight, cfg.min_ar_weight, cfg.ar_weight_schedule)
     noise, t = noise.to(dev, latent_tokens.dtype), t.to(dev)
     return {
         **cond, "latents_tokens": latent_tokens, "noisy_tokens": diffusion.q_sample(latent_tokens, t, noise),
         "t": diffusion.model_time(t), "target": diffusion.target(latent_tokens, noise), "order": order.to(dev),
-        "split": split, "loss_weights": weights.to(dev),
+        "split": split, "loss_weights": to_device(weights, dev),
     }
 
 
@@ -729,7 +752,9 @@ def sample_image_tokens(model: CausalFusion, diffusion, *, ar_steps: int, genera
             pred = ctx.predict(model.image_embed(dup(x), dup(pos), dup(t)))
             if not use_cfg:
                 return pred
-            return guided(pred, guidance_scale(cfg_scale, cfg_schedule, progress, float(t[0]), cfg_interval))
+            # the model time is read from the device only where the schedule depends on it
+            t_now = float(t[0]) if cfg_schedule == "interval" else 0.0
+            return guided(pred, guidance_scale(cfg_scale, cfg_schedule, progress, t_now, cfg_interval))
 
         noise = torch.randn(B, size, P, generator=generator).to(dev)
         x0 = diffusion.sample(model_fn, noise, generator=generator, clip_x0=clip_x0, **(flow_options or {}))
@@ -766,15 +791,19 @@ def generate_caption_ids(model: CausalFusion, image_tokens: torch.Tensor, max_le
             sorted_p, sorted_i = probs.sort(-1, descending=True)
             keep = sorted_p.cumsum(-1) - sorted_p < top_p
             sorted_p = sorted_p * keep
-            choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1, generator=generator)
+            # drawn where the generator lives (the CPU): the same captions on any device
+            p = (sorted_p / sorted_p.sum(-1, keepdim=True)).to(generator.device)
+            choice = torch.multinomial(p, 1, generator=generator).to(dev)
             nxt = sorted_i.gather(-1, choice)[:, 0]
         else:
             nxt = logits.argmax(-1)
+        # one read per token: the ids are needed on the host anyway
+        host_nxt, host_done = nxt.tolist(), done.tolist()
         for b in range(B):
-            if not done[b]:
-                out[b].append(int(nxt[b]))
+            if not host_done[b]:
+                out[b].append(host_nxt[b])
         done |= nxt == ids["eos"]
-        if bool(done.all()) or j == max_len - 1:
+        if all(d or n == ids["eos"] for d, n in zip(host_done, host_nxt)) or j == max_len - 1:
             break
         h_new = model.tok_embed(nxt)[:, None] + model.text_pos[j + 1][None, None]
         mask = torch.ones(B, 1, n_keys + 1, dtype=torch.bool, device=dev)

@@ -256,7 +256,9 @@ class GaussianDiffusion:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Noise clean tokens ``x0`` (B, ...) to integer timesteps ``t`` (B,)."""
-        acp = self.train_acp.to(x0.device)[t.to(x0.device)]
+        if self.train_acp.device != x0.device:  # moved once, not per batch
+            self.train_acp = self.train_acp.to(x0.device)
+        acp = self.train_acp[t.to(x0.device)]
         return _per_row(acp.sqrt(), x0) * x0 + _per_row((1 - acp).sqrt(), x0) * noise
 
     @torch.no_grad()

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from mmtrain.distributed import to_device
 from mmtrain.models.base import ImageTokenModel
 from mmtrain.models.causalfusion import guidance_scale, guided
 from mmtrain.models.config import ModelConfig
@@ -403,18 +404,20 @@ def training_flops(model: TransDiff, batch_size: int, seq_len: int) -> float:
 # --------------------------------------------------------------------------- training inputs
 
 
-def mrar_chains(keys: list, max_images: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mrar_chains(keys: list, max_images: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced MRAR chains from a micro-batch: row b's chain is b followed by up to
-    ``max_images - 1`` other rows with the same condition key, in a random order.
+    ``max_images - 1`` other rows with the same condition key, in a random order (drawn
+    with ``rng`` on the host, where the chains are built: nothing waits for the device).
 
-    Returns indices (B, max_images) into the batch (padded with b) and lengths (B,).
+    Returns indices (B, max_images) into the batch (padded with b) and lengths (B,), on the CPU.
     """
     B = len(keys)
     index = torch.arange(B)[:, None].repeat(1, max_images)
     length = torch.ones(B, dtype=torch.long)
     if max_images == 1:
         return index, length
-    shuffled = torch.randperm(B, generator=gen).tolist()
+    shuffled = list(range(B))
+    rng.shuffle(shuffled)
     groups: dict = {}
     for b in shuffled:
         groups.setdefault(keys[b], []).append(b)
@@ -428,34 +431,35 @@ def mrar_chains(keys: list, max_images: int, gen: torch.Generator) -> tuple[torc
 def training_inputs(model: TransDiff, latent_tokens: torch.Tensor, diffusion, gen: torch.Generator, rng: random.Random,
                     text: torch.Tensor | None = None, text_len: torch.Tensor | None = None,
                     labels: torch.Tensor | None = None) -> dict:
-    """Everything random about one batch: CFG drop, MRAR chains, t and noise (``rng`` unused:
-    no AR split). Chains group rows by label or by exact prompt ids, before the drop."""
-    del rng
+    """Everything random about one batch: CFG drop, MRAR chains (``rng``), t and noise (``gen``,
+    drawn on its device). Chains group rows by label or by exact prompt ids, before the drop;
+    the ids are read where the loader left them (the host), so building chains waits for nothing."""
     cfg = model.cfg
     B, L, P = latent_tokens.shape
     dev = latent_tokens.device
-    drop = torch.rand(B, generator=gen) < cfg.cond_drop_prob
+    g = gen.device
+    drop = torch.rand(B, generator=gen, device=g) < cfg.cond_drop_prob
     if cfg.condition == "class":
         if labels is None:
             raise ValueError("model.condition=class needs class labels in the batch (the shards' 'cls' field)")
         keys = labels.tolist()
-        cond = {"labels": torch.where(drop, cfg.num_classes, labels.long()).to(dev)}
+        cond = {"labels": torch.where(drop, cfg.num_classes, to_device(labels, g).long()).to(dev)}
     else:
-        keys = [tuple(text[b, :int(text_len[b])].tolist()) for b in range(B)]
-        text = text.clone()
+        keys = [tuple(ids[:n].tolist()) for ids, n in zip(text, text_len.tolist())]
+        text, text_len = to_device(text, g).clone(), to_device(text_len, g)
         text[drop, 0], text[drop, 1] = model.ids["bos"], model.ids["eos"]
         text_len = torch.where(drop, torch.full_like(text_len, 2), text_len)
         cond = {"text": text.to(dev), "text_len": text_len.to(dev)}
-    index, length = mrar_chains(keys, model.max_images, gen)
-    images = latent_tokens[index.to(dev)]  # B, n, L, P
+    index, length = mrar_chains(keys, model.max_images, rng)
+    images = latent_tokens[to_device(index, dev)]  # B, n, L, P
     n, m = model.max_images, cfg.transdiff.diffusion_batch_mul
     t = diffusion.sample_train_t(B * n * m, gen).view(B, n, m)
-    noise = torch.randn(B, n, m, L, P, generator=gen).to(dev, latent_tokens.dtype)
+    noise = torch.randn(B, n, m, L, P, generator=gen, device=g).to(dev, latent_tokens.dtype)
     clean = images[:, :, None].expand(B, n, m, L, P)
     t = t.to(dev)
     noisy = diffusion.q_sample(clean.reshape(-1, L, P), t.flatten(), noise.reshape(-1, L, P)).view(B, n, m, L, P)
     return {**cond, "images": images, "noisy": noisy, "t": diffusion.model_time(t.flatten()).view(B, n, m),
-            "target": diffusion.target(clean, noise), "num_images": length.to(dev)}
+            "target": diffusion.target(clean, noise), "num_images": to_device(length, dev)}
 
 
 # --------------------------------------------------------------------------- inference
@@ -512,7 +516,8 @@ def sample_image_tokens(model: TransDiff, diffusion, *, ar_steps: int, generator
             v = model.decoder(dup(x_t), features, dup(t))
             if not use_cfg:
                 return v
-            return guided(v, guidance_scale(cfg_scale, cfg_schedule, progress, float(t[0]), cfg_interval))
+            t_now = float(t[0]) if cfg_schedule == "interval" else 0.0  # read from the device only when needed
+            return guided(v, guidance_scale(cfg_scale, cfg_schedule, progress, t_now, cfg_interval))
 
         x = diffusion.sample(model_fn, noise, generator=generator, clip_x0=clip_x0, **(flow_options or {})).to(dtype)
         images.append(x)

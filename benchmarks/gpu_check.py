@@ -1,0 +1,385 @@
+"""GPU acceptance check: mmtrain end to end on one CUDA device, in one command.
+
+    python benchmarks/gpu_check.py --out gpu_check.json      # one H100/H200: a few minutes
+    python benchmarks/gpu_check.py --cpu --quick --out x.json # CPU smoke (the test suite runs it)
+
+Sections (each reports pass/fail; a failing section does not stop the others; the exit
+code is 1 when any failed):
+
+- ``parity``: the same weights and batch, forward + backward on the CPU and on the GPU in
+  fp32 (TF32 off): max abs difference of the losses and of the gradients.
+- ``host_sync``: one training micro-batch (random draws on the device generator, layout,
+  forward, backward) under ``torch.cuda.set_sync_debug_mode("error")``: a host sync in
+  mmtrain's per-micro-batch path raises (n/a on CPU).
+- ``train_resume``: real ``mmtrain train`` runs (1 rank, DeepSpeed ZeRO-3; GPU: bf16,
+  ``model.attention=flex``, ``train.compile=true``) of ``configs/small.yaml`` on the
+  embedded synthetic data: 2N uninterrupted steps, and N steps then a restart that resumes
+  to 2N; the losses and data hashes of steps N+1..2N must match.
+- ``inference``: ``mmtrain sample``, ``caption`` and ``eval generate`` (tiny random feature
+  extractor: no download) of that run with ``--device`` (GPU: ``--dtype bf16``).
+- ``throughput``: single-process forward + backward + AdamW of ``small`` and
+  ``causalfusion_l`` (GPU: SDPA vs flex, eager vs compile; bf16 autocast): samples/s,
+  tokens/s, MFU (model FLOPs / step time / the device's dense bf16 peak, ``--peak-tflops``
+  overrides), peak CUDA memory; and sampling images/s at S = 1 and 16 AR steps with and
+  without the KV cache.
+
+Prints the tables (markdown) and writes everything to ``--out`` (JSON). Nothing is
+downloaded: tokenizer and data are made in a temp dir; wandb is off.
+
+On the device machine (it reaches no package registry and brings its own Python and
+torch): run ``make gpu-wheels`` here, carry ``.whl``, then there::
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \\
+    PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu_check.py --out $OUT/gpu_check.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mmtrain.components.metrics import PEAK_TFLOPS  # noqa: E402
+from mmtrain.config import load_config  # noqa: E402
+from mmtrain.models.causalfusion import CausalFusion, sample_image_tokens, training_flops, training_inputs  # noqa: E402
+from mmtrain.models.diffusion import build_diffusion  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_causalfusion import SPECIAL, build  # noqa: E402
+
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def build_model(cfg, attention: str, seed: int = 0) -> CausalFusion:
+    """Random weights (seeded) with a non-zero diffusion head (an untrained head would output zeros)."""
+    torch.manual_seed(seed)
+    return build(cfg, attention, "cpu")
+
+
+def condition(cfg, B: int, gen: torch.Generator) -> dict:
+    if cfg.model.condition == "class":
+        return {"labels": torch.randint(0, cfg.model.num_classes, (B,), generator=gen)}
+    T = cfg.model.max_text_len
+    text = torch.randint(6, 1024, (B, T), generator=gen)
+    text[:, 0] = SPECIAL["bos"]
+    text_len = torch.full((B,), T * 2 // 3)
+    text[torch.arange(B), text_len - 1] = SPECIAL["eos"]
+    return {"text": text, "text_len": text_len}
+
+
+def micro_batch(model, cfg, B: int, device: torch.device, seed: int) -> dict:
+    """A training batch drawn on ``device``'s generator, as the trainer draws it."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(B, model.num_image_tokens, model.token_dim, generator=gen).to(device)
+    dev_gen = torch.Generator(device=device).manual_seed(seed)
+    return training_inputs(model, tokens, build_diffusion(cfg.diffusion), dev_gen, random.Random(seed), **condition(cfg, B, gen))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_tflops(args) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    if not torch.cuda.is_available() or args.cpu:
+        return None
+    name = torch.cuda.get_device_name()
+    return next((t["bf16"] for k, t in PEAK_TFLOPS.items() if k in name), None)
+
+
+def table(title: str, header: list[str], rows: list[list]) -> str:
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def check_parity(args, device: torch.device) -> dict:
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cfg = load_config(REPO / "configs" / ("tiny.yaml" if args.quick else "small.yaml"))
+    model = build_model(cfg, "sdpa")
+    cpu = micro_batch(model, cfg, 4, torch.device("cpu"), seed=1)
+    results = []
+    for dev in (torch.device("cpu"), device):
+        m = build_model(cfg, "sdpa").to(dev)
+        batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in cpu.items()}
+        out = m(**batch)
+        out["loss"].backward()
+        results.append((out["loss"].detach().cpu(), torch.cat([p.grad.flatten().cpu() for p in m.parameters() if p.grad is not None])))
+    loss_diff = float((results[0][0] - results[1][0]).abs())
+    grad_diff = float((results[0][1] - results[1][1]).abs().max())
+    grad_scale = float(results[0][1].abs().max())
+    ok = loss_diff <= 1e-4 * max(1.0, float(results[0][0].abs())) and grad_diff <= 1e-3 * grad_scale
+    return {"pass": ok, "loss_cpu": float(results[0][0]), "loss_abs_diff": loss_diff, "grad_max_abs_diff": grad_diff,
+            "grad_max_abs": grad_scale}
+
+
+def check_host_sync(args, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"pass": True, "skipped": "no CUDA device: host syncs only exist there"}
+    cfg = load_config(REPO / "configs" / ("tiny.yaml" if args.quick else "small.yaml"))
+    model = build_model(cfg, "sdpa").to(device)
+    micro_batch(model, cfg, 4, device, seed=0)  # warm-up: the diffusion tables move to the device once
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        batch = micro_batch(model, cfg, 4, device, seed=1)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch)["loss"]
+        loss.backward()
+        return {"pass": True}
+    except RuntimeError as exc:
+        return {"pass": False, "error": str(exc).splitlines()[0], "where": traceback.format_exc(limit=-4)}
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def make_data(root: Path, image_size: int, num: int) -> dict:
+    from mmtrain.data.shards import iter_shard_samples, write_synthetic_shards
+    from mmtrain.data.synthetic import SyntheticConfig
+    from mmtrain.tokenize.text import TextTokenizerConfig, train_text_tokenizer
+
+    write_synthetic_shards(root / "train", num, SyntheticConfig(seed=0, image_size=image_size), samples_per_shard=256, progress=False)
+    write_synthetic_shards(root / "val", 32, SyntheticConfig(seed=1, image_size=image_size), samples_per_shard=256, progress=False)
+    captions = [s["caption"] for s in iter_shard_samples(root / "train")]
+    tok = train_text_tokenizer(captions, root / "tok" / "text", TextTokenizerConfig(), progress=False)
+    return {"train": str(root / "train"), "val": str(root / "val"), "tokenizer": str(tok.model_path)}
+
+
+def _env() -> dict:
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def mmtrain(*argv: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "mmtrain.cli", *argv], capture_output=True, text=True, env=_env(),
+                          cwd=REPO, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mmtrain {' '.join(argv[:2])} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def train_runs(args, device: torch.device, root: Path) -> dict:
+    quick, gpu = args.quick, device.type == "cuda"
+    config = REPO / "configs" / ("tiny.yaml" if quick else "small.yaml")
+    image_size = load_config(config).data.image_size
+    data = make_data(root, image_size, 64 if quick else 2048)
+    n = 1 if quick else args.steps // 2
+    common = [f"data.train_shards={data['train']}", f"data.val_shards={data['val']}", f"tokenizer.text_model={data['tokenizer']}",
+              "train.nproc_per_node=1", "train.zero_stage=3", f"train.precision={'bf16' if gpu else 'fp32'}",
+              f"model.attention={'flex' if gpu else 'sdpa'}", f"train.compile={'true' if gpu else 'false'}",
+              f"train.micro_batch_size={8 if quick else 32}", "optim.warmup_steps=2", "logging.log_every=1",
+              "logging.progress=false", "logging.wandb=false", f"checkpoint.every_steps={n}", "checkpoint.keep_last=5",
+              f"data.num_workers={0 if quick else 2}", f"data.index_cache={root / 'index'}"]
+    times = {}
+    t0 = time.perf_counter()
+    mmtrain("train", str(config), *common, f"train.run_dir={root / 'straight'}", f"train.steps={2 * n}")
+    times["uninterrupted_s"] = time.perf_counter() - t0
+    mmtrain("train", str(config), *common, f"train.run_dir={root / 'resumed'}", f"train.steps={n}")
+    t0 = time.perf_counter()
+    resumed = mmtrain("train", str(config), *common, f"train.run_dir={root / 'resumed'}", f"train.steps={2 * n}")
+    times["resume_s"] = time.perf_counter() - t0
+    records = {}
+    for name in ("straight", "resumed"):
+        lines = (root / name / "metrics.jsonl").read_text().splitlines()
+        records[name] = {r["step"]: r for r in map(json.loads, lines) if r["step"] > n}
+    steps = sorted(records["straight"])
+    diffs = [abs(records["straight"][s]["loss"] - records["resumed"][s]["loss"]) for s in steps]
+    hashes = all(records["straight"][s]["data_hash"] == records["resumed"][s]["data_hash"] for s in steps)
+    last = records["straight"][steps[-1]]
+    tolerance = 0.0 if not gpu else 1e-3 * abs(last["loss"])  # GPU kernels need not be bitwise deterministic
+    ok = steps == sorted(records["resumed"]) == list(range(n + 1, 2 * n + 1)) and hashes and max(diffs) <= tolerance
+    return {"pass": ok and f"resumed from step{n:08d}" in resumed.stderr, "config": config.name, "steps": 2 * n,
+            "resumed_at": n, "max_loss_diff": max(diffs), "data_hashes_equal": hashes, "last_loss": last["loss"],
+            "samples_per_s": last["samples_per_s"], "tokens_per_s": last["tokens_per_s"], "mfu": last.get("mfu"),
+            "peak_cuda_mb": last.get("peak_cuda_mb"), **times, "run_dir": str(root / "straight"), "data": data}
+
+
+def check_inference(args, device: torch.device, run: dict) -> dict:
+    gpu = device.type == "cuda"
+    place = ["--device", "cuda" if gpu else "cpu", "--dtype", "bf16" if gpu else "fp32"]
+    run_dir, out = run["run_dir"], Path(run["run_dir"]) / "gpu_check"
+    sample_set = ["--set", "diffusion_steps=5" if args.quick else "diffusion_steps=25"]
+    t0 = time.perf_counter()
+    mmtrain("sample", run_dir, "--prompt", "a red circle", "--prompt", "two blue squares", "--num-per-prompt", "2",
+            "--out", str(out / "samples.png"), *place, *sample_set)
+    sample_s = time.perf_counter() - t0
+    printed = mmtrain("caption", run_dir, "--shards", run["data"]["val"], "--num", "4", *place).stdout
+    captions = [line for line in printed.splitlines() if "\t" in line]  # KEY<tab>caption
+    num = 8 if args.quick else 256
+    mmtrain("eval", "generate", run_dir, "--num", str(num), "--out", str(out / "eval"), *place, *sample_set,
+            "--set", "eval.feature_extractor=tiny_random", "--set", "eval.metrics=[fid,isc,kid]",
+            "--set", f"eval.stats_cache={out / 'stats'}", "--set", "eval.batch_size=8" if args.quick else "eval.batch_size=64")
+    report = json.loads((out / "eval" / "metrics.json").read_text())
+    row = report["settings"][0]
+    ok = (out / "samples.png").is_file() and len(captions) == 4 and report["device"] == device.type and row["fid"] >= 0
+    return {"pass": ok, "sample_cli_s": sample_s, "captions": captions, "eval_num": num, "fid_tiny_random": row["fid"],
+            "eval_images_per_s": row["images_per_s"], "eval_device": report["device"], "eval_dtype": report["dtype"]}
+
+
+def time_training(model, cfg, B: int, device: torch.device, repeats: int) -> tuple[float, int]:
+    """Median seconds of forward + backward + AdamW step, and the sequence length."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    times, seq = [], 0
+    for i in range(repeats + 2):  # two warm-ups: allocation, compilation
+        batch = micro_batch(model, cfg, B, device, seed=i)
+        sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model(**batch)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        seq = out["sequence_length"]
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), seq
+
+
+def check_throughput(args, device: torch.device) -> dict:
+    gpu = device.type == "cuda"
+    peak = peak_tflops(args)
+    configs = [("tiny", 8)] if args.quick else [("small", 64), ("causalfusion_l", 32)]
+    variants = [("sdpa", False)] + ([("flex", False), ("sdpa", True), ("flex", True)] if gpu else [])
+    rows = []
+    for name, B in configs:
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        for attention, compiled in variants:
+            model = build_model(cfg, attention).to(device)
+            if compiled:
+                for block in model.transformer_blocks():
+                    block.compile()
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                seconds, seq = time_training(model, cfg, B, device, 2 if args.quick else 5)
+            except Exception as exc:  # noqa: BLE001 - a variant that fails is reported, the rest still run
+                rows.append({"config": name, "attention": attention, "compile": compiled, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                continue
+            flops = training_flops(model, B, seq)
+            rows.append({"config": name, "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "batch": B,
+                         "attention": attention, "compile": compiled, "step_s": seconds, "samples_per_s": B / seconds,
+                         "tokens_per_s": B * seq / seconds, "mfu": flops / seconds / (peak * 1e12) if peak else None,
+                         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if gpu else None})
+            del model
+            if gpu:
+                torch.cuda.empty_cache()
+    sampling = []
+    cfg = load_config(REPO / "configs" / ("tiny.yaml" if args.quick else "small.yaml"))
+    model = build_model(cfg, "sdpa").to(device).eval()
+    B, steps = (2, 3) if args.quick else (16, 25)
+    diffusion = build_diffusion(cfg.diffusion, steps)
+    for S in (1, 16):
+        for cache in (True, False):
+            cond = {k: v.to(device) for k, v in condition(cfg, B, torch.Generator().manual_seed(0)).items()}
+            sync(device)
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+                sample_image_tokens(model, diffusion, ar_steps=S, generator=torch.Generator().manual_seed(0), cfg_scale=3.0,
+                                    use_cache=cache, **cond)
+            sync(device)
+            sampling.append({"ar_steps": S, "kv_cache": cache, "batch": B, "diffusion_steps": steps,
+                             "images_per_s": B / (time.perf_counter() - start)})
+    ok = all("error" not in r for r in rows)
+    return {"pass": ok, "peak_tflops": peak, "training": rows, "sampling": sampling}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def render(report: dict) -> str:
+    def fmt(v, spec=".3g"):
+        return "-" if v is None else format(v, spec)
+
+    out = [f"# gpu_check on {report['device_name']} (torch {report['torch']}, {report['mode']})", ""]
+    out.append(table("checks", ["section", "pass", "figures"], [
+        [k, v.get("pass"), v.get("error", "").splitlines()[0][:120] if "error" in v else
+         ", ".join(f"{kk}={fmt(vv) if isinstance(vv, float) else vv}" for kk, vv in v.items()
+                   if kk not in ("pass", "training", "sampling", "captions", "data", "run_dir", "where"))[:300]]
+        for k, v in report["sections"].items()]))
+    thr = report["sections"].get("throughput", {})
+    if thr.get("training"):
+        out.append(table("training throughput (1 process, bf16 autocast on GPU, fwd+bwd+AdamW)",
+                         ["config", "params", "B", "attention", "compile", "step s", "samples/s", "tokens/s", "MFU", "peak CUDA MB"],
+                         [[r["config"], fmt(r.get("params_m"), ".1f") + "M", r.get("batch", "-"), r["attention"], r["compile"],
+                           fmt(r.get("step_s")), fmt(r.get("samples_per_s"), ".1f"), fmt(r.get("tokens_per_s"), ".0f"),
+                           fmt(100 * r["mfu"], ".1f") + "%" if r.get("mfu") else "-", fmt(r.get("peak_cuda_mb"), ".0f")]
+                          if "error" not in r else [r["config"], "-", "-", r["attention"], r["compile"], r["error"][:80], "", "", "", ""]
+                          for r in thr["training"]]))
+        out.append(table("sampling", ["S (AR steps)", "KV cache", "B", "diffusion steps", "images/s"],
+                         [[r["ar_steps"], r["kv_cache"], r["batch"], r["diffusion_steps"], fmt(r["images_per_s"], ".2f")]
+                          for r in thr["sampling"]]))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="run on the CPU (smoke test; no GPU needed)")
+    p.add_argument("--quick", action="store_true", help="tiny config, a few steps: a smoke test, not a measurement")
+    p.add_argument("--steps", type=int, default=20, help="training steps of the resume check (even; half before the restart)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak for MFU (0: look the GPU up)")
+    p.add_argument("--out", default="gpu_check.json")
+    p.add_argument("--sections", default="parity,host_sync,train_resume,inference,throughput")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if not args.cpu and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; run with --cpu for the CPU smoke test", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.cpu else "cuda")
+    wanted = args.sections.split(",")
+    report = {"device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "mode": ("quick" if args.quick else "full") + (" cpu" if args.cpu else ""), "sections": {}}
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        run = None
+        steps = [("parity", lambda: check_parity(args, device)), ("host_sync", lambda: check_host_sync(args, device)),
+                 ("train_resume", lambda: train_runs(args, device, Path(tmp))),
+                 ("inference", lambda: check_inference(args, device, run) if run else {"pass": False, "error": "no training run"}),
+                 ("throughput", lambda: check_throughput(args, device))]
+        for name, fn in steps:
+            if name not in wanted:
+                continue
+            t0 = time.perf_counter()
+            try:
+                report["sections"][name] = fn()
+            except Exception as exc:  # noqa: BLE001 - report and go on with the next section
+                report["sections"][name] = {"pass": False, "error": f"{type(exc).__name__}: {exc}", "where": traceback.format_exc()}
+            report["sections"][name]["seconds"] = round(time.perf_counter() - t0, 1)
+            if name == "train_resume" and report["sections"][name].get("run_dir"):
+                run = report["sections"][name]
+            print(f"[gpu_check] {name}: {'pass' if report['sections'][name]['pass'] else 'FAIL'} "
+                  f"({report['sections'][name]['seconds']} s)", file=sys.stderr, flush=True)
+    report["seconds"] = round(time.perf_counter() - t_all, 1)
+    report["pass"] = all(s["pass"] for s in report["sections"].values())
+    text = render(report)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({**report, "table": text}, indent=1, default=str))
+    print(f"gpu_check: {'pass' if report['pass'] else 'FAIL'} in {report['seconds']} s; {args.out}")
+    return 0 if report["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
