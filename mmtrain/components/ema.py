@@ -97,10 +97,6 @@ def local_slice(param: torch.Tensor, rank: int, world_size: int, master: torch.T
     return start, (master if master is not None else param).detach().view(-1)[start:stop]
 
 
-def _numel(param: torch.Tensor) -> int:
-    return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
-
-
 def _shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
 
