@@ -52,7 +52,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mmtrain.components.metrics import PEAK_TFLOPS  # noqa: E402
+from mmtrain.components.metrics import LoggingConfig, peak_flops  # noqa: E402
 from mmtrain.config import load_config  # noqa: E402
 from mmtrain.models.causalfusion import CausalFusion, sample_image_tokens, training_flops, training_inputs  # noqa: E402
 from mmtrain.models.diffusion import build_diffusion  # noqa: E402
@@ -96,12 +96,11 @@ def sync(device: torch.device) -> None:
 
 
 def peak_tflops(args) -> float | None:
-    if args.peak_tflops:
-        return args.peak_tflops
-    if not torch.cuda.is_available() or args.cpu:
+    """Dense bf16 TFLOP/s of this GPU, as the training metrics look it up (``--peak-tflops`` overrides)."""
+    if args.cpu and not args.peak_tflops:
         return None
-    name = torch.cuda.get_device_name()
-    return next((t["bf16"] for k, t in PEAK_TFLOPS.items() if k in name), None)
+    flops = peak_flops(LoggingConfig(peak_tflops=args.peak_tflops), "bf16")
+    return flops / 1e12 if flops else None
 
 
 def table(title: str, header: list[str], rows: list[list]) -> str:

@@ -86,8 +86,6 @@ def _rank_world() -> tuple[int, int]:
     return distributed.rank(), distributed.world_size()
 
 
-_barrier = distributed.barrier
-
 
 # --------------------------------------------------------------------------- RNG states
 
@@ -128,11 +126,11 @@ def save(engine, run_dir: str | os.PathLike, step: int, state: dict, keep_last: 
         _copy_run_files(Path(run_dir), ckpt)
         meta = {k: state[k] for k in ("step", "samples_seen", "world_size", "zero_stage", "loader") if k in state}
         atomic_write_text(ckpt / "meta.json", json.dumps(meta, indent=1))
-    _barrier()  # every rank's files are on disk
+    distributed.barrier()  # every rank's files are on disk
     if rank == 0:
         atomic_write_text(root / "latest", tag)
         _prune(root, keep_last)
-    _barrier()
+    distributed.barrier()
     return tag
 
 
