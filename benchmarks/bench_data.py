@@ -15,7 +15,17 @@ no VAE needed), trains a small sentencepiece tokenizer on the captions, then tim
    center-crop/resize, collate, captions tokenized in the loader, then ``Batch.images``
    (``B, 3, H, W`` float in [-1, 1], converted from uint8 in the consuming process);
    with each ``--workers`` count (0 = in-process, the like-for-like comparison with 1);
-3. the same with ``use_latents: true`` (no image decoding).
+3. the same with ``use_latents: true`` (no image decoding);
+4. (``--remote``, on by default) the pixel loader (2) over the same JPEGs in 100-sample shards
+   (with their sidecar indexes) from object storage: a real S3-compatible server (moto, a
+   process of its own on 127.0.0.1, credentials checked; on the same 2 cores) and a plain
+   HTTP server (a thread of this process), with
+   ``shuffle_window: 2`` and a ``cache_limit`` of 5 shards (a quarter of the dataset), each
+   pass starting from an empty cache (timed from the second batch on: the first one holds the
+   start-up, as for the workers of (2)); against local disk with the same shuffle window.
+   Reports samples/s, remote / local, bytes fetched per sample, the cache hit rate (shard
+   opens served from the cache) and the peak cache size. Goal: remote >= 0.8x local with 2
+   workers.
 
 All in-process work uses one torch thread (``torch.set_num_threads(1)``), as dataloader
 workers do. (2) is timed twice: the batches as the loader delivers them (uint8 pixels: what a GPU
@@ -132,6 +142,81 @@ def bench_mmtrain(cfg: DataConfig, num: int, batch: int, tok, max_text_len: int,
     return elapsed, n
 
 
+def bench_remote(root: Path, args, tok, best) -> list[tuple]:
+    """Rows (4): the same JPEGs in 100-sample shards from local disk, S3 (moto) and HTTP, shuffle window 2."""
+    import shutil
+    import sys
+
+    from mmtrain.data import storage
+    from mmtrain.data.index import write_sidecar
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from storage_servers import BUCKET, set_env, start_http, start_s3  # the servers the tests start
+
+    small, _, _ = write_data(root / "remote_data", args.num, args.size, per_shard=100)
+    for shard in small:
+        write_sidecar(shard)  # what `mmtrain prep index` writes for shards made by other tools
+    shard_sizes = sorted((os.path.getsize(p) for p in small), reverse=True)
+    limit = sum(shard_sizes[:5])
+    s3 = start_s3(own_process=True)  # not sharing the GIL of the process being timed
+    set_env({**s3.env(), "MMTRAIN_IO_BACKOFF_S": "0.05"})
+    storage.upload_tree(str(root / "remote_data" / "pixels"), f"s3://{BUCKET}/pixels")
+    base, http_server = start_http(str(root / "remote_data"))
+    n = len(small)
+    sources = {"local disk": str(root / "remote_data" / "pixels"), "S3 (moto)": f"s3://{BUCKET}/pixels",
+               "HTTP": f"{base}/pixels/shard-{{000000..{n - 1:06d}}}.tar"}
+    rows = []
+    for w in args.workers:
+        rates = {}
+        for name, path in sources.items():
+            seen: dict = {}
+
+            def run(path=path, seen=seen):
+                cache = root / "shard_cache"
+                shutil.rmtree(cache, ignore_errors=True)  # every pass starts cold: each shard is fetched in it
+                cfg = DataConfig(train_shards=path, image_size=args.size, num_workers=w, index_cache="",
+                                 shuffle_window=2, cache_dir=str(cache), cache_limit=str(limit))
+                loader = build_train_loader(cfg, args.batch, 0, world_size=1, seed=0, start_sample=0,
+                                            text_tokenizer=tok, max_text_len=args.max_text_len)
+                it, io_sum = iter(loader), {}
+                first = next(it)  # start-up, a one-off per run: workers, S3 clients, the first window's download
+                io_sum.update(first.io)
+                steps, count = args.num // args.batch - 1, 0
+                start = time.perf_counter()
+                for _ in range(steps):
+                    b = next(it)
+                    b.images  # noqa: B018 -- as in (2)
+                    count += len(b)
+                    for k, v in b.io.items():
+                        io_sum[k] = io_sum.get(k, 0) + v if k != "cache_bytes_peak" else max(io_sum.get(k, 0), v)
+                elapsed = time.perf_counter() - start
+                del it
+                seen.clear()
+                seen.update(io_sum, samples=count)
+                return elapsed, count
+
+            rates[name] = best(run)
+            hits, misses = seen.get("cache_hits", 0), seen.get("cache_misses", 0)
+            rows.append((name, w, rates[name], rates[name] / rates["local disk"], seen.get("bytes_fetched", 0) / seen["samples"],
+                         hits / max(hits + misses, 1) if name != "local disk" else None,
+                         seen.get("cache_bytes_peak", 0), seen.get("retries", 0)))
+            print(f"  (4) [{w} workers] {name}: {rates[name]:.0f} samples/s", flush=True)
+    http_server.shutdown()
+    s3.stop()
+    print(f"\n(4) {args.num} samples in {n} shards of 100 ({sum(shard_sizes) / 1e6:.1f} MB), shuffle_window 2, "
+          f"cache_limit {limit / 1e6:.1f} MB (5 shards), cold cache each pass, timed after the first batch, "
+          "best of 2 after a warm-up\n")
+    print("| source | workers | samples/s | vs local | bytes fetched / sample | cache hit rate | peak cache | retries |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, w, rate, rel, per, hit, peak, retries in rows:
+        print(f"| {name} | {w} | {rate:,.0f} | {rel:.2f}x | {per:,.0f} | {'-' if hit is None else f'{hit:.2f}'} | "
+              f"{peak / 1e6:.2f} MB | {retries} |")
+    for name, w, rate, rel, *_ in rows:
+        if w == 2 and name != "local disk":
+            print(f"(4) {name} vs local disk, 2 workers: {rel:.2f}x (goal >= 0.8x) -> {'OK' if rel >= 0.8 else 'MISSED'}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num", type=int, default=2000, help="samples (default 2000)")
@@ -140,6 +225,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="worker counts for (2) and (3) (default 0 2)")
     ap.add_argument("--max-text-len", type=int, default=32)
     ap.add_argument("--dir", default="", help="work directory (default: a temporary one)")
+    ap.add_argument("--no-remote", dest="remote", action="store_false", help="skip (4), the S3 / HTTP rows")
     args = ap.parse_args()
     # One intra-op thread, as in DataLoader workers: the in-process runs (1) and (2, 0 workers)
     # then compare pipelines, not torch's thread pool (whose wake-ups cost ms per small op on some VMs).
@@ -198,6 +284,8 @@ def main() -> None:
     for w in args.workers:
         speedup = latent_rates[w] / pixel_rates[w]
         print(f"(3) vs (2) float images, {w} workers: {speedup:.1f}x faster (goal >= 5x) -> {'OK' if speedup >= 5 else 'MISSED'}")
+    if args.remote:
+        bench_remote(root, args, tok, best)
 
 if __name__ == "__main__":
     main()

@@ -38,12 +38,13 @@ def cmd_prep(args: argparse.Namespace) -> int:
 
 
 def _training_captions(shards: list[str], text_files: list[str]):
-    """Captions of webdataset / MDS sources (images are not decoded), then lines of text files."""
-    from mmtrain.data.prep.readers import iter_dataset
+    """Captions of webdataset / MDS sources, local or URLs (images are neither read nor decoded), then lines of text files."""
+    from mmtrain.data.sources import open_source
 
-    for source in shards:
-        for _, samples in iter_dataset(source):
-            yield from (s.caption for s in samples)
+    for path in shards:
+        source = open_source(path)
+        yield from (source.read(i, want_image=False).caption for i in range(len(source)))
+        source.close()
     for path in text_files:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--text {path}: no such file")
@@ -68,10 +69,12 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def preflight(config_path: str, overrides: list[str]):
     """Fail fast, before any rank starts, on a bad config, missing shards or tokenizer."""
-    from mmtrain.components.data import open_sources
+    from mmtrain.components.data import check_cache_limit, open_sources
 
     cfg = load_config(config_path, overrides)
-    open_sources(cfg.data)  # every training source exists and is well-formed; fills the tar index cache for the ranks
+    # every training source exists and is well-formed (remote: every shard is there with its index's size,
+    # and the credentials work) and fits data.cache_limit; fills the tar index cache for the ranks
+    check_cache_limit(cfg.data, open_sources(cfg.data))
     if cfg.train.init_from and not (Path(cfg.train.init_from) / "model.safetensors").is_file() and not Path(cfg.train.init_from).is_file():
         raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no model.safetensors there")
     if cfg.model.attention == "flex" and not _cuda_available():
@@ -444,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prep", help="write datasets into webdataset or MDS shards")
     prep_sub = prep.add_subparsers(dest="source", required=True)
     syn = prep_sub.add_parser("synthetic", help="the embedded procedural shapes dataset (no download)")
-    syn.add_argument("--out", required=True)
+    syn.add_argument("--out", required=True, help="output directory or URL (s3://, gs://: staged locally, then uploaded)")
     syn.add_argument("--num", type=int, required=True)
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--image-size", type=int, default=32)
@@ -453,15 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--samples-per-shard", type=int, default=1000)
     syn.add_argument("--image-format", choices=["png", "jpg"], default="png")
     syn.add_argument("--quiet", action="store_true")
-    syn.set_defaults(func=cmd_prep)
-    from mmtrain.data.prep.cli import add_prep_subcommands
+    from mmtrain.data.prep.cli import add_prep_subcommands, staged
+
+    syn.set_defaults(func=staged(cmd_prep))
 
     add_prep_subcommands(prep_sub)  # folder, manifest, coco, wds (img2dataset), latents
 
     tok = sub.add_parser("tokenizer", help="train tokenizers")
     tok_sub = tok.add_subparsers(dest="what", required=True)
     tt = tok_sub.add_parser("train", help="train the sentencepiece text tokenizer on shard captions")
-    tt.add_argument("--shards", action="append", default=[], help="webdataset (dir, .tar, brace pattern) or MDS dir; repeatable")
+    tt.add_argument("--shards", action="append", default=[], help="webdataset (dir, .tar, brace pattern) or MDS dir, local or a URL; repeatable")
     tt.add_argument("--text", action="append", default=[], help="a text file with one caption per line; repeatable")
     tt.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.json")
     tt.add_argument("--vocab-size", type=int, default=256)
@@ -588,7 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
     evg = ev_sub.add_parser("generate", help="FID/sFID, IS, KID, precision/recall, CLIP score, attribute accuracy; CFG x AR-steps sweep")
     for p_ in (evc, evg):
         p_.add_argument("run_dir", help="a run directory or a model directory (mmtrain export / convert)")
-        p_.add_argument("--shards", help="eval shards, webdataset or MDS (default: eval.shards, else data.val_shards)")
+        p_.add_argument("--shards", help="eval shards, webdataset or MDS, local or a URL (default: eval.shards, else data.val_shards)")
         p_.add_argument("--coco-annotations", default="", help="COCO captions_*.json instead of shards")
         p_.add_argument("--coco-images", default="", help="the folder of the images --coco-annotations names")
         p_.add_argument("--num", type=int, help="samples to evaluate (eval.num_samples)")
@@ -626,9 +630,14 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from mmtrain.data.cache import CacheFullError
+    from mmtrain.data.storage import TransientIOError
+
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:  # TokenizerMismatchError is a ValueError
+    # TokenizerMismatchError is a ValueError; PermissionError / TransientIOError: a store refused or kept failing
+    except (ConfigError, FileNotFoundError, FileExistsError, PermissionError, TransientIOError, CacheFullError,
+            ValueError) as exc:
         print(f"mmtrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

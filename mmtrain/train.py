@@ -157,12 +157,22 @@ class Window:
     :meth:`record` reads them once per log step."""
 
     DEVICE_KEYS = ("loss", "diffusion_loss", "text_loss", "sequence_tokens")
+    # what the loaders did in the window (Batch.io, Batch.substituted), summed over ranks: logged as data/<key>
+    DATA_KEYS = ("substituted", "requests", "retries", "bytes_fetched", "shard_downloads", "cache_hits",
+                 "cache_misses", "cache_evictions", "corrupt_shards")
 
     def __init__(self, dev: torch.device) -> None:
         self.sums = torch.zeros(len(self.DEVICE_KEYS), dtype=torch.float64, device=dev)
         self.micro_batches, self.flops = 0, 0.0
+        self.data = dict.fromkeys(self.DATA_KEYS, 0)
         self.t0 = time.perf_counter()
         self.data_hash = hashlib.sha1()
+
+    def add_batch(self, batch: Batch) -> None:
+        self.data_hash.update("\n".join(batch.keys).encode())
+        self.data["substituted"] += batch.substituted
+        for k in self.DATA_KEYS[1:]:
+            self.data[k] += batch.io.get(k, 0)
 
     def add(self, out: dict, flops: float) -> None:
         self.sums += torch.stack([out[k].detach().to(torch.float64) for k in self.DEVICE_KEYS])
@@ -171,14 +181,15 @@ class Window:
 
     def record(self, micro_batch_size: int, peak: float | None) -> dict:
         """Collective: averages over ranks and the window, throughput summed over ranks."""
-        host = torch.tensor([self.micro_batches, self.flops], dtype=torch.float64)
+        host = torch.tensor([self.micro_batches, self.flops, *self.data.values()], dtype=torch.float64)
         totals = distributed.sum_over_ranks(torch.cat([self.sums, distributed.to_device(host, self.sums.device)]))
         elapsed = time.perf_counter() - self.t0  # after the read: the device has finished the window's work
-        s = dict(zip((*self.DEVICE_KEYS, "micro_batches", "flops"), totals))
+        s = dict(zip((*self.DEVICE_KEYS, "micro_batches", "flops", *self.DATA_KEYS), totals))
         n = max(s["micro_batches"], 1.0)
         rec = {"loss": s["loss"] / n, "diffusion_loss": s["diffusion_loss"] / n, "text_loss": s["text_loss"] / n,
                "samples_per_s": s["micro_batches"] * micro_batch_size / elapsed,
-               "tokens_per_s": s["sequence_tokens"] / elapsed}
+               "tokens_per_s": s["sequence_tokens"] / elapsed,
+               **{f"data/{k}": int(s[k]) for k in self.DATA_KEYS}}
         if peak is not None:
             rec["mfu"] = s["flops"] / elapsed / (peak * distributed.world_size())
         return rec
@@ -297,7 +308,7 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
                 gen.manual_seed(seed)
                 rng.seed(seed)
                 data = next(data_iter)
-                window.data_hash.update("\n".join(data.keys).encode())
+                window.add_batch(data)
                 with torch.no_grad(), torch.autocast(**encode_autocast):
                     # data.use_latents: `mmtrain prep latents` stored image_tok.encode() output (already scaled)
                     latents = (distributed.to_device(data.latents, dev) if data.latents is not None

@@ -71,7 +71,11 @@ def test_training_forward_matches_official(converted, golden):
                     target=noise, order=order, split=split, loss_weights=torch.ones(L), labels=tensors["in.y"], return_pred=True)
     torch.testing.assert_close(out["pred"], tensors["out.pred_shuffled"], atol=1e-5, rtol=0)
     noise_ar = torch.gather(noise, 1, order[..., None].expand_as(noise))
-    torch.testing.assert_close((noise_ar - out["pred"]) ** 2, tensors["out.loss_elementwise"], atol=1e-5, rtol=0)
+    # the loss is the square of (noise - pred), pred being checked to 1e-5 just above: the square then agrees
+    # to (1 + 2|noise - pred|) * 1e-5 (a flat 1e-5 failed by 1.6e-5 on a 2-core machine whose float kernels differ)
+    residual = noise_ar - out["pred"]
+    gap = (residual ** 2 - tensors["out.loss_elementwise"]).abs()
+    assert bool((gap <= 1e-5 * (1 + 2 * residual.abs())).all()), float(gap.max())
 
 
 def test_cached_cfg_inference_matches_official(converted, golden):

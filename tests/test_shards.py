@@ -126,7 +126,8 @@ def test_write_shards_rejects_bad_samples(tmp_path):
 
 def test_no_temp_files_left(tmp_path):
     write_shards(_samples(7), tmp_path, samples_per_shard=3, progress=False)
-    assert sorted(os.listdir(tmp_path)) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    names = [f"shard-00000{i}.tar" for i in range(3)]
+    assert sorted(os.listdir(tmp_path)) == sorted(names + [n + ".index.json" for n in names])  # shards + sidecar indexes
 
 
 def test_failure_mid_shard_leaves_no_partial_shard(tmp_path):
@@ -145,9 +146,11 @@ def test_failure_mid_shard_leaves_no_partial_shard(tmp_path):
 
     with pytest.raises(RuntimeError, match="generator died"):
         write_shards(failing(), tmp_path, samples_per_shard=10, progress=False)
-    assert seen_mid_write == [".shard-000002.tar.tmp", "shard-000000.tar", "shard-000001.tar"]
+    assert seen_mid_write == [".shard-000002.tar.tmp", "shard-000000.tar", "shard-000000.tar.index.json",
+                              "shard-000001.tar", "shard-000001.tar.index.json"]
     # Completed shards are in place and intact; the third one never appeared.
-    assert sorted(os.listdir(tmp_path)) == ["shard-000000.tar", "shard-000001.tar"]
+    assert sorted(os.listdir(tmp_path)) == ["shard-000000.tar", "shard-000000.tar.index.json",
+                                            "shard-000001.tar", "shard-000001.tar.index.json"]
     _assert_same(list(iter_shard_samples(tmp_path)), samples[:20])
 
 
@@ -156,7 +159,7 @@ def test_bad_sample_mid_shard_leaves_no_partial_shard(tmp_path):
     samples[3] = dict(samples[3], image="not an image")
     with pytest.raises(ValueError, match="00000003"):
         write_shards(samples, tmp_path, samples_per_shard=2, progress=False)
-    assert sorted(os.listdir(tmp_path)) == ["shard-000000.tar"]
+    assert sorted(os.listdir(tmp_path)) == ["shard-000000.tar", "shard-000000.tar.index.json"]
 
 
 # --- listing -------------------------------------------------------------------
@@ -284,3 +287,43 @@ def test_write_synthetic_shards_and_stats(tmp_path, caplog):
 def test_write_synthetic_shards_rejects_bad_num(tmp_path):
     with pytest.raises(ValueError, match="num"):
         write_synthetic_shards(tmp_path, 0, CFG, progress=False)
+
+
+# --- the one tar reader ------------------------------------------------------------
+
+
+def test_every_tar_reader_groups_members_by_the_same_rule(tmp_path):
+    """Loader index, prep source, latent precompute reader and iter_shard_samples all read tars through
+    mmtrain.data.tar: consecutive members share a sample, a key that comes back is an error naming it."""
+    from mmtrain.data.index import scan_tar
+    from mmtrain.data.prep.readers import iter_wds_members
+    from mmtrain.data.prep.sources.wds import list_wds
+    from mmtrain.data.sources import open_source
+    from mmtrain.data.tar import iter_tar_samples
+
+    a, b = _samples(2)
+    good = tmp_path / "good" / "shard-000000.tar"
+    good.parent.mkdir()
+    _tar_with(good, {"./00000000.PNG": _png(a), "00000000.txt": a["caption"].encode(), "00000000.json": b"{}",
+                     "__meta__.json": b"{}", ".hidden.txt": b"x", "README": b"no extension",
+                     "sub/00000001.png": _png(b), "sub/00000001.txt": b["caption"].encode(), "sub/00000001.json": b"{}"})
+    assert [(s.key, sorted(s.members)) for s in iter_tar_samples(str(good))] == [
+        ("00000000", ["json", "png", "txt"]), ("sub/00000001", ["json", "png", "txt"])]
+    assert scan_tar(str(good)).keys == ["00000000", "sub/00000001"]
+    assert [k for k, _ in iter_wds_members(str(good))] == ["00000000", "sub/00000001"]
+    assert [s["key"] for s in iter_shard_samples(good.parent)] == ["00000000", "sub/00000001"]
+    assert [c.group for c in list_wds(good).candidates] == ["00000000", "sub/00000001"]
+
+    broken = tmp_path / "broken" / "shard-000000.tar"
+    broken.parent.mkdir()
+    _tar_with(broken, {"00000000.png": _png(a), "00000000.txt": b"one", "00000000.json": b"{}", "00000001.png": _png(b),
+                       "00000001.txt": b"two", "00000001.json": b"{}", "00000000.cls": b"3"})  # 00000000 comes back
+    rule = "sample key '00000000' appears in two separate runs of members"
+    for read in (lambda: scan_tar(str(broken)), lambda: list(iter_wds_members(str(broken))),
+                 lambda: list(iter_shard_samples(broken.parent)), lambda: open_source(str(broken.parent), cache_dir="")):
+        with pytest.raises(ShardDataError, match=rule) as info:
+            read()
+        assert str(broken) in str(info.value)
+    source = list_wds(broken)  # prep keeps what came before the damage and counts the shard
+    assert [c.group for c in source.candidates] == ["00000000"] and [d.reason for d in source.drops] == ["corrupt_shard"]
+    assert rule in source.drops[0].detail

@@ -14,9 +14,12 @@ world size) and rank ``r`` takes the slice ``+ r*B .. + (r+1)*B - 1``. Hence:
   ``j % n == w`` and the DataLoader returns them round-robin, so a rank's batches are
   identical for any ``num_workers``.
 
-Samples are read by offset from tar shards (member index cached on disk) or MDS
-shards (:mod:`mmtrain.data.sources`), so there is no shuffle buffer: shuffling is a
-permutation of the whole epoch. Images leave the workers as uint8 (``Batch.pixels``);
+Samples are read by offset from tar shards (member index next to each shard, or cached
+on disk) or MDS shards (:mod:`mmtrain.data.sources`), so there is no shuffle buffer:
+shuffling is a permutation of the whole epoch, or, with ``data.shuffle_window``, of
+windows of shards and of the samples within each window (:mod:`mmtrain.data.order`), so
+that remote shards stream through a bounded local cache (:mod:`mmtrain.data.cache`) with
+the next window fetched in the background (:class:`ShardPrefetcher`). Images leave the workers as uint8 (``Batch.pixels``);
 ``Batch.images`` / ``Batch.images_on(device)`` give ``B, 3, H, W`` floats in [-1, 1].
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ import io
 import logging
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -33,8 +37,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmtrain.data import storage
+from mmtrain.data.cache import CorruptShardError, ShardCache, parse_bytes
+from mmtrain.data.errors import ShardDataError
 from mmtrain.data.order import MODES, StreamOrder
-from mmtrain.data.shards import ShardDataError
+from mmtrain.data.prefetch import ShardPrefetcher
 from mmtrain.data.sources import FORMATS, RawSample, Source, open_source
 
 logger = logging.getLogger("mmtrain.data")
@@ -50,7 +57,8 @@ class SourceConfig:
     Args:
         path: a directory of ``*.tar`` webdataset shards, one ``.tar``, a brace pattern
             (``dir/shard-{000000..000099}.tar``), or an MDS directory (``index.json`` +
-            uncompressed ``shard.*.mds``). Required.
+            uncompressed ``shard.*.mds``); local, or a URL (``s3://bucket/prefix``,
+            ``gs://...``, ``https://host/path``; see :mod:`mmtrain.data.storage`). Required.
         format: ``auto`` (MDS when the directory has ``index.json``, else webdataset),
             ``wds`` or ``mds``. Default ``auto``.
         weight: >= 0. With ``data.mode: epoch`` each sample of this source appears
@@ -90,6 +98,23 @@ class DataConfig:
         shuffle: the order is a seeded permutation of the whole epoch (``resampled``: of
             each source's pass and of each 65536-position chunk); false = file order,
             sources interleaved evenly. Default true.
+        shuffle_window: shards per shuffle window (``epoch`` mode): the epoch's shards are
+            permuted and read window by window, samples permuted within a window, so a rank
+            needs only the current window's shards and the next one's (fetched ahead). Use it
+            for remote sources: 0 = one permutation of the whole epoch, which touches every
+            shard at once (best mixing; for local data, or a cache that holds the dataset).
+            Default 0.
+        cache_dir: where remote shards are copied (downloaded whole, then read by offset);
+            node-local disk, shared by the ranks and workers of a node. Default
+            ``~/.cache/mmtrain/shards``.
+        cache_limit: the most bytes of shard copies in ``cache_dir`` (``500MB``, ``20GiB``, a
+            byte count; "" or 0 = no limit); least recently used shards not in the current or
+            the next window are deleted. It must hold two windows of the largest shards
+            (checked when the loader starts), and with ``shuffle_window: 0`` the whole
+            remote dataset. Default "".
+        prefetch_threads: background download threads per loader process; the next window's
+            shards are fetched while the current one is read. 0 = fetch on first read only.
+            Default 4.
         image_size: images are resized (bicubic) to this square size. Default 32.
         resize_mode: ``center_crop`` (crop non-square images to their central square, then
             resize) or ``resize`` (squash to square). Identical for square images. Default
@@ -102,13 +127,19 @@ class DataConfig:
             full-size decode + resize). Default true.
         num_workers: dataloader worker processes per rank (0 = in-process). Batches do not
             depend on it. Default 1.
-        index_cache: directory caching the per-shard member index of tar shards, keyed by
-            absolute path, size and mtime; "" = no cache (every start rescans the tar
-            headers). Default ``~/.cache/mmtrain/index``.
+        index_cache: directory caching the member index of local tar shards that have no
+            sidecar ``NAME.tar.index.json`` (shards mmtrain writes have one), keyed by absolute
+            path, size and mtime; "" = no cache (every start rescans their tar headers).
+            Default ``~/.cache/mmtrain/index``.
         max_bad_samples: a sample that cannot be read or decoded is logged (shard and key)
             and replaced by the next good sample of the stream; a worker that meets more
             than this many stops training with an error. 0 = every bad sample is an error.
-            Default 100.
+            Samples of a corrupt shard (see ``max_bad_shards``) are replaced the same way but
+            counted apart. Default 100.
+        max_bad_shards: a remote shard whose download does not match its index twice is
+            skipped (its samples replaced by the next good ones, counted in
+            ``data/substituted`` and ``data/corrupt_shards``); more than this many in one
+            process stops training with an error. Default 10.
         shuffle_buffer: unused, kept so existing configs load: the order is a global
             permutation, so no buffer is needed. Default 500.
     """
@@ -126,6 +157,11 @@ class DataConfig:
     index_cache: str = "~/.cache/mmtrain/index"
     max_bad_samples: int = 100
     shuffle_buffer: int = 500
+    shuffle_window: int = 0
+    cache_dir: str = "~/.cache/mmtrain/shards"
+    cache_limit: str = ""
+    prefetch_threads: int = 4
+    max_bad_shards: int = 10
 
     def __post_init__(self) -> None:
         sources = []
@@ -150,9 +186,14 @@ class DataConfig:
         for name in ("image_size",):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "max_bad_samples", "shuffle_buffer"):
+        for name in ("num_workers", "max_bad_samples", "shuffle_buffer", "shuffle_window", "prefetch_threads",
+                     "max_bad_shards"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+        self.cache_limit_bytes = parse_bytes(self.cache_limit or 0, "cache_limit")
+        if self.shuffle_window and self.mode != "epoch":
+            raise ValueError("shuffle_window: shard windows need mode: epoch (resampled mode reads every source "
+                             "at once); set shuffle_window: 0")
         if self.sources and sum(s.weight for s in self.sources) <= 0:
             raise ValueError(f"sources: the weights are all 0 ({[s.path for s in self.sources]})")
 
@@ -177,7 +218,12 @@ class Batch:
         epochs: ``B`` long, the epoch each sample came from (``resampled``: the pass over
             its source).
         positions: ``B`` long, the stream positions of the samples.
-        substituted: how many samples of this batch replace a bad sample.
+        substituted: how many samples of this batch replace a bad sample (or one of a corrupt shard).
+        io: what this loader process's storage did since its previous batch (requests,
+            retries, bytes_fetched, shard_downloads, cache_hits, cache_misses, cache_evictions,
+            corrupt_shards, ...; :data:`mmtrain.data.storage.IO_STATS`); summed over batches
+            and ranks it is the run's total. ``cache_bytes_peak`` is the most this process
+            saw in the shard cache, a maximum.
         text, text_len: ``B, L`` token ids and ``B`` lengths when the loader was given a
             text tokenizer, else None.
     """
@@ -190,6 +236,7 @@ class Batch:
     epochs: torch.Tensor
     positions: torch.Tensor
     substituted: int = 0
+    io: dict[str, int] = field(default_factory=dict)
     text: torch.Tensor | None = None
     text_len: torch.Tensor | None = None
 
@@ -271,7 +318,7 @@ class SampleStream(IterableDataset):
     def __init__(self, sources: list[Source], order: StreamOrder, cfg: DataConfig, micro_batch_size: int,
                  rank: int, world_size: int, start_sample: int, end_sample: int | None = None,
                  max_bad_samples: int | None = None, text_tokenizer: Any = None, max_text_len: int = 0,
-                 latent_shape: tuple[int, int, int] | None = None):
+                 latent_shape: tuple[int, int, int] | None = None, prefetcher: ShardPrefetcher | None = None):
         super().__init__()
         self.sources, self.order, self.cfg = sources, order, cfg
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
@@ -281,6 +328,9 @@ class SampleStream(IterableDataset):
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
         self._bad: set[tuple[int, int]] = set()
         self.bad_samples = 0  # in this process
+        self.corrupt_shard_samples = 0  # in this process: samples of shards skipped as corrupt
+        self.prefetcher = prefetcher
+        self._io_last: Counter = Counter()
 
     def micro_batch_positions(self, j: int) -> np.ndarray:
         b = self.micro_batch_size
@@ -291,6 +341,7 @@ class SampleStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._io_last = storage.io_snapshot()  # a forked worker starts from its parent's counters
         j = worker
         while True:
             positions = self.micro_batch_positions(j)
@@ -332,6 +383,14 @@ class SampleStream(IterableDataset):
                              "stream positions to use instead") from first_error
 
     def _note_bad(self, s: int, i: int, exc: Exception) -> None:
+        if isinstance(exc, CorruptShardError):
+            self._bad.add((s, i))
+            self.corrupt_shard_samples += 1
+            corrupt = sum(len(src.shard_files.corrupt) for src in self.sources)
+            if corrupt > self.cfg.max_bad_shards:
+                raise ShardDataError(f"{corrupt} corrupt shards in one data worker, more than "
+                                     f"data.max_bad_shards={self.cfg.max_bad_shards}; the last: {exc}") from exc
+            return
         if self.max_bad_samples == 0:
             raise exc
         if (s, i) not in self._bad:
@@ -342,7 +401,17 @@ class SampleStream(IterableDataset):
             raise ShardDataError(f"{self.bad_samples} bad samples in one data worker, more than "
                                  f"data.max_bad_samples={self.max_bad_samples}; the last: {exc}") from exc
 
+    def _io_delta(self) -> dict[str, int]:
+        now = storage.io_snapshot()
+        out = {k: v - self._io_last.get(k, 0) for k, v in now.items() if v != self._io_last.get(k, 0)}
+        self._io_last = now
+        if self.prefetcher is not None and self.prefetcher.cache is not None:
+            out["cache_bytes_peak"] = self.prefetcher.cache.peak_bytes  # a maximum, not a count
+        return out
+
     def make_batch(self, positions: np.ndarray) -> Batch:
+        if self.prefetcher is not None and len(positions):
+            self.prefetcher.advance(int(positions[0]))
         src, local, epochs = self.order.lookup(positions)
         values, captions, labels, keys, got_epochs, substituted = [], [], [], [], [], 0
         for p, s, i, e in zip(positions.tolist(), src.tolist(), local.tolist(), epochs.tolist()):
@@ -370,13 +439,36 @@ class SampleStream(IterableDataset):
             pixels = torch.from_numpy(np.stack(values))  # B, H, W, 3 uint8
         batch = Batch(pixels=pixels, latents=latents, captions=captions, labels=torch.tensor(labels, dtype=torch.long),
                       keys=keys, epochs=torch.tensor(got_epochs, dtype=torch.long),
-                      positions=torch.from_numpy(positions.copy()), substituted=substituted)
+                      positions=torch.from_numpy(positions.copy()), substituted=substituted, io=self._io_delta())
         if self.text_tokenizer is not None:
             batch.text, batch.text_len = self.text_tokenizer.encode_batch(captions, self.max_text_len)
         return batch
 
 
 # --------------------------------------------------------------------------- builders
+
+
+def shard_cache_for(cfg: DataConfig) -> ShardCache:
+    """The node's cache of remote shards: ``data.cache_dir`` bounded by ``data.cache_limit``."""
+    return ShardCache(cfg.cache_dir, cfg.cache_limit_bytes)
+
+
+def check_cache_limit(cfg: DataConfig, sources: list[Source]) -> None:
+    """``data.cache_limit`` must hold what the loader pins: two windows of the largest remote shards
+    (with ``shuffle_window: 0``, every remote shard). ValueError naming the knobs otherwise."""
+    remote = np.concatenate([s.shard_bytes for s in sources if s.shard_files.remote is not None] or [np.zeros(0, np.int64)])
+    limit = cfg.cache_limit_bytes
+    if not len(remote) or not limit:
+        return
+    largest = np.sort(remote)[::-1]
+    need = int(largest[:2 * cfg.shuffle_window].sum()) if cfg.shuffle_window else int(remote.sum())
+    if limit < need:
+        what = (f"two windows of data.shuffle_window={cfg.shuffle_window} shards need up to {need} bytes"
+                if cfg.shuffle_window else
+                f"data.shuffle_window=0 reads every shard at once: the remote dataset is {need} bytes")
+        raise ValueError(f"data.cache_limit={cfg.cache_limit!r} ({limit} bytes) is too small: {what}; raise "
+                         "data.cache_limit" + (" or lower data.shuffle_window" if cfg.shuffle_window else
+                                               " or set data.shuffle_window (shards per window)"))
 
 
 def open_sources(cfg: DataConfig, source_cfgs: list[SourceConfig] | None = None) -> list[Source]:
@@ -386,9 +478,11 @@ def open_sources(cfg: DataConfig, source_cfgs: list[SourceConfig] | None = None)
     column. Cheap to call again: tar indexes are cached in ``cfg.index_cache``.
     """
     cache = os.path.expanduser(cfg.index_cache) if cfg.index_cache else ""
+    source_cfgs = source_cfgs if source_cfgs is not None else cfg.train_sources()
+    shard_cache = shard_cache_for(cfg) if any(storage.is_url(sc.path) for sc in source_cfgs) else None
     sources = []
-    for sc in source_cfgs if source_cfgs is not None else cfg.train_sources():
-        source = open_source(sc.path, sc.format, cache)
+    for sc in source_cfgs:
+        source = open_source(sc.path, sc.format, cache, shard_cache)
         if len(source) == 0:
             raise ShardDataError(f"data source {sc.path!r} holds no samples")
         source.validate(need_image=not cfg.use_latents, need_latent=cfg.use_latents)
@@ -437,15 +531,21 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, rank: int, *, wor
         raise ValueError(f"build_train_loader: max_text_len must be >= 1 with a text tokenizer, got {max_text_len}")
     source_cfgs = cfg.train_sources()
     sources = open_sources(cfg, source_cfgs)
-    order = StreamOrder([len(s) for s in sources], [sc.weight for sc in source_cfgs], cfg.mode, cfg.shuffle, seed)
+    order = StreamOrder([len(s) for s in sources], [sc.weight for sc in source_cfgs], cfg.mode, cfg.shuffle, seed,
+                        shards=[s.sample_shards() for s in sources], window=cfg.shuffle_window)
+    check_cache_limit(cfg, sources)
+    remote = [s for s in sources if s.shard_files.remote is not None]
+    prefetcher = ShardPrefetcher(sources, order, remote[0].shard_files.cache, cfg.prefetch_threads) if remote else None
     logger.info("data: %d source(s) %s, %s mode, %s; stream position %d",
                 len(sources), ", ".join(f"{sc.path} ({len(s)} samples, weight {sc.weight:g})" for sc, s in zip(source_cfgs, sources)),
                 cfg.mode, f"epoch length {order.epoch_length}" if cfg.mode == "epoch" else "endless", start_sample)
     stream = SampleStream(sources, order, cfg, micro_batch_size, rank, world_size, start_sample,
-                          text_tokenizer=text_tokenizer, max_text_len=max_text_len, latent_shape=latent_shape)
+                          text_tokenizer=text_tokenizer, max_text_len=max_text_len, latent_shape=latent_shape,
+                          prefetcher=prefetcher)
     loader = _loader(stream, cfg.num_workers)
     # what defines the stream; with the position (samples seen) it is the loader state a checkpoint keeps
     loader.stream_identity = {"seed": seed, "mode": cfg.mode, "shuffle": cfg.shuffle,
+                              **({"shuffle_window": cfg.shuffle_window} if cfg.shuffle_window else {}),
                               "sources": [{"path": sc.path, "weight": sc.weight, "samples": len(s)} for sc, s in zip(source_cfgs, sources)]}
     return loader
 

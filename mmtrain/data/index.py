@@ -1,10 +1,12 @@
 """Per-sample index of a webdataset tar shard: where each member's bytes are, for random access.
 
-A shard is scanned once with :mod:`tarfile` (headers only: ``tarfile`` seeks past member
-data), members are grouped into samples by key the way webdataset groups them (the
-member name up to the first dot of its basename; consecutive members), and the result
-is cached as JSON under ``cache_dir``, keyed by the shard's absolute path, size and
-mtime: a rewritten shard is re-scanned, an unchanged one is read from the cache.
+Every shard mmtrain writes gets a sidecar index next to it, ``NAME.tar.index.json``
+(``{version, shard, size, sha256, keys, offsets, sizes}``), so a reader of a shard in
+object storage fetches a few KB to know every sample, and can check the downloaded shard
+against its size and sha256. Shards without a sidecar (other tools' output) are indexed
+by reading their member headers (:mod:`mmtrain.data.tar`): locally on the spot, with
+the result cached as JSON under ``cache_dir`` keyed by absolute path, size and mtime; a
+remote shard must get its sidecar first (``mmtrain prep index URL``).
 
 Recognised members of sample ``KEY`` (extensions are matched case-insensitively):
 
@@ -22,19 +24,19 @@ import hashlib
 import json
 import logging
 import os
-import re
-import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from mmtrain.atomic import atomic_write_text
-from mmtrain.data.shards import ShardDataError
+from mmtrain.data.errors import ShardDataError
+from mmtrain.data.tar import iter_tar_samples
 
 logger = logging.getLogger("mmtrain.data")
 
 INDEX_VERSION = 1
+SIDECAR_SUFFIX = ".index.json"
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 # Field name in the index -> member extensions that fill it (first one present wins).
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -44,9 +46,6 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "cls": ("cls",),
     "latent": ("latent.npy",),
 }
-_EXT_TO_FIELD = {ext: name for name, exts in FIELDS.items() for ext in exts}
-# webdataset's ``base_plus_ext``: key = directory + basename up to the first dot.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 
 
 @dataclass
@@ -55,64 +54,31 @@ class TarIndex:
 
     ``keys`` are the sample keys in file order; for each field of :data:`FIELDS`,
     ``offsets[field][i]`` / ``sizes[field][i]`` locate sample i's member data in the
-    file (offset -1 when the sample has no such member).
+    file (offset -1 when the sample has no such member). ``size`` and ``sha256`` describe
+    the whole shard file when known (sidecar indexes record both), else -1 / "".
     """
 
     path: str
     keys: list[str]
     offsets: dict[str, np.ndarray]
     sizes: dict[str, np.ndarray]
+    size: int = -1
+    sha256: str = ""
 
     def __len__(self) -> int:
         return len(self.keys)
 
 
-def scan_tar(path: str) -> TarIndex:
-    """Read the member headers of ``path`` and group them into samples.
-
-    Raises ShardDataError naming the shard (and the key) when the file is not an
-    uncompressed tar, or a key appears in two separate runs of members (webdataset
-    would split it into two broken samples).
-    """
+def scan_tar(path: str, where: str = "") -> TarIndex:
+    """Index ``path`` from its member headers; ShardDataError naming the shard (``where``) when it cannot."""
     keys: list[str] = []
     columns: dict[str, tuple[list[int], list[int]]] = {f: ([], []) for f in FIELDS}
-    seen: set[str] = set()
-    current: str | None = None
-    try:
-        # "r:" = uncompressed only: compressed tars have no random access.
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name.removeprefix("./")
-                match = _KEY_EXT.match(name)
-                if match is None or os.path.basename(name).startswith((".", "__")):
-                    continue  # no extension, hidden or webdataset meta member
-                key, ext = match.group(1), match.group(2).lower()
-                if key != current:
-                    if key in seen:
-                        raise ShardDataError(
-                            f"shard {path}: sample key {key!r} appears in two separate runs of members "
-                            f"(members of a sample must be consecutive in the tar)"
-                        )
-                    seen.add(key)
-                    keys.append(key)
-                    for offs, sizes in columns.values():
-                        offs.append(-1)
-                        sizes.append(0)
-                    current = key
-                field = _EXT_TO_FIELD.get(ext)
-                if field is None:
-                    continue
-                offs, sizes = columns[field]
-                if offs[-1] == -1:  # the first image member wins when a sample has several
-                    offs[-1] = member.offset_data
-                    sizes[-1] = member.size
-    except tarfile.ReadError as exc:
-        raise ShardDataError(f"shard {path}: not a readable uncompressed tar archive ({exc}); "
-                             "random access needs plain .tar shards, not .tar.gz") from exc
-    except OSError as exc:
-        raise ShardDataError(f"shard {path}: cannot read: {exc}") from exc
+    for sample in iter_tar_samples(path, where):
+        keys.append(sample.key)
+        for name, exts in FIELDS.items():
+            found = next((sample.members[e] for e in exts if e in sample.members), (-1, 0))
+            columns[name][0].append(found[0])
+            columns[name][1].append(found[1])
     return TarIndex(
         path=path,
         keys=keys,
@@ -121,70 +87,133 @@ def scan_tar(path: str) -> TarIndex:
     )
 
 
-def _cache_file(cache_dir: str, path: str, stat: os.stat_result) -> str:
-    ident = f"{INDEX_VERSION}\0{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
-    return os.path.join(cache_dir, hashlib.sha256(ident.encode()).hexdigest()[:40] + ".json")
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def _to_json(index: TarIndex, stat: os.stat_result) -> str:
+def sidecar_path(shard: str) -> str:
+    """``NAME.tar`` -> ``NAME.tar.index.json`` (a local path or a URL)."""
+    return shard + SIDECAR_SUFFIX
+
+
+def sidecar_json(index: TarIndex, size: int, sha256: str) -> str:
     return json.dumps({
         "version": INDEX_VERSION,
-        "path": os.path.abspath(index.path),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
+        "shard": os.path.basename(index.path),
+        "size": size,
+        "sha256": sha256,
         "keys": index.keys,
         "offsets": {f: a.tolist() for f, a in index.offsets.items()},
         "sizes": {f: a.tolist() for f, a in index.sizes.items()},
     }, separators=(",", ":"))
 
 
-def _from_json(text: str, path: str, stat: os.stat_result) -> TarIndex | None:
+def write_sidecar(shard: str, where: str = "") -> str:
+    """Index the local tar ``shard`` and write its sidecar next to it (atomically); returns the sidecar's path."""
+    index = scan_tar(shard, where)
+    path = sidecar_path(shard)
+    atomic_write_text(path, sidecar_json(index, os.path.getsize(shard), sha256_file(shard)))
+    return path
+
+
+def parse_sidecar(text: str | bytes, shard: str, where: str) -> TarIndex:
+    """A sidecar's content as a TarIndex for ``shard``; ShardDataError naming ``where`` when it is malformed."""
     try:
         obj = json.loads(text)
-        if (obj["version"], obj["path"], obj["size"], obj["mtime_ns"]) != (
-                INDEX_VERSION, os.path.abspath(path), stat.st_size, stat.st_mtime_ns):
-            return None
+        if obj["version"] != INDEX_VERSION:
+            raise ValueError(f"version {obj['version']!r}, expected {INDEX_VERSION}")
         n = len(obj["keys"])
         offsets = {f: np.asarray(obj["offsets"][f], dtype=np.int64) for f in FIELDS}
         sizes = {f: np.asarray(obj["sizes"][f], dtype=np.int64) for f in FIELDS}
         if any(len(a) != n for a in (*offsets.values(), *sizes.values())):
-            return None
-        return TarIndex(path=path, keys=list(obj["keys"]), offsets=offsets, sizes=sizes)
-    except (ValueError, KeyError, TypeError):
-        return None  # a damaged cache entry is rebuilt, never trusted
+            raise ValueError("the offset and size lists do not match the key list in length")
+        return TarIndex(path=shard, keys=[str(k) for k in obj["keys"]], offsets=offsets, sizes=sizes,
+                        size=int(obj["size"]), sha256=str(obj.get("sha256", "")))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ShardDataError(f"shard index {where}: malformed ({exc}); rewrite it with `mmtrain prep index`") from exc
+
+
+def _cache_file(cache_dir: str, path: str, stat: os.stat_result) -> str:
+    ident = f"{INDEX_VERSION}\0{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    return os.path.join(cache_dir, hashlib.sha256(ident.encode()).hexdigest()[:40] + ".json")
 
 
 def load_tar_index(path: str, cache_dir: str = "") -> TarIndex:
-    """The index of one shard, from ``cache_dir`` when it holds a current entry, else scanned (and cached).
+    """The index of one local shard: its sidecar when that matches the file's size, else the
+    ``cache_dir`` entry, else a header scan (then cached; ``cache_dir`` "" = no cache).
 
-    ``cache_dir`` "" disables caching. Cache entries are written atomically, so ranks
-    indexing the same shards at once never read a half-written entry.
+    Cache entries are written atomically, so ranks indexing the same shards at once never
+    read a half-written entry; a damaged or stale entry is rebuilt, never trusted.
     """
     try:
         stat = os.stat(path)
     except OSError as exc:
         raise FileNotFoundError(f"shard {path}: cannot stat: {exc}") from exc
+    side = sidecar_path(path)
+    if os.path.isfile(side):
+        try:
+            with open(side, encoding="utf-8") as fh:
+                index = parse_sidecar(fh.read(), path, side)
+            if index.size == stat.st_size:
+                return index
+            logger.warning("shard index %s describes %d bytes but %s has %d; rescanning", side, index.size, path, stat.st_size)
+        except (OSError, ShardDataError) as exc:
+            logger.warning("%s; rescanning %s", exc, path)
     cache_file = _cache_file(cache_dir, path, stat) if cache_dir else ""
     if cache_file and os.path.isfile(cache_file):
-        with open(cache_file, encoding="utf-8") as fh:
-            index = _from_json(fh.read(), path, stat)
-        if index is not None:
-            return index
+        try:
+            with open(cache_file, encoding="utf-8") as fh:
+                index = parse_sidecar(fh.read(), path, cache_file)
+            if index.size == stat.st_size:
+                return index
+        except (OSError, ShardDataError):
+            pass
         logger.warning("index cache entry %s for %s is stale or damaged; rescanning", cache_file, path)
     index = scan_tar(path)
+    index.size = stat.st_size
     if cache_file:
         try:
-            atomic_write_text(cache_file, _to_json(index, stat))
+            atomic_write_text(cache_file, sidecar_json(index, stat.st_size, ""))
         except OSError as exc:  # a read-only cache costs time, not correctness
             logger.warning("cannot write index cache %s: %s", cache_file, exc)
     return index
 
 
 def load_tar_indexes(paths: list[str], cache_dir: str = "", threads: int = 8) -> list[TarIndex]:
-    """:func:`load_tar_index` for many shards, scanned in parallel threads (I/O bound), in order."""
+    """:func:`load_tar_index` for many shards, in parallel threads (I/O bound), in order."""
     if cache_dir:
         cache_dir = os.path.expanduser(cache_dir)
     if len(paths) <= 1 or threads <= 1:
         return [load_tar_index(p, cache_dir) for p in paths]
     with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
         return list(pool.map(lambda p: load_tar_index(p, cache_dir), paths))
+
+
+def load_remote_tar_indexes(urls: list[str], sizes: list[int], threads: int = 16) -> list[TarIndex]:
+    """The sidecar indexes of remote shards (fetched in parallel); each must describe its shard's listed size.
+
+    Raises FileNotFoundError naming the shard when its sidecar is missing, ShardDataError
+    when it is malformed or describes another size (the shard was rewritten after it).
+    """
+    from mmtrain.data.storage import read_bytes
+
+    def one(url_size: tuple[str, int]) -> TarIndex:
+        url, size = url_size
+        side = sidecar_path(url)
+        try:
+            text = read_bytes(side)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"shard {url} has no index {side}: remote tar shards need one; write it "
+                                    f"with `mmtrain prep index {os.path.dirname(url)}` ({exc})") from exc
+        index = parse_sidecar(text, url, side)
+        if index.size != size:
+            raise ShardDataError(f"shard index {side} describes {index.size} bytes but {url} has {size}: the shard "
+                                 "was rewritten after its index; rewrite it with `mmtrain prep index`")
+        return index
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(urls)))) as pool:
+        return list(pool.map(one, zip(urls, sizes)))

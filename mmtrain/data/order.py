@@ -15,6 +15,16 @@ Two modes:
     a uniform permutation of the whole epoch, so no shuffle buffer is needed. The
     stream is epoch 0, epoch 1, ... back to back; ``L`` is the same for every epoch.
 
+``epoch`` with a shuffle window of ``k`` shards (``shuffle_window: k``)
+    A shard-block shuffle, for data that streams from object storage: the shards holding
+    epoch ``e``'s references are permuted with ``default_rng([seed, 4, e])`` and cut into
+    windows of ``k`` consecutive shards; the epoch visits window 0, then window 1, ...,
+    and within a window its references are permuted (``default_rng([seed, 0, e])``). So at
+    any stream position every rank and worker reads from one window (two at a boundary)
+    and the loader only needs those shards, plus the next window fetched ahead
+    (:meth:`StreamOrder.window_shards`). Samples of one window are mixed over ``k``
+    shards instead of the whole epoch: pick ``k`` so that a window holds many batches.
+
 ``resampled``
     The stream is cut into chunks of :data:`CHUNK` positions. Source ``s`` gets a fixed
     quota ``q_s`` of every chunk, ``q_s / CHUNK`` = ``w_s / sum(w)`` up to rounding
@@ -37,7 +47,7 @@ import numpy as np
 
 MODES: tuple[str, ...] = ("epoch", "resampled")
 CHUNK = 1 << 16  # resampled mode: positions per stratified chunk
-_EPOCH_PERM, _EPOCH_SUBSET, _CHUNK_DEAL, _SOURCE_PASS = 0, 1, 2, 3  # RNG stream tags
+_EPOCH_PERM, _EPOCH_SUBSET, _CHUNK_DEAL, _SOURCE_PASS, _SHARD_PERM = 0, 1, 2, 3, 4  # RNG stream tags
 
 
 def apportion(total: int, weights: list[float]) -> np.ndarray:
@@ -79,9 +89,13 @@ class StreamOrder:
         shuffle: permute (True) or keep file order (False; ``resampled`` then
             interleaves the sources evenly).
         seed: >= 0.
+        shards: per source, the shard number of each of its samples; needed for a shuffle window.
+        window: shards per shuffle window (``epoch`` mode only); 0 = the whole epoch is one
+            permutation.
     """
 
-    def __init__(self, sizes: list[int], weights: list[float], mode: str = "epoch", shuffle: bool = True, seed: int = 0):
+    def __init__(self, sizes: list[int], weights: list[float], mode: str = "epoch", shuffle: bool = True, seed: int = 0,
+                 shards: list[np.ndarray] | None = None, window: int = 0):
         if mode not in MODES:
             raise ValueError(f"data.mode: expected one of {list(MODES)}, got {mode!r}")
         if len(sizes) != len(weights) or not sizes:
@@ -96,7 +110,26 @@ class StreamOrder:
         self.weights = [float(w) for w in weights]
         self.mode, self.shuffle, self.seed = mode, shuffle, int(seed)
         self.starts = np.concatenate([[0], np.cumsum(self.sizes)])  # global sample id = starts[s] + i
-        self._cache = _LRU(2)
+        if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
+            raise ValueError(f"data.shuffle_window: expected an int >= 0 (shards per window), got {window!r}")
+        self.window = int(window)
+        self.shard_of_sample = None  # global sample id -> global shard number
+        self.num_shards = 0
+        if shards is not None:
+            if [len(a) for a in shards] != [int(n) for n in self.sizes]:
+                raise ValueError("StreamOrder: need one shard number per sample of every source")
+            counts = [int(a.max()) + 1 if len(a) else 0 for a in shards]
+            first = np.concatenate([[0], np.cumsum(counts)])
+            self.shard_of_sample = np.concatenate([np.asarray(a, dtype=np.int64) + first[s] for s, a in enumerate(shards)])
+            self.num_shards = int(first[-1])
+            self.shard_firsts = first[:-1]
+        if self.window:
+            if mode != "epoch":
+                raise ValueError("data.shuffle_window: shard windows need data.mode: epoch (resampled mode reads "
+                                 "every source at once); set data.shuffle_window: 0")
+            if self.shard_of_sample is None:
+                raise ValueError("StreamOrder: a shuffle window needs the shard of every sample")
+        self._cache = _LRU(3)
         if mode == "epoch":
             whole = [int(np.floor(w)) for w in self.weights]
             self._parts = [(k, int(np.floor((w - k) * n + 0.5))) for w, k, n in zip(self.weights, whole, self.sizes)]
@@ -124,16 +157,62 @@ class StreamOrder:
                         if self.shuffle else np.arange(m))
                 parts.append(ids[pick])
         ids = np.concatenate(parts)
+        if self.window:
+            return self._windowed(ids, epoch)
         if self.shuffle:
             ids = np.random.default_rng([self.seed, _EPOCH_PERM, epoch]).permutation(ids)
-        return ids
+        return ids, np.zeros(1, dtype=np.int64), np.unique(self.shard_of_sample[ids]) if self.num_shards else None
+
+    def _windowed(self, ids: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The epoch's references grouped by shard window: (ids, window start offsets, shard order)."""
+        shard = self.shard_of_sample[ids]
+        present = np.unique(shard)  # shards of a weight-0 source, or with no sample picked, make no window
+        if self.shuffle:
+            present = present[np.random.default_rng([self.seed, _SHARD_PERM, epoch]).permutation(len(present))]
+        rank = np.empty(self.num_shards, dtype=np.int64)
+        rank[present] = np.arange(len(present))
+        win = rank[shard] // self.window
+        if self.shuffle:
+            u = np.random.default_rng([self.seed, _EPOCH_PERM, epoch]).random(len(ids))
+            order = np.lexsort((u, win))
+        else:
+            order = np.argsort(win, kind="stable")
+        ids, win = ids[order], win[order]
+        starts = np.searchsorted(win, np.arange((len(present) + self.window - 1) // self.window))
+        return ids, starts, present
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        return self._cache.get_or(("epoch", epoch), lambda: self._epoch_ids(epoch))
+
+    def window_shards(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global shard numbers of the window holding ``position`` and of the window after it (epoch mode).
+
+        Without a shuffle window the whole epoch is one window: every shard it reads, and no next one.
+        """
+        if self.mode != "epoch" or self.shard_of_sample is None:
+            raise ValueError("window_shards: needs epoch mode and the shard of every sample")
+        epoch, offset = divmod(int(position), self.epoch_length)
+        _, starts, shards = self._epoch(epoch)
+        if not self.window:
+            return shards, np.zeros(0, dtype=np.int64)
+        w = int(np.searchsorted(starts, offset, side="right")) - 1
+        k = self.window
+        current = shards[w * k:(w + 1) * k]
+        if w + 1 < len(starts):
+            return current, shards[(w + 1) * k:(w + 2) * k]
+        return current, self._epoch(epoch + 1)[2][:k]
+
+    def shard_numbers(self, global_shards: np.ndarray) -> list[tuple[int, int]]:
+        """Global shard numbers -> ``(source, shard within the source)``."""
+        src = np.searchsorted(self.shard_firsts, global_shards, side="right") - 1
+        return [(int(s), int(g - self.shard_firsts[s])) for s, g in zip(src, global_shards)]
 
     def _lookup_epoch(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         epochs, offsets = np.divmod(positions, self.epoch_length)
         ids = np.empty(len(positions), dtype=np.int64)
         for e in np.unique(epochs):
             sel = epochs == e
-            ids[sel] = self._cache.get_or(("epoch", int(e)), lambda e=int(e): self._epoch_ids(e))[offsets[sel]]
+            ids[sel] = self._epoch(int(e))[0][offsets[sel]]
         src = np.searchsorted(self.starts, ids, side="right") - 1
         return src, ids - self.starts[src], epochs
 

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import re
-import tarfile
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -29,6 +29,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmtrain.atomic import atomic_write_text
+from mmtrain.data import storage
+from mmtrain.data.storage import is_url, store_for
+from mmtrain.data.errors import ShardDataError  # noqa: F401 -- re-exported: the name readers catch
+from mmtrain.data.index import SIDECAR_SUFFIX, write_sidecar
+from mmtrain.data.tar import read_tar_samples
 from mmtrain.data.synthetic import (
     COLORS,
     KINDS,
@@ -49,24 +54,6 @@ JPEG_QUALITY = 95
 # An int: tarfile writes a float mtime as an extra 1 KiB PAX header per member.
 TAR_MTIME = 0
 STATS_FILENAME = "stats.json"
-
-
-class ShardDataError(ValueError):
-    """A sample in a shard is missing a field or cannot be decoded.
-
-    The message names the shard file, the sample key, the field and what was
-    expected.
-    """
-
-
-def split_member_name(name: str) -> tuple[str, str] | None:
-    """``(sample key, extension)`` of a tar member, webdataset-style: the key is the path up to
-    the first '.' of the basename; None for a member without an extension."""
-    directory, base = os.path.split(name)
-    if "." not in base:
-        return None
-    stem, ext = base.split(".", 1)
-    return (os.path.join(directory, stem) if directory else stem), ext
 
 
 def _atomic_path(final_path: str) -> str:
@@ -149,6 +136,8 @@ class _ShardFile:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.tmp_path, self.final_path)
+        # the index readers of remote shards fetch instead of scanning the tar (sha256 checks the download)
+        write_sidecar(self.final_path)
 
     def abort(self) -> None:
         try:
@@ -170,6 +159,8 @@ def _remove_stale_shards(out_dir: str, prefix: str, keep: set[str]) -> None:
         if pattern.fullmatch(name) and name not in keep:
             logger.warning("removing stale shard %s from a previous run", os.path.join(out_dir, name))
             os.remove(os.path.join(out_dir, name))
+            if os.path.exists(os.path.join(out_dir, name) + SIDECAR_SUFFIX):
+                os.remove(os.path.join(out_dir, name) + SIDECAR_SUFFIX)
 
 
 def write_shards(
@@ -252,6 +243,8 @@ def list_shards(source: str | os.PathLike[str]) -> list[str]:
     exist or the directory holds no ``.tar`` files.
     """
     source = os.fspath(source)
+    if is_url(source):
+        return [url for url, _ in list_remote_shards(source)]
     if "{" in source:
         paths = list(braceexpand(source))
         missing = [p for p in paths if not os.path.isfile(p)]
@@ -270,6 +263,36 @@ def list_shards(source: str | os.PathLike[str]) -> list[str]:
         f"shard source {source!r} does not exist (expected a directory of .tar shards, "
         f"a .tar file, or a brace pattern like dir/shard-{{000000..000009}}.tar)"
     )
+
+
+def list_remote_shards(source: str) -> list[tuple[str, int]]:
+    """``[(url, bytes)]`` of the tar shards at a URL: a prefix (every ``*.tar`` object right under it,
+    sorted; needs a store that lists: s3, gs), one ``.tar`` or a brace pattern (checked one by one).
+
+    Raises FileNotFoundError naming the URL when a shard or the prefix's shards do not exist,
+    PermissionError when the store refuses.
+    """
+    store = store_for(source)
+    if "{" in source or source.endswith(".tar"):
+        urls = list(braceexpand(source))
+        listed = store.sizes(storage.dirname(urls[0])) if len(urls) > 1 else None
+        if listed is not None:
+            missing = [u for u in urls if u not in listed]
+            if missing:
+                shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
+                raise FileNotFoundError(f"shard source {source!r}: {len(missing)} shard(s) not found: {shown}")
+            return [(u, listed[u]) for u in urls]
+        return [(u, store.size(u)) for u in urls]  # FileNotFoundError names the URL
+    listed = store.sizes(source)
+    if listed is None:
+        raise ValueError(f"shard source {source!r}: {source.split(':')[0]} cannot list a prefix; name the shards "
+                         "with a brace pattern, e.g. https://host/data/shard-{000000..000099}.tar")
+    prefix = source.rstrip("/") + "/"
+    found = sorted((u, n) for u, n in listed.items()
+                   if u.endswith(".tar") and "/" not in u[len(prefix):] and not storage.basename(u).startswith("."))
+    if not found:
+        raise FileNotFoundError(f"shard source {source!r} holds no .tar shards")
+    return found
 
 
 def _field(raw: Mapping[str, Any], name: str, where: str, expected: str) -> bytes:
@@ -333,30 +356,23 @@ def decode_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def iter_shard_samples(source: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Yield every sample of ``list_shards(source)``, in shard and file order, decoded.
+    """Yield every sample of ``list_shards(source)`` (local or a URL), in shard and file order, decoded.
 
-    Reads all shards in this process: no node or worker splitting and no
-    shuffling (build a dedicated pipeline for training). Decoding errors raise
+    Reads all shards in this process (a remote shard is downloaded to a temporary file
+    first): no node or worker splitting and no shuffling. Decoding errors raise
     ShardDataError; an unreadable tar raises ShardDataError naming the shard.
     """
+    source = os.fspath(source)
     for url in list_shards(source):
-        dataset = wds.WebDataset(
-            [url],
-            shardshuffle=False,
-            nodesplitter=None,
-            workersplitter=None,
-            empty_check=False,
-        )
-        last_key = None
-        try:
-            for raw in dataset:
-                last_key = raw.get("__key__")
-                yield decode_sample(raw)
-        except (tarfile.TarError, OSError) as exc:
-            after = f" after sample {last_key}" if last_key is not None else ""
-            # WebDataset appends the stream and URL to exc.args; keep the reason only.
-            reason = exc.args[0] if exc.args else exc
-            raise ShardDataError(f"shard {url}: cannot read tar archive{after}: {reason}") from exc
+        if not is_url(url):
+            for key, members in read_tar_samples(url):
+                yield decode_sample({"__key__": key, "__url__": url, **members})
+            continue
+        with tempfile.TemporaryDirectory(prefix="mmtrain-shard-") as tmp:
+            local = os.path.join(tmp, storage.basename(url))
+            store_for(url).download(url, local)
+            for key, members in read_tar_samples(local, url):
+                yield decode_sample({"__key__": key, "__url__": url, **members})
 
 
 def _histogram(values: Iterable[int]) -> dict[str, int]:

@@ -1,8 +1,13 @@
 """Random access to the samples of one data source: webdataset tar shards or a mosaicml-streaming MDS directory.
 
-A source is indexed once when it is opened (in the main process, so bad paths and
-malformed datasets fail before any worker starts) and then read sample by sample with
-``os.pread`` on file descriptors each process opens lazily and keeps in a small LRU.
+A source is indexed once when it is opened (in the main process, so bad paths, missing
+shards and refused requests fail before any worker starts) and then read sample by sample
+with ``os.pread`` on file descriptors each process opens lazily and keeps in a small LRU.
+A source may be a URL (``s3://``, ``gs://``, ``http(s)://``, see :mod:`mmtrain.data.storage`):
+it is indexed from the sidecar indexes of its tars (:mod:`mmtrain.data.index`) or its MDS
+``index.json``, and every shard is checked to exist with the size its index names; its
+shards are then read from local copies in a :class:`~mmtrain.data.cache.ShardCache`,
+downloaded whole when first needed (or ahead, by the loader's prefetch).
 The index is plain numpy arrays, so forked dataloader workers share it copy-on-write.
 
 Sample schema (the contract with the data_prep converters):
@@ -20,14 +25,20 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from collections.abc import Callable
+
 import numpy as np
 
-from mmtrain.data.index import FIELDS, TarIndex, load_tar_indexes
-from mmtrain.data.shards import ShardDataError, list_shards
+from mmtrain.data import storage
+from mmtrain.data.cache import CacheFullError, CorruptShardError, RemoteFile, ShardCache
+from mmtrain.data.errors import ShardDataError
+from mmtrain.data.index import FIELDS, TarIndex, load_remote_tar_indexes, load_tar_indexes
+from mmtrain.data.shards import list_remote_shards, list_shards
 
 FORMATS: tuple[str, ...] = ("auto", "wds", "mds")
 MAX_OPEN_FILES = 64  # per process and source: a global permutation touches every shard
@@ -51,27 +62,35 @@ class RawSample:
 
 
 class _Files:
-    """Read-only file descriptors opened on demand, at most ``MAX_OPEN_FILES``, reopened after fork."""
+    """Read-only file descriptors of shards, opened on demand, at most ``MAX_OPEN_FILES``, reopened after fork.
+
+    Keyed by shard number; ``path_of(shard)`` gives the file to open (for a remote shard: its
+    copy in the shard cache, downloaded first when it is not there). An open descriptor keeps
+    reading a cached copy that another process evicted meanwhile (POSIX unlink semantics).
+    """
 
     def __init__(self) -> None:
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fds: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
 
-    def fd(self, path: str) -> int:
+    def fd(self, shard: int, path_of: Callable[[int], str]) -> int:
         if self._pid != os.getpid():  # inherited through fork: this process opens its own
             self._fds, self._pid = OrderedDict(), os.getpid()
-        fd = self._fds.get(path)
+        fd = self._fds.get(shard)
         if fd is not None:
-            self._fds.move_to_end(path)
+            self._fds.move_to_end(shard)
             return fd
         while len(self._fds) >= MAX_OPEN_FILES:
             os.close(self._fds.popitem(last=False)[1])
-        fd = os.open(path, os.O_RDONLY)
-        self._fds[path] = fd
+        try:
+            fd = os.open(path_of(shard), os.O_RDONLY)
+        except FileNotFoundError:  # a cached copy evicted between download and open: fetch it again
+            fd = os.open(path_of(shard), os.O_RDONLY)
+        self._fds[shard] = fd
         return fd
 
-    def pread(self, path: str, size: int, offset: int) -> bytes:
-        data = os.pread(self.fd(path), size, offset)
+    def pread(self, shard: int, path_of: Callable[[int], str], size: int, offset: int) -> bytes:
+        data = os.pread(self.fd(shard, path_of), size, offset)
         if len(data) != size:
             raise OSError(f"short read: {len(data)} of {size} bytes at offset {offset} (truncated file?)")
         return data
@@ -87,6 +106,54 @@ class _Files:
 
     def __setstate__(self, state: dict) -> None:
         self.__init__()
+
+
+class _ShardFiles:
+    """The shard files of one source, local or remote (fetched through a :class:`ShardCache`).
+
+    Attributes:
+        names: the shard paths or URLs, in order.
+        remote: per shard, what to fetch (URL, size, digest); None for a local source.
+    """
+
+    def __init__(self, names: list[str], remote: list[RemoteFile] | None, cache: ShardCache | None) -> None:
+        self.names, self.remote, self.cache = names, remote, cache
+        self.files = _Files()
+        self.corrupt: dict[int, str] = {}  # shard -> the error, in this process: never fetched a third time
+        self._locks: dict[int, threading.Lock] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_locks": {}}
+
+    def _lock(self, shard: int) -> threading.Lock:
+        if self._pid != os.getpid():  # a lock held by a thread of the parent would never be released here
+            self._locks, self._pid = {}, os.getpid()
+        return self._locks.setdefault(shard, threading.Lock())
+
+    def path_of(self, shard: int, prefetch: bool = False) -> str:
+        if self.remote is None:
+            return self.names[shard]
+        with self._lock(shard):  # the prefetch thread and a read of the same shard: one download, one verdict
+            if shard in self.corrupt:
+                raise CorruptShardError(self.corrupt[shard])
+            try:
+                return self.cache.get(self.remote[shard], prefetch)
+            except CorruptShardError as exc:
+                self.corrupt[shard] = str(exc)
+                raise
+
+    def pread(self, shard: int, size: int, offset: int) -> bytes:
+        return self.files.pread(shard, self.path_of, size, offset)
+
+    def close(self) -> None:
+        self.files.close()
+
+
+def default_shard_cache() -> ShardCache:
+    """The cache for remote shards read outside training (eval, tokenizer training, prep): ``MMTRAIN_CACHE_DIR``
+    (default ``~/.cache/mmtrain/shards``), no size limit."""
+    return ShardCache(os.environ.get("MMTRAIN_CACHE_DIR") or "~/.cache/mmtrain/shards", 0)
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -154,17 +221,30 @@ class WdsSource:
 
     format = "wds"
 
-    def __init__(self, spec: str, cache_dir: str = "") -> None:
+    def __init__(self, spec: str, cache_dir: str = "", shard_cache: ShardCache | None = None) -> None:
         self.spec = spec
-        self.shards = list_shards(spec)
-        indexes: list[TarIndex] = load_tar_indexes(self.shards, cache_dir)
+        if storage.is_url(spec):
+            listed = list_remote_shards(spec)
+            self.shards = [u for u, _ in listed]
+            indexes: list[TarIndex] = load_remote_tar_indexes(self.shards, [n for _, n in listed])
+            remote = [RemoteFile(ix.path, ix.size, f"sha256:{ix.sha256}" if ix.sha256 else "") for ix in indexes]
+            self.shard_bytes = np.asarray([n for _, n in listed], dtype=np.int64)
+        else:
+            self.shards = list_shards(spec)
+            indexes = load_tar_indexes(self.shards, cache_dir)
+            remote = None
+            self.shard_bytes = np.asarray([ix.size for ix in indexes], dtype=np.int64)
+        self.shard_files = _ShardFiles(self.shards, remote, shard_cache or (default_shard_cache() if remote else None))
         counts = np.asarray([len(ix) for ix in indexes], dtype=np.int64)
         self.shard_of = np.repeat(np.arange(len(indexes), dtype=np.int32), counts)  # sample -> shard
         self.offsets = {f: np.concatenate([ix.offsets[f] for ix in indexes]) for f in FIELDS}
         self.sizes = {f: np.concatenate([ix.sizes[f] for ix in indexes]) for f in FIELDS}
         # Fixed-width bytes: no per-key Python objects, so forked workers share the pages.
         self.keys = np.asarray([k.encode("utf-8") for ix in indexes for k in ix.keys], dtype=np.bytes_)
-        self._files = _Files()
+
+    def sample_shards(self) -> np.ndarray:
+        """The shard number of every sample."""
+        return self.shard_of
 
     def __len__(self) -> int:
         return len(self.shard_of)
@@ -192,7 +272,7 @@ class WdsSource:
                                      f"{f' ({len(missing)} samples in {self.spec} lack it)' if len(missing) > 1 else ''}")
 
     def _member(self, i: int, field: str) -> bytes:
-        return self._files.pread(self.shards[self.shard_of[i]], int(self.sizes[field][i]), int(self.offsets[field][i]))
+        return self.shard_files.pread(int(self.shard_of[i]), int(self.sizes[field][i]), int(self.offsets[field][i]))
 
     def read(self, i: int, want_image: bool = True, want_latent: bool = False) -> RawSample:
         where = self.where(i)
@@ -204,7 +284,9 @@ class WdsSource:
             label = _parse_label(self._member(i, "cls"), where) if self.offsets["cls"][i] >= 0 else None
             image = self._member(i, "image") if want_image and self.offsets["image"][i] >= 0 else None
             latent = decode_latent(self._member(i, "latent"), where) if want_latent and self.offsets["latent"][i] >= 0 else None
-        except OSError as exc:
+        except OSError as exc:  # a cache full is the user's to fix, not a bad sample
+            if isinstance(exc, CacheFullError):
+                raise
             raise ShardDataError(f"{where}: cannot read: {exc}") from exc
         return RawSample(key=self.key(i), where=where, caption=caption, label=label, image=image, latent=latent)
 
@@ -214,6 +296,8 @@ class WdsSource:
             return None
         try:
             value = json.loads(self._member(i, "json"))
+        except OSError as exc:
+            raise ShardDataError(f"{self.where(i)}: cannot read: {exc}") from exc
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ShardDataError(f"{self.where(i)}: cannot decode field 'json' (expected a JSON object): {exc}") from exc
         if not isinstance(value, dict):
@@ -221,7 +305,7 @@ class WdsSource:
         return value
 
     def close(self) -> None:
-        self._files.close()
+        self.shard_files.close()
 
 
 # Allowed MDS encodings per column; None = any integer encoding / any ndarray encoding.
@@ -246,25 +330,29 @@ class MdsSource:
 
     format = "mds"
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, shard_cache: ShardCache | None = None) -> None:
         # heavy import: only for MDS sources
         from streaming.base.format.mds.encodings import is_mds_encoding
 
         self.spec = spec
-        root = os.path.dirname(spec) if os.path.basename(spec) == "index.json" else spec
-        self.index_file = os.path.join(root, "index.json")
-        if not os.path.isfile(self.index_file):
-            raise FileNotFoundError(f"MDS source {spec!r}: {self.index_file} does not exist")
+        remote = storage.is_url(spec)
+        root = storage.dirname(spec) if storage.basename(spec) == "index.json" else spec.rstrip("/") if remote else spec
+        self.index_file = storage.join(root, "index.json")
         try:
-            with open(self.index_file, encoding="utf-8") as fh:
-                obj = json.load(fh)
+            text = storage.read_bytes(self.index_file)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"MDS source {spec!r}: {self.index_file} does not exist") from exc
+        try:
+            obj = json.loads(text)
             shards = obj["shards"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise ShardDataError(f"{self.index_file}: not a valid MDS index ({exc!r})") from exc
         if not shards:
             raise ShardDataError(f"{self.index_file}: lists no shards")
+        listed = storage.store_for(root).sizes(root) if remote else None
         self.files: list[str] = []
-        counts = []
+        fetch: list[RemoteFile] = []
+        counts, shard_bytes = [], []
         names = encodings = sizes = None
         for n, shard in enumerate(shards):
             where = f"{self.index_file} (shard #{n})"
@@ -279,22 +367,43 @@ class MdsSource:
                 raise ShardDataError(f"{where}: columns {dict(zip(shard_names, shard_enc))} differ from the first "
                                      f"shard's {dict(zip(names, encodings))}")
             raw = shard.get("raw_data") or {}
-            path = os.path.join(root, raw.get("basename", ""))
-            if not raw or not os.path.isfile(path):
+            path = storage.join(root, raw.get("basename", ""))
+            exists = bool(raw) and (os.path.isfile(path) if not remote else
+                                    path in listed if listed is not None else _remote_exists(path))
+            if not exists:
                 zipped = (shard.get("zip_data") or {}).get("basename")
                 if zipped:
-                    raise ShardDataError(f"{where}: only the compressed shard {os.path.join(root, zipped)} "
+                    raise ShardDataError(f"{where}: only the compressed shard {storage.join(root, zipped)} "
                                          f"({shard.get('compression')}) exists; random access needs uncompressed "
                                          "shards: write with MDSWriter(compression=None)")
                 raise FileNotFoundError(f"{where}: shard file {path} does not exist")
+            expected = int(raw.get("bytes", -1))
+            if remote:
+                got = listed[path] if listed is not None else storage.store_for(path).size(path)
+                if expected >= 0 and got != expected:
+                    raise ShardDataError(f"{where}: shard file {path} has {got} bytes, the index says {expected}")
+                hashes = raw.get("hashes") or {}
+                algo = next((a for a in ("sha256", "sha1") if a in hashes), "")
+                fetch.append(RemoteFile(path, expected if expected >= 0 else got, f"{algo}:{hashes[algo]}" if algo else ""))
             self.files.append(path)
             counts.append(int(shard["samples"]))
+            shard_bytes.append(expected)
         self.column_names: list[str] = names
         self.column_encodings: list[str] = encodings
         self.column_sizes: list[int | None] = sizes
         self.column_index = {c: k for k, c in enumerate(names)}
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # shard k holds [starts[k], starts[k+1])
-        self._files = _Files()
+        self.shard_bytes = np.asarray(shard_bytes, dtype=np.int64)
+        self.shard_files = _ShardFiles(self.files, fetch if remote else None,
+                                        shard_cache or (default_shard_cache() if remote else None))
+
+    @property
+    def shards(self) -> list[str]:
+        return self.files
+
+    def sample_shards(self) -> np.ndarray:
+        """The shard number of every sample."""
+        return np.repeat(np.arange(len(self.files), dtype=np.int32), np.diff(self.starts))
 
     def _check_columns(self, names: list[str], encodings: list[str], is_mds_encoding) -> None:
         columns = dict(zip(names, encodings))
@@ -323,18 +432,18 @@ class MdsSource:
             raise ShardDataError(f"{self.index_file}: missing column 'latent' (expected ndarray; data.use_latents is on); "
                                  f"columns present: {dict(zip(self.column_names, self.column_encodings))}")
 
-    def _locate(self, i: int) -> tuple[str, int]:
+    def _locate(self, i: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return self.files[shard], i - int(self.starts[shard])
+        return shard, i - int(self.starts[shard])
 
     def where(self, i: int, key: str | None = None) -> str:
-        path, j = self._locate(i)
-        return f"shard {path}, sample #{j}" + (f" (key {key})" if key is not None else "")
+        shard, j = self._locate(i)
+        return f"shard {self.files[shard]}, sample #{j}" + (f" (key {key})" if key is not None else "")
 
     def _columns(self, i: int) -> dict[str, bytes]:
-        path, j = self._locate(i)
-        begin, end = np.frombuffer(self._files.pread(path, 8, (1 + j) * 4), np.uint32)
-        data = self._files.pread(path, int(end) - int(begin), int(begin))
+        shard, j = self._locate(i)
+        begin, end = np.frombuffer(self.shard_files.pread(shard, 8, (1 + j) * 4), np.uint32)
+        data = self.shard_files.pread(shard, int(end) - int(begin), int(begin))
         out, pos, lengths = {}, 0, []
         for size in self.column_sizes:  # variable-size columns have a uint32 length up front
             if size:
@@ -355,7 +464,9 @@ class MdsSource:
         where = self.where(i)
         try:
             raw = self._columns(i)
-        except (OSError, ValueError) as exc:
+        except (CacheFullError, CorruptShardError):
+            raise
+        except (OSError, ValueError) as exc:  # ShardDataError (a corrupt shard) is a ValueError
             raise ShardDataError(f"{where}: cannot read: {exc}") from exc
         enc = dict(zip(self.column_names, self.column_encodings))
 
@@ -390,18 +501,37 @@ class MdsSource:
         return value
 
     def close(self) -> None:
-        self._files.close()
+        self.shard_files.close()
 
 
 Source = WdsSource | MdsSource
 
 
+def _remote_exists(url: str) -> bool:
+    try:
+        storage.store_for(url).size(url)
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def detect_format(path: str) -> str:
-    """``wds`` or ``mds`` for a source path; FileNotFoundError naming the path when it is neither."""
+    """``wds`` or ``mds`` for a source path or URL; FileNotFoundError naming the path when it is neither."""
     if "{" in path or path.endswith(".tar"):
         return "wds"
-    if os.path.isfile(path) and os.path.basename(path) == "index.json":
+    if storage.basename(path) == "index.json":
         return "mds"
+    if storage.is_url(path):
+        listed = storage.store_for(path).sizes(path)
+        if listed is None:  # http: no listing
+            return "mds" if _remote_exists(storage.join(path, "index.json")) else "wds"
+        if storage.join(path, "index.json") in listed:
+            return "mds"
+        prefix = path.rstrip("/") + "/"
+        if any(u.endswith(".tar") and "/" not in u[len(prefix):] for u in listed):
+            return "wds"
+        raise FileNotFoundError(f"data source {path!r} holds neither index.json (MDS) nor .tar shards (webdataset)"
+                                f"{'' if listed else ': nothing is stored under that prefix'}")
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "index.json")):
             return "mds"
@@ -414,11 +544,17 @@ def detect_format(path: str) -> str:
     raise FileNotFoundError(f"data source {path!r} is neither a .tar shard nor an MDS index.json")
 
 
-def open_source(path: str, fmt: str = "auto", cache_dir: str = "") -> Source:
-    """Index the source at ``path`` (``fmt``: auto, wds or mds). ``cache_dir`` caches tar indexes ("" = off)."""
+def open_source(path: str, fmt: str = "auto", cache_dir: str = "", shard_cache: ShardCache | None = None) -> Source:
+    """Index the source at ``path`` (a local path or an s3://, gs://, http(s):// URL; ``fmt``: auto, wds or mds).
+
+    ``cache_dir`` caches the member indexes of local tars without a sidecar index ("" = off);
+    ``shard_cache`` holds the copies of remote shards (default: :func:`default_shard_cache`).
+    """
     if fmt not in FORMATS:
         raise ValueError(f"data source {path!r}: unknown format {fmt!r} (expected one of {list(FORMATS)})")
-    path = os.path.expanduser(os.fspath(path))
+    path = os.fspath(path)
+    if not storage.is_url(path):
+        path = os.path.expanduser(path)
     if fmt == "auto":
         fmt = detect_format(path)
-    return WdsSource(path, cache_dir) if fmt == "wds" else MdsSource(path)
+    return WdsSource(path, cache_dir, shard_cache) if fmt == "wds" else MdsSource(path, shard_cache)

@@ -49,9 +49,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def reference_key(shard_files: list[str], num_images: int, image_size: int, resize_mode: str, extractor_id: str) -> str:
-    """Cache name of reference statistics: changes with any shard file (path, size, mtime),
+    """Cache name of reference statistics: changes with any shard file (path, size, mtime; a URL: its size),
     the reference count, the image size and crop, and the feature extractor."""
-    parts = [f"{os.path.abspath(f)}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in shard_files]
+    from mmtrain.data.storage import is_url, store_for
+
+    parts = [f"{f}:{store_for(f).size(f)}" if is_url(f) else
+             f"{os.path.abspath(f)}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in shard_files]
     parts += [str(num_images), str(image_size), resize_mode, extractor_id]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 

@@ -33,7 +33,8 @@ def parse_size(text: str) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     d = PrepConfig()
-    p.add_argument("--out", required=True, help="output directory: writes OUT/train, OUT/val, OUT/stats.json")
+    p.add_argument("--out", required=True, help="output directory or URL (s3://, gs://): writes OUT/train, OUT/val, "
+                                               "OUT/stats.json (a URL: staged locally, then uploaded)")
     p.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default=d.output_format,
                    help=f"shard format: webdataset tars or mosaicml-streaming MDS (default {d.output_format})")
     p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard,
@@ -137,6 +138,55 @@ def cmd_latents(args: argparse.Namespace) -> int:
     return 0
 
 
+def staged(cmd: Any) -> Any:
+    """``cmd`` with ``args.out`` (and ``args.shards`` of ``prep latents``) allowed to be URLs: the input is
+    downloaded to a staging directory, the output written to one and uploaded when ``cmd`` succeeded."""
+    import functools
+
+    from mmtrain.data.staging import stage_input, staged_output
+    from mmtrain.data.storage import is_url
+
+    @functools.wraps(cmd)
+    def run(args: argparse.Namespace) -> int:
+        url = args.out
+        if isinstance(getattr(args, "shards", None), str):
+            args.shards = stage_input(args.shards)
+        elif getattr(args, "shards", None) and any(is_url(s) for s in args.shards):
+            args.shards = [stage_input(s) for s in args.shards]
+        with staged_output(url) as local:
+            args.out = local
+            code = cmd(args)
+            if code:
+                raise SystemExit(code)  # nothing is uploaded from a failed run
+        if is_url(url):
+            print(f"uploaded {local} to {url}")
+        return code
+
+    return run
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from mmtrain.data.index import write_sidecar
+    from mmtrain.data.storage import basename, is_url, store_for
+
+    from mmtrain.data.shards import list_shards
+
+    count = 0
+    for shard in list_shards(args.shards):
+        if not is_url(shard):
+            write_sidecar(shard)
+        else:  # download, index, upload the index next to it
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="mmtrain-index-") as tmp:
+                local = f"{tmp}/{basename(shard)}"
+                store_for(shard).download(shard, local)
+                store_for(shard).upload(write_sidecar(local, shard), shard + ".index.json")
+        count += 1
+    print(f"prep index: wrote the index of {count} shard(s) of {args.shards}")
+    return 0
+
+
 def add_prep_subcommands(prep_subparsers: Any) -> None:
     """Add ``folder``, ``manifest``, ``coco``, ``wds`` and ``latents`` to ``mmtrain prep``.
 
@@ -146,7 +196,7 @@ def add_prep_subcommands(prep_subparsers: Any) -> None:
     fo = prep_subparsers.add_parser("folder", help="images with same-named .txt captions (recursive)")
     fo.add_argument("folder", help="root folder; jpg/jpeg/png/webp images, caption in IMAGE_STEM.txt")
     _add_common(fo)
-    fo.set_defaults(func=cmd_folder)
+    fo.set_defaults(func=staged(cmd_folder))
 
     ma = prep_subparsers.add_parser("manifest", help="CSV/TSV/JSONL/JSON/parquet table of image paths and captions")
     ma.add_argument("manifest", help="the table; relative image paths resolve against its folder")
@@ -157,7 +207,7 @@ def add_prep_subcommands(prep_subparsers: Any) -> None:
     ma.add_argument("--manifest-format", default="auto", choices=["auto", "csv", "tsv", "jsonl", "json", "parquet"],
                     help="table format (default auto: by extension; parquet needs pyarrow)")
     _add_common(ma)
-    ma.set_defaults(func=cmd_manifest)
+    ma.set_defaults(func=staged(cmd_manifest))
 
     co = prep_subparsers.add_parser("coco", help="COCO captions JSON (images + annotations)")
     co.add_argument("annotations", help="e.g. annotations/captions_train2017.json")
@@ -165,16 +215,16 @@ def add_prep_subcommands(prep_subparsers: Any) -> None:
     co.add_argument("--all-captions", action="store_true",
                     help="one sample per caption (default: one per image, first caption as txt, all in json)")
     _add_common(co)
-    co.set_defaults(func=cmd_coco)
+    co.set_defaults(func=staged(cmd_coco))
 
     wd = prep_subparsers.add_parser("wds", help="existing webdataset/img2dataset shards: re-shard, filter, resize")
     wd.add_argument("shards", nargs="+", help="shard directories, .tar files or brace patterns")
     _add_common(wd)
-    wd.set_defaults(func=cmd_wds)
+    wd.set_defaults(func=staged(cmd_wds))
 
     la = prep_subparsers.add_parser("latents", help="add image-tokenizer latents to prepared shards")
-    la.add_argument("shards", help="webdataset shards (dir, .tar, brace pattern) or an MDS directory")
-    la.add_argument("--out", required=True, help="output directory (not the input one)")
+    la.add_argument("shards", help="webdataset shards (dir, .tar, brace pattern) or an MDS directory; local or a URL")
+    la.add_argument("--out", required=True, help="output directory or URL (not the input one)")
     la.add_argument("--format", dest="output_format", choices=["auto", *OUTPUT_FORMATS], default="auto",
                     help="output format (default auto: same as the input)")
     la.add_argument("--tokenizer", default="pixels", help="image tokenizer kind (default pixels)")
@@ -185,4 +235,8 @@ def add_prep_subcommands(prep_subparsers: Any) -> None:
     la.add_argument("--device", default="auto", help="torch device (default auto: cuda if available)")
     la.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUT made with other settings")
     la.add_argument("--quiet", action="store_true", help="no progress bar")
-    la.set_defaults(func=cmd_latents)
+    la.set_defaults(func=staged(cmd_latents))
+
+    ix = prep_subparsers.add_parser("index", help="write NAME.tar.index.json next to tar shards made by other tools")
+    ix.add_argument("shards", help="webdataset shards: a directory, .tar, brace pattern or URL (s3://, gs://, http(s)://)")
+    ix.set_defaults(func=cmd_index)

@@ -75,7 +75,8 @@ class MdsChunkWriter:
         if tmp.exists():
             shutil.rmtree(tmp)
         try:
-            writer = MDSWriter(out=str(tmp), columns=self.columns, size_limit=self.shard_size)
+            # sha1 per shard in index.json: readers of a remote copy check each download against it
+            writer = MDSWriter(out=str(tmp), columns=self.columns, size_limit=self.shard_size, hashes=["sha1"])
             try:
                 for sample in samples:
                     writer.write(to_mds(sample, self.columns))

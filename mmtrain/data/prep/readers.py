@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from mmtrain.data.prep.sample import NO_LABEL, OutSample
-from mmtrain.data.shards import ShardDataError, list_shards, split_member_name
+from mmtrain.data.shards import ShardDataError, list_shards
+from mmtrain.data.tar import read_tar_samples
 
 MDS_INDEX = "index.json"
 IMAGE_MEMBERS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
@@ -29,33 +29,11 @@ def dataset_format(source: str | os.PathLike[str]) -> str:
 
 
 def iter_wds_members(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {extension: bytes})`` per sample of one tar, in file order.
+    """Yield ``(key, {extension: bytes})`` per sample of one tar, in file order (:mod:`mmtrain.data.tar`'s rule).
 
-    Consecutive members with the same key form a sample (webdataset's grouping).
     Raises ShardDataError naming the shard when the tar is unreadable.
     """
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path, "r:*") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                split = split_member_name(member.name)
-                if split is None:
-                    continue
-                this, ext = split
-                if this != key:
-                    if key is not None:
-                        yield key, members
-                    key, members = this, {}
-                handle = archive.extractfile(member)
-                members[ext] = handle.read() if handle is not None else b""
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        after = f" after sample {key!r}" if key is not None else ""
-        raise ShardDataError(f"shard {path}: cannot read tar archive{after}: {exc}") from exc
-    if key is not None:
-        yield key, members
+    yield from read_tar_samples(path)
 
 
 def wds_to_sample(key: str, members: dict[str, bytes], where: str) -> OutSample:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mmtrain.data.prep.sample import OutSample, to_wds
+from mmtrain.data.index import SIDECAR_SUFFIX
 from mmtrain.data.shards import TAR_MTIME, _ShardFile
 
 logger = logging.getLogger("mmtrain.data.prep")
@@ -114,6 +115,7 @@ class WdsChunkWriter:
             if self._final.fullmatch(name) and name not in keep:
                 logger.warning("removing stale shard %s from a previous run", self.dir / name)
                 os.remove(self.dir / name)
+                (self.dir / (name + SIDECAR_SUFFIX)).unlink(missing_ok=True)
 
     def is_intact(self, info: dict[str, Any]) -> bool:
         path = self.dir / info["name"]

@@ -2,8 +2,8 @@
 
 Only tar headers are read while listing; each member is located by (tar, offset,
 size) and read by the workers with a seek, so listing a terabyte of shards reads
-kilobytes. Members are grouped into samples webdataset-style (name up to the
-first '.' of the basename). Kept: the image (``jpg``/``jpeg``/``png``/``webp``),
+kilobytes. Members are grouped into samples by the one tar reader's rule
+(:mod:`mmtrain.data.tar`: consecutive members sharing a key). Kept: the image (``jpg``/``jpeg``/``png``/``webp``),
 ``txt``, ``json`` (merged into the new metadata) and ``cls``; other members are
 dropped, since after a resize they may no longer match the image.
 """
@@ -11,33 +11,22 @@ dropped, since after a resize they may no longer match the image.
 from __future__ import annotations
 
 import os
-import tarfile
 from collections.abc import Iterable
 
 from mmtrain.data.prep.candidate import ByteRef, Candidate, Drop, KeyAllocator, Source
 from mmtrain.data.prep.readers import IMAGE_MEMBERS
-from mmtrain.data.shards import list_shards, split_member_name
+from mmtrain.data.shards import ShardDataError, list_shards
+from mmtrain.data.tar import iter_tar_samples
 
 
 def _scan(tar: str, drops: list[Drop]) -> dict[str, dict[str, ByteRef]]:
-    """``{sample prefix: {extension: (tar, offset, size)}}`` in member order."""
+    """``{sample prefix: {extension: (tar, offset, size)}}`` in member order (:mod:`mmtrain.data.tar`'s rule)."""
     samples: dict[str, dict[str, ByteRef]] = {}
-    count = 0
     try:
-        # "r:" = uncompressed only: members of a compressed tar have no byte offsets to seek to.
-        with tarfile.open(tar, "r:") as archive:
-            for member in archive:
-                count += 1
-                if not member.isfile():
-                    continue
-                split = split_member_name(member.name)
-                if split is None:
-                    continue
-                prefix, ext = split
-                samples.setdefault(prefix, {})[ext.lower()] = (tar, member.offset_data, member.size)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        drops.append(Drop("corrupt_shard", tar, f"cannot read the tar after {count} members "
-                          f"(compressed tars are not supported): {exc}"))
+        for sample in iter_tar_samples(tar):
+            samples[sample.key] = {ext: (tar, off, size) for ext, (off, size) in sample.members.items()}
+    except ShardDataError as exc:
+        drops.append(Drop("corrupt_shard", tar, f"{exc} (kept the {len(samples)} samples before it)"))
     return samples
 
 

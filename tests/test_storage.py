@@ -1,0 +1,398 @@
+"""Shards in object storage: a real S3-compatible server (moto, credentials checked) and a real HTTP
+server on 127.0.0.1, with a fault-injecting proxy in front of either; prep writes to the bucket, the
+loader streams through a bounded cache, a 2-rank ZeRO-3 run is killed mid-epoch and resumed."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_overrides
+from storage_servers import BUCKET, Faults, restore_env, set_env, start_fault_proxy, start_http, start_s3
+
+from mmtrain import cli
+from mmtrain.components.data import DataConfig, build_train_loader, open_sources
+from mmtrain.data import storage
+from mmtrain.data.cache import CacheFullError, RemoteFile, ShardCache
+from mmtrain.data.order import StreamOrder
+
+S3 = f"s3://{BUCKET}"
+CONFIG = str(REPO / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = start_s3()
+    scratch = tmp_path_factory.mktemp("s3env")
+    old = set_env({**server.env(), "MMTRAIN_IO_BACKOFF_S": "0.01", "MMTRAIN_STAGING_DIR": str(scratch / "staging"),
+                   "MMTRAIN_CACHE_DIR": str(scratch / "default_cache")})
+    yield server
+    restore_env(old)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def bucket(s3, tmp_path_factory):
+    """prep writes the same 200 samples to the bucket twice: as 8 webdataset shards and as MDS shards;
+    ``local_*`` are local copies of the bucket's bytes (for comparison), ``local_root`` holds both."""
+    from mmtrain.data.staging import stage_input
+
+    local_prep = tmp_path_factory.mktemp("local_prep")
+    for out in (f"{S3}/syn", str(local_prep / "syn")):
+        assert cli.main(["prep", "synthetic", "--out", out, "--num", "200", "--samples-per-shard", "25", "--quiet"]) == 0
+    assert cli.main(["prep", "wds", f"{S3}/syn", "--out", f"{S3}/mds", "--format", "mds", "--shard-size", "60KB",
+                     "--no-dedup", "--workers", "1", "--quiet"]) == 0
+    listed = storage.store_for(S3).sizes(S3)
+    local_wds, local_mds = stage_input(f"{S3}/syn"), stage_input(f"{S3}/mds/train")
+    assert os.path.dirname(local_wds) == os.path.dirname(local_mds)
+    return {"wds": f"{S3}/syn", "mds": f"{S3}/mds/train", "local_wds": local_wds, "local_mds": local_mds,
+            "local_root": os.path.dirname(local_wds), "local_prep": str(local_prep / "syn"), "listed": listed}
+
+
+def data_cfg(paths: list[str], cache: Path, **kw) -> DataConfig:
+    return DataConfig(sources=[{"path": p} for p in paths], num_workers=kw.pop("num_workers", 0),
+                      index_cache="", cache_dir=str(cache), **kw)
+
+
+def epoch(cfg: DataConfig, n: int, micro: int = 16, rank: int = 0, world: int = 1, start: int = 0, seed: int = 0,
+          stats: dict | None = None):
+    """The first ``n`` batches (keys, pixels, substituted, io) this rank reads; ``stats`` gets the cache's peak."""
+    loader = build_train_loader(cfg, micro, rank, world_size=world, seed=seed, start_sample=start)
+    out = []
+    for _, batch in zip(range(n), loader):  # range first: zip would otherwise build one batch more
+        out.append((batch.keys, batch.pixels.numpy(), batch.substituted, batch.io))
+    prefetcher = loader.dataset.prefetcher
+    if prefetcher is not None:
+        prefetcher.wait()  # downloads still in flight would race the counters read next
+        if stats is not None:
+            stats["peak_bytes"] = prefetcher.cache.peak_bytes
+    return out
+
+
+def source_shard_sizes(bucket: dict) -> list[int]:
+    """Bytes of each shard of the two training sources, largest first."""
+    return sorted((n for u, n in bucket["listed"].items()
+                   if u.startswith(bucket["wds"] + "/") and u.endswith(".tar")
+                   or u.startswith(bucket["mds"] + "/") and u.endswith(".mds")), reverse=True)
+
+
+# --------------------------------------------------------------------------- prep into the bucket
+
+
+def test_prep_writes_shards_with_their_indexes_to_the_bucket(bucket):
+    names = sorted(u.removeprefix(f"{S3}/") for u in bucket["listed"])
+    tars = [n for n in names if n.startswith("syn/") and n.endswith(".tar")]
+    assert len(tars) == 8 and all(f"{t}.index.json" in names for t in tars) and "syn/stats.json" in names
+    side = json.loads(storage.read_bytes(f"{S3}/{tars[0]}.index.json"))
+    assert len(side["keys"]) == 25 and side["size"] == bucket["listed"][f"{S3}/{tars[0]}"] and len(side["sha256"]) == 64
+    index = json.loads(storage.read_bytes(f"{bucket['mds']}/index.json"))
+    assert len(index["shards"]) >= 3 and all("sha1" in s["raw_data"]["hashes"] for s in index["shards"])
+    assert sum(s["samples"] for s in index["shards"]) == 200
+    # the bucket holds byte-identical copies of what prep writes locally
+    local = Path(bucket["local_prep"])
+    assert storage.read_bytes(f"{S3}/{tars[3]}") == (local / Path(tars[3]).name).read_bytes()
+
+
+# --------------------------------------------------------------------------- order and cache units
+
+
+def test_window_order_reads_one_window_at_a_time_and_is_a_permutation():
+    shards = [np.repeat(np.arange(8), 25), np.repeat(np.arange(5), 40)]
+    order = StreamOrder([200, 200], [1.0, 1.0], shards=shards, window=3, seed=7)
+    src, idx, _ = order.lookup(np.arange(400))
+    glob = order.shard_of_sample[order.starts[src] + idx]
+    assert sorted(order.starts[src] + idx) == list(range(400))  # every sample once per epoch
+    starts, perm = order._epoch(0)[1], order._epoch(0)[2]
+    for w, first in enumerate(starts):
+        last = starts[w + 1] if w + 1 < len(starts) else 400
+        assert set(glob[first:last]) == set(perm[3 * w:3 * w + 3])  # window w reads its 3 shards only
+        current, following = order.window_shards(int(first))
+        assert list(current) == list(perm[3 * w:3 * w + 3])
+        assert list(following) == (list(perm[3 * w + 3:3 * w + 6]) if w + 1 < len(starts) else list(order._epoch(1)[2][:3]))
+    assert len(starts) == 5 and not np.array_equal(order._epoch(0)[2], order._epoch(1)[2])  # 13 shards; epochs reshuffle
+    # samples are mixed within a window, not read shard by shard
+    assert len(set(glob[starts[0]:starts[0] + 10])) > 1
+    with pytest.raises(ValueError, match="shuffle_window: shard windows need data.mode: epoch"):
+        StreamOrder([200], [1.0], mode="resampled", shards=shards[:1], window=2)
+
+
+def test_shard_cache_evicts_least_recently_used_within_its_limit(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    for i in range(5):
+        (root / f"f{i}.bin").write_bytes(bytes([i]) * 1000)
+    base, server = start_http(str(root))
+    try:
+        cache = ShardCache(str(tmp_path / "cache"), limit=3000)
+        before = storage.io_snapshot()
+        files = [RemoteFile(f"{base}/f{i}.bin", 1000) for i in range(5)]
+        for f in files[:3]:
+            assert Path(cache.get(f)).read_bytes() == open(root / Path(f.url).name, "rb").read()
+        cache.get(files[0])  # a hit, and f0 is now the most recently used
+        cache.pin([files[1].url])
+        cache.get(files[3])  # evicts f2: f1 is pinned, f0 was used last
+        assert sorted(p.name.split("-", 1)[1] for p in (tmp_path / "cache").glob("*.bin")) == ["f0.bin", "f1.bin", "f3.bin"]
+        d = storage.io_snapshot() - before
+        assert (d["cache_hits"], d["cache_misses"], d["shard_downloads"], d["cache_evictions"], d["bytes_fetched"]) == \
+            (1, 4, 4, 1, 4000)
+        assert cache.used_bytes() <= 3000
+        cache.pin([files[0].url, files[1].url, files[3].url])  # all three cached files are needed now
+        with pytest.raises(CacheFullError, match="data.cache_limit=3000 bytes cannot hold"):
+            cache.get(files[4])
+    finally:
+        server.shutdown()
+
+
+# --------------------------------------------------------------------------- the loader over the bucket
+
+
+def test_loader_streams_s3_and_http_through_a_bounded_cache_like_local_disk(bucket, tmp_path):
+    """One epoch from s3 (wds + MDS) with a cache smaller than the dataset: the same batches as from
+    local disk, the cache never above its limit, every shard fetched once; the same over HTTP."""
+    sizes = source_shard_sizes(bucket)
+    limit = sum(sizes[:5])  # two windows of 2 shards, and one to spare
+    assert limit < sum(sizes)
+    local = epoch(data_cfg([bucket["local_wds"], bucket["local_mds"]], tmp_path / "unused", shuffle_window=2), 25)
+    before, stats = storage.io_snapshot(), {}
+    remote = epoch(data_cfg([bucket["wds"], bucket["mds"]], tmp_path / "cache", shuffle_window=2,
+                            cache_limit=str(limit)), 25, stats=stats)
+    d = storage.io_snapshot() - before
+    assert [b[0] for b in remote] == [b[0] for b in local]
+    assert all(np.array_equal(r[1], l[1]) for r, l in zip(remote, local))
+    assert sorted(k for b in remote for k in b[0]) == sorted(f"{s}:{i:08d}" for s in (0, 1) for i in range(200))
+    assert 0 < stats["peak_bytes"] <= limit and d["cache_evictions"] > 0
+    assert sum(p.stat().st_size for p in (tmp_path / "cache").iterdir() if p.is_file()) <= limit
+    # each shard downloaded once (by the prefetch, ahead of its window), plus at most the next epoch's first window
+    assert len(sizes) <= d["shard_downloads"] <= len(sizes) + 2
+    assert d["cache_hits"] + d["cache_misses"] == len(sizes)  # one read opens each shard once
+    assert sum(b[3].get("bytes_fetched", 0) for b in remote) <= d["bytes_fetched"]  # Batch.io carries the counts
+
+    # the same bytes over plain HTTP: a static server for the local copy, shards named by brace pattern
+    base, server = start_http(bucket["local_root"])
+    wds_dir, mds_dir = Path(bucket["local_wds"]).name, Path(bucket["local_mds"]).name
+    try:
+        http_cfg = data_cfg([f"{base}/{wds_dir}/shard-{{000000..000007}}.tar", f"{base}/{mds_dir}"], tmp_path / "http_cache",
+                            shuffle_window=2, cache_limit=str(limit))
+        over_http = epoch(http_cfg, 25)
+        assert [b[0] for b in over_http] == [b[0] for b in local]
+    finally:
+        server.shutdown()
+
+
+def test_world_size_change_and_resume_see_the_same_stream_from_s3(bucket, tmp_path):
+    cfg = data_cfg([bucket["wds"], bucket["mds"]], tmp_path / "cache", shuffle_window=2)
+    one = epoch(cfg, 6, micro=16)
+    two = [epoch(cfg, 6, micro=8, rank=r, world=2) for r in (0, 1)]
+    assert [b[0] for b in one] == [a[0] + b[0] for a, b in zip(*two)]
+    resumed = epoch(cfg, 2, micro=16, start=4 * 16)
+    assert [b[0] for b in resumed] == [b[0] for b in one[4:]]
+    # two dataloader workers (each with its own prefetch threads and S3 client after the fork): same batches
+    assert [b[0] for b in epoch(dataclasses.replace(cfg, num_workers=2), 6, micro=16)] == [b[0] for b in one]
+
+
+# --------------------------------------------------------------------------- faults
+
+
+@pytest.mark.parametrize("kind,every", [("503", 3), ("drop", 4), ("truncate", 3)])
+def test_transient_faults_are_retried_and_counted_and_change_nothing(bucket, s3, tmp_path, kind, every):
+    clean = epoch(data_cfg([bucket["wds"], bucket["mds"]], tmp_path / "clean", shuffle_window=2), 25)
+    faults = Faults(every=every, kind=kind)
+    proxy, server = start_fault_proxy(s3.endpoint, faults)
+    old = set_env({"S3_ENDPOINT_URL": proxy})
+    try:
+        before = storage.io_snapshot()
+        faulty = epoch(data_cfg([bucket["wds"], bucket["mds"]], tmp_path / "faulty", shuffle_window=2), 25)
+        d = storage.io_snapshot() - before
+    finally:
+        restore_env(old)
+        server.shutdown()
+    assert faults.injected > 0 and d["retries"] == faults.injected  # every injected fault cost one counted retry
+    assert [b[0] for b in faulty] == [b[0] for b in clean]
+    assert all(np.array_equal(f[1], c[1]) for f, c in zip(faulty, clean)) and not any(b[2] for b in faulty)
+
+
+def test_http_short_reads_are_retried(bucket, tmp_path):
+    base, server = start_http(bucket["local_root"])
+    faults = Faults(every=2, kind="truncate")
+    proxy, proxy_server = start_fault_proxy(base, faults)
+    try:
+        before = storage.io_snapshot()
+        got = epoch(data_cfg([f"{proxy}/{Path(bucket['local_wds']).name}/shard-{{000000..000007}}.tar"], tmp_path / "c", shuffle_window=2), 12)
+        d = storage.io_snapshot() - before
+    finally:
+        proxy_server.shutdown()
+        server.shutdown()
+    assert faults.injected > 0 and d["retries"] == faults.injected
+    keys = [k for b in got for k in b[0]]
+    assert len(set(keys)) == len(keys) == 192 and not any(b[2] for b in got)  # 192 distinct samples, none replaced
+
+
+def test_missing_shard_and_denied_request_fail_before_training_naming_the_url(bucket, s3, synthetic_data, tmp_path, capfd):
+    client = s3.client()
+    for key in [u.removeprefix(f"{S3}/") for u in bucket["listed"] if "/syn/" in u]:
+        client.copy_object(Bucket=BUCKET, Key=key.replace("syn/", "holed/"), CopySource={"Bucket": BUCKET, "Key": key})
+    client.delete_object(Bucket=BUCKET, Key="holed/shard-000003.tar")
+    client.delete_object(Bucket=BUCKET, Key="holed/shard-000005.tar.index.json")
+    run = tmp_path / "run"
+
+    def train(source: str) -> str:
+        capfd.readouterr()
+        code = cli.main(["train", CONFIG, *tiny_overrides(synthetic_data, run, f"data.train_shards={source}")])
+        assert code == 2
+        assert not run.joinpath("metrics.jsonl").exists()  # nothing trained
+        return capfd.readouterr().err
+
+    assert f"{S3}/holed/shard-000003.tar" in train(f"{S3}/holed/shard-{{000000..000007}}.tar")
+    err = train(f"{S3}/holed")  # listed: shard 3 is not there, shard 5 has lost its index
+    assert f"shard {S3}/holed/shard-000005.tar has no index {S3}/holed/shard-000005.tar.index.json" in err
+    assert "mmtrain prep index" in err
+    assert f"{S3}/nothing-here" in train(f"{S3}/nothing-here/shard-000000.tar")
+    old = set_env({"AWS_SECRET_ACCESS_KEY": "wrong"})
+    try:
+        err = train(bucket["wds"])
+    finally:
+        restore_env(old)
+    assert "access denied (SignatureDoesNotMatch)" in err and f"{S3}/syn" in err
+    old = set_env({"AWS_ACCESS_KEY_ID": "AKIANOBODY"})
+    try:
+        assert "access denied (InvalidAccessKeyId)" in train(bucket["mds"])
+    finally:
+        restore_env(old)
+
+
+def test_corrupt_shard_is_fetched_once_more_then_skipped_with_exact_accounting(bucket, s3, tmp_path):
+    client = s3.client()
+    for key in [u.removeprefix(f"{S3}/") for u in bucket["listed"] if "/syn/" in u]:
+        client.copy_object(Bucket=BUCKET, Key=key.replace("syn/", "rotten/"), CopySource={"Bucket": BUCKET, "Key": key})
+    good = storage.read_bytes(f"{S3}/rotten/shard-000002.tar")
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF  # same size, one flipped byte: only the sha256 of the index sees it
+    client.put_object(Bucket=BUCKET, Key="rotten/shard-000002.tar", Body=bytes(bad))
+    cfg = data_cfg([f"{S3}/rotten"], tmp_path / "cache", shuffle_window=2)
+    before = storage.io_snapshot()
+    batches = epoch(cfg, 12, micro=16)  # 192 of the 200 positions
+    d = storage.io_snapshot() - before
+    assert (d["corrupt_refetches"], d["corrupt_shards"]) == (1, 1)
+    keys = [k for b in batches for k in b[0]]
+    src, idx, _ = build_train_loader(cfg, 16, 0, world_size=1, seed=0, start_sample=0).dataset.order.lookup(np.arange(192))
+    rotten = {i for i in range(50, 75)}  # shard 2 holds samples 50..74
+    expected = sum(int(i) in rotten for i in idx)
+    assert expected > 0 and sum(b[2] for b in batches) == expected  # every position of the shard was substituted
+    assert len(keys) == 192 and not any(int(k.split(":")[1]) in rotten for k in keys)
+    # elsewhere the batches are the clean ones
+    clean = [k for b in epoch(data_cfg([bucket["wds"]], tmp_path / "c2", shuffle_window=2), 12) for k in b[0]]
+    assert [a for a, b in zip(keys, clean) if int(b.split(":")[1]) not in rotten] == \
+        [b for b in clean if int(b.split(":")[1]) not in rotten]
+
+
+def test_full_cache_disk_and_too_small_limit_are_clear_errors(bucket, tmp_path, monkeypatch):
+    cfg = data_cfg([bucket["wds"]], tmp_path / "small", shuffle_window=2, cache_limit="100KB")
+    with pytest.raises(ValueError, match=r"data.cache_limit='100KB' \(100000 bytes\) is too small: two windows of "
+                                         r"data.shuffle_window=2 shards need up to \d+ bytes"):
+        build_train_loader(cfg, 16, 0, world_size=1, seed=0, start_sample=0)
+    cache = ShardCache(str(tmp_path / "full"))
+    url = f"{bucket['wds']}/shard-000000.tar"
+    size = bucket["listed"][url]
+    # the download's temp file is /dev/full: the kernel answers ENOSPC, as on a full disk
+    os.symlink("/dev/full", f"{cache.local_path(url)}.{os.getpid()}.part")
+    with pytest.raises(CacheFullError, match=f"data.cache_dir {tmp_path / 'full'}: the disk is full while downloading {url}"):
+        cache.get(RemoteFile(url, size))
+    assert not os.path.exists(cache.local_path(url))
+
+
+# --------------------------------------------------------------------------- training, eval and tokenizer from the bucket
+
+
+KILL_AT_BATCH = '''
+import os
+if os.environ.get("RANK") == "1":
+    from mmtrain.components import data as _data
+    _make = _data.SampleStream.make_batch
+    _count = [0]
+    def _make_then_die(self, positions):
+        _count[0] += 1
+        if _count[0] == 6:
+            os.kill(os.getpid(), 9)  # preempted mid-epoch, in step 6, after the step-4 checkpoint
+        return _make(self, positions)
+    _data.SampleStream.make_batch = _make_then_die
+'''
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_zero3_run_from_s3_killed_mid_epoch_resumes_exactly_and_eval_and_tokenizer_read_the_bucket(
+        bucket, synthetic_data, tmp_path, monkeypatch, capfd):
+    limit = sum(source_shard_sizes(bucket)[:5])
+    sources = json.dumps([{"path": bucket["wds"]}, {"path": bucket["mds"]}])
+
+    def overrides(run: Path, *extra: str) -> list[str]:
+        return tiny_overrides(synthetic_data, run, f"data.sources={sources}", "data.shuffle_window=2",
+                              f"data.cache_dir={tmp_path / 'node_cache'}", f"data.cache_limit={limit}",
+                              "logging.log_every=2", "checkpoint.every_steps=4", "train.steps=8", *extra)
+
+    straight = tmp_path / "straight"
+    assert cli.main(["train", CONFIG, *overrides(straight)]) == 0
+    run = tmp_path / "run"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_AT_BATCH)
+    monkeypatch.setenv("PYTHONPATH", f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    shutil.rmtree(tmp_path / "node_cache")  # the killed run starts cold, like a fresh node
+    assert cli.main(["train", CONFIG, *overrides(run)]) != 0
+    assert [r["step"] for r in read_metrics(run)] == [2, 4]
+    monkeypatch.delenv("PYTHONPATH")
+    capfd.readouterr()
+    assert cli.main(["train", CONFIG, *overrides(run)]) == 0
+    assert "resumed from step00000004: step 4" in capfd.readouterr().err
+    a, b = read_metrics(run), read_metrics(straight)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [2, 4, 6, 8]
+    assert [r["data_hash"] for r in a] == [r["data_hash"] for r in b] and len({r["data_hash"] for r in a}) == 4
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
+    assert [r["samples_seen"] for r in a] == [32, 64, 96, 128]  # mid-epoch: the epoch holds 400
+    assert sum(r["data/shard_downloads"] for r in b) > 0 and sum(r["data/cache_hits"] for r in b) > 0
+    assert sum(r["data/substituted"] for r in a + b) == 0
+    cached = sum(p.stat().st_size for p in (tmp_path / "node_cache").iterdir() if p.is_file())
+    assert cached <= limit
+
+    # eval and tokenizer training read the bucket
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "caption", str(straight), "--shards", bucket["mds"], "--num", "6", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["num_samples"] == 6 and "CIDEr" in report["scores"]
+    assert cli.main(["tokenizer", "train", "--shards", bucket["wds"], "--shards", bucket["mds"],
+                     "--out", str(tmp_path / "tok" / "text"), "--vocab-size", "64", "--quiet"]) == 0
+    from mmtrain.tokenize.text import TextTokenizer
+
+    tok = TextTokenizer.from_file(tmp_path / "tok" / "text.model")
+    assert tok.decode(tok.encode("a large red circle", bos=False, eos=False)) == "a large red circle"
+
+
+def test_gs_and_other_fsspec_schemes_go_through_one_small_store(tmp_path):
+    """gs:// uses FsspecStore over gcsfs; no GCS here, so the same code runs over fsspec's memory filesystem."""
+    store = storage.FsspecStore("memory")
+    store.write("memory://mmtrain/shards/a.tar", b"abc" * 100)
+    store.write("memory://mmtrain/shards/b.tar", b"x")
+    assert store.read("memory://mmtrain/shards/a.tar") == b"abc" * 100 and store.size("memory://mmtrain/shards/b.tar") == 1
+    assert store.sizes("memory://mmtrain/shards") == {"memory://mmtrain/shards/a.tar": 300, "memory://mmtrain/shards/b.tar": 1}
+    assert store.download("memory://mmtrain/shards/a.tar", str(tmp_path / "a.tar"), 300) == 300
+    assert (tmp_path / "a.tar").read_bytes() == b"abc" * 100
+    with pytest.raises(FileNotFoundError, match="memory://mmtrain/shards/nope.tar: no such object"):
+        store.read("memory://mmtrain/shards/nope.tar")
+
+
+def test_prep_latents_reads_from_and_writes_to_the_bucket(bucket, tmp_path):
+    from mmtrain.data.sources import open_source
+
+    assert cli.main(["prep", "latents", bucket["wds"], "--out", f"{S3}/latents", "--tokenizer", "pixels",
+                     "--device", "cpu", "--quiet"]) == 0
+    source = open_source(f"{S3}/latents", shard_cache=ShardCache(str(tmp_path / "cache")))
+    assert len(source) == 200 and len(source.shards) == 8
+    raw = source.read(7, want_image=False, want_latent=True)
+    assert raw.key == "00000007" and raw.latent.ndim == 3 and raw.latent.shape[1:] == (32, 32)
