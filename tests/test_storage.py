@@ -251,6 +251,11 @@ def test_missing_shard_and_denied_request_fail_before_training_naming_the_url(bu
     err = train(f"{S3}/holed")  # listed: shard 3 is not there, shard 5 has lost its index
     assert f"shard {S3}/holed/shard-000005.tar has no index {S3}/holed/shard-000005.tar.index.json" in err
     assert "mmtrain prep index" in err
+    assert cli.main(["prep", "index", f"{S3}/holed/shard-000005.tar"]) == 0  # downloads, indexes, uploads the index
+    from mmtrain.data.sources import open_source
+
+    mended = open_source(f"{S3}/holed/shard-{{000004..000005}}.tar", shard_cache=ShardCache(str(tmp_path / "c")))
+    assert len(mended) == 50 and mended.read(49, want_image=False).key == "00000149"  # shard 5 holds 125..149
     assert f"{S3}/nothing-here" in train(f"{S3}/nothing-here/shard-000000.tar")
     old = set_env({"AWS_SECRET_ACCESS_KEY": "wrong"})
     try:

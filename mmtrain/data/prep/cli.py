@@ -9,6 +9,7 @@ FileNotFoundError, which ``mmtrain.cli.main`` turns into exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -166,24 +167,23 @@ def staged(cmd: Any) -> Any:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from mmtrain.data.index import write_sidecar
+    """Write the sidecar index of every tar shard of ``args.shards`` (local, or a URL: download, index, upload)."""
+    import tempfile
+
+    from mmtrain.data.index import sidecar_path, write_sidecar
+    from mmtrain.data.shards import list_shards
     from mmtrain.data.storage import basename, is_url, store_for
 
-    from mmtrain.data.shards import list_shards
-
-    count = 0
-    for shard in list_shards(args.shards):
+    shards = list_shards(args.shards)
+    for shard in shards:
         if not is_url(shard):
             write_sidecar(shard)
-        else:  # download, index, upload the index next to it
-            import tempfile
-
-            with tempfile.TemporaryDirectory(prefix="mmtrain-index-") as tmp:
-                local = f"{tmp}/{basename(shard)}"
-                store_for(shard).download(shard, local)
-                store_for(shard).upload(write_sidecar(local, shard), shard + ".index.json")
-        count += 1
-    print(f"prep index: wrote the index of {count} shard(s) of {args.shards}")
+            continue
+        with tempfile.TemporaryDirectory(prefix="mmtrain-index-") as tmp:
+            local = os.path.join(tmp, basename(shard))
+            store_for(shard).download(shard, local)
+            store_for(shard).upload(write_sidecar(local, shard), sidecar_path(shard))
+    print(f"prep index: wrote the index of {len(shards)} shard(s) of {args.shards}")
     return 0
 
 
