@@ -49,11 +49,17 @@ def test_no_weight_decay_on_norms_biases_embeddings():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]  # only the Linear matrix
     assert len(no_decay["params"]) == 5  # embedding, bias, norm weight + bias, text_pos
+    (one,) = param_groups(model, weight_decay=0.0, grouping="one")  # the official code's single group
+    assert len(one["params"]) == 6 and one["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="optim.param_groups: 'one' .* needs optim.weight_decay: 0"):
+        OptimizerConfig(weight_decay=0.05, param_groups="one")
 
 
 def test_lr_schedules():
     warm = OptimizerConfig(lr=1.0, warmup_steps=10, schedule="constant")
     assert [lr_multiplier(warm, s, 100) for s in (0, 4, 9, 10, 99)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    official = OptimizerConfig(lr=1.0, warmup_steps=10, warmup_start="zero")  # transformers' constant-with-warm-up
+    assert [lr_multiplier(official, s, 100) for s in (0, 4, 9, 10, 99)] == [0.0, 0.4, 0.9, 1.0, 1.0]
     cos = OptimizerConfig(lr=1.0, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
     assert lr_multiplier(cos, 10, 110) == pytest.approx(1.0)
     assert lr_multiplier(cos, 60, 110) == pytest.approx(0.55)  # half way: the middle of [0.1, 1]

@@ -16,7 +16,15 @@ class OptimizerConfig:
         betas: AdamW betas. Default [0.9, 0.95] (CausalFusion / MAR).
         eps: AdamW epsilon. Default 1e-8.
         weight_decay: applied to matrices only, never to norms, biases or embeddings. Default 0.0.
+        param_groups: ``split`` (matrices in one group, norms / biases / embeddings in a
+            second that never decays) or ``one`` (every parameter in one group, as the official
+            CausalFusion code; needs ``weight_decay: 0``). A run resumes with the grouping it
+            was started with. Default ``split``.
         warmup_steps: linear warm-up length. Default 20.
+        warmup_start: where the warm-up ramp starts: ``first_step`` (step s uses
+            ``lr * (s + 1) / warmup_steps``: the first update already learns) or ``zero``
+            (``lr * s / warmup_steps``, the first update at lr 0: the official CausalFusion
+            recipe, transformers' ``get_constant_schedule_with_warmup``). Default ``first_step``.
         schedule: ``constant`` (after warm-up) or ``cosine`` (to ``min_lr_ratio * lr``). Default ``constant``.
         min_lr_ratio: floor of the cosine schedule. Default 0.1.
         grad_clip: global gradient-norm clip (0 = off). Default 1.0.
@@ -27,6 +35,8 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     warmup_steps: int = 20
+    warmup_start: str = "first_step"
+    param_groups: str = "split"
     schedule: str = "constant"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
@@ -34,12 +44,22 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"optim.schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
+        if self.warmup_start not in ("first_step", "zero"):
+            raise ValueError(f"optim.warmup_start: expected 'first_step' or 'zero', got {self.warmup_start!r}")
+        if self.param_groups not in ("split", "one"):
+            raise ValueError(f"optim.param_groups: expected 'split' or 'one', got {self.param_groups!r}")
+        if self.param_groups == "one" and self.weight_decay:
+            raise ValueError("optim.param_groups: 'one' puts norms and biases in the decayed group; "
+                             f"it needs optim.weight_decay: 0, got {self.weight_decay}")
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas: expected two numbers, got {self.betas!r}")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only weight matrices; norms, biases and embedding tables are left alone."""
+def param_groups(model: torch.nn.Module, weight_decay: float, grouping: str = "split") -> list[dict]:
+    """Decay only weight matrices; norms, biases and embedding tables are left alone (``split``),
+    or every trainable parameter in one group (``one``, no decay)."""
+    if grouping == "one":
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": 0.0}]
     decay, no_decay = [], []
     embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     for name, p in model.named_parameters():
@@ -54,7 +74,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def lr_multiplier(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
     if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+        return (step + (cfg.warmup_start == "first_step")) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
     progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
@@ -64,7 +84,7 @@ def lr_multiplier(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, total_steps: int, offload: str = "none"):
     """AdamW and its schedule. With ZeRO CPU offload the step runs on the CPU, where
     DeepSpeed's vectorised CPU Adam (same AdamW update) is several times faster than torch's."""
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.param_groups)
     if offload != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
