@@ -24,13 +24,17 @@ def _free_port() -> int:
 
 
 def cmd_prep(args: argparse.Namespace) -> int:
-    from mmtrain.data.shards import write_synthetic_shards
-    from mmtrain.data.synthetic import SyntheticConfig
+    from mmtrain.data.shards import HOLD_OUT_DIR, write_synthetic_shards
+    from mmtrain.data.synthetic import SyntheticConfig, parse_hold_out
 
     cfg = SyntheticConfig(image_size=args.image_size, seed=args.seed, min_shapes=args.min_shapes, max_shapes=args.max_shapes)
+    hold_out = parse_hold_out(args.hold_out) if args.hold_out else []
     stats = write_synthetic_shards(args.out, args.num, cfg, samples_per_shard=args.samples_per_shard,
-                                   image_format=args.image_format, progress=not args.quiet)
+                                   image_format=args.image_format, progress=not args.quiet, hold_out=hold_out)
     print(f"wrote {stats['num_samples']} samples in {stats['num_shards']} shards to {args.out} (stats: {Path(args.out) / 'stats.json'})")
+    if hold_out:
+        print(f"held out {stats['held_out_samples']} samples with {', '.join(stats['hold_out'])} to "
+              f"{Path(args.out) / HOLD_OUT_DIR}")
     return 0
 
 
@@ -455,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--max-shapes", type=int, default=2)
     syn.add_argument("--samples-per-shard", type=int, default=1000)
     syn.add_argument("--image-format", choices=["png", "jpg"], default="png")
+    syn.add_argument("--hold-out", default="", help="attribute combinations kept out of the shards, e.g. "
+                     "'red triangle,large blue circle': samples with a matching shape go to OUT/holdout instead")
     syn.add_argument("--quiet", action="store_true")
     from mmtrain.data.prep.cli import add_prep_subcommands, staged
 

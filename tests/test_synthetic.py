@@ -282,3 +282,38 @@ def test_estimate_shapes_empty_and_bad_input():
         estimate_shapes(np.zeros((32, 40, 3), dtype=np.uint8))
     with pytest.raises(TypeError):
         estimate_shapes([[0, 0, 0]])
+
+
+def test_hold_out_keeps_combinations_out_of_training_and_writes_only_them_to_the_held_out_split(tmp_path):
+    from mmtrain import cli
+    from mmtrain.data.shards import iter_shard_samples
+    from mmtrain.data.synthetic import is_held_out, parse_hold_out
+    from mmtrain.eval.samples import seen_unseen_scores
+
+    combos = parse_hold_out("red triangle, large blue circle,top left yellow")
+    assert combos == [{"color": "red", "kind": "triangle"}, {"size": "large", "color": "blue", "kind": "circle"},
+                      {"position": "top left", "color": "yellow"}]
+    for bad, why in (("red tringle", "unknown words 'tringle'"), ("red blue", "names two values of color"), ("the", "unknown")):
+        with pytest.raises(ValueError, match=why):
+            parse_hold_out(bad)
+    out = tmp_path / "syn"
+    assert cli.main(["prep", "synthetic", "--out", str(out), "--num", "400", "--samples-per-shard", "100", "--quiet",
+                     "--hold-out", "red triangle,large blue circle,top left yellow"]) == 0
+    train_samples, held_samples = list(iter_shard_samples(out)), list(iter_shard_samples(out / "holdout"))
+    train = [s["attributes"]["shapes"] for s in train_samples]
+    held = [s["attributes"]["shapes"] for s in held_samples]
+    assert held and not any(is_held_out(s, combos) for s in train) and all(is_held_out(s, combos) for s in held)
+    # every generated sample is in exactly one split
+    assert sorted(s["key"] for s in train_samples + held_samples) == [f"{i:08d}" for i in range(400)]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["hold_out"] == ["red triangle", "large blue circle", "yellow top left"]
+    assert (stats["num_samples"], stats["held_out_samples"], stats["generated"]) == (len(train), len(held), 400)
+    # eval finds the hold-out next to the run's training shards, and splits its attribute scores by it
+    from mmtrain.config import load_config
+    from mmtrain.eval.samples import training_hold_out
+
+    assert training_hold_out(load_config(None, [f"data.train_shards={out}"])) == combos
+    assert training_hold_out(load_config(None, [f"data.train_shards={out / 'holdout'}"])) == combos
+    assert training_hold_out(load_config(None, [f"data.train_shards={tmp_path / 'elsewhere'}"])) == []
+    scores = seen_unseen_scores([{"exact": 1.0}, {"exact": 0.0}, {"exact": 0.5}], [train[0], held[0], held[1]], combos)
+    assert scores == {"images_seen": 1, "attr_exact_seen": 1.0, "images_unseen": 2, "attr_exact_unseen": 0.25}

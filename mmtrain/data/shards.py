@@ -20,7 +20,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import webdataset as wds
@@ -41,6 +41,8 @@ from mmtrain.data.synthetic import (
     SIZES,
     SyntheticConfig,
     generate_sample,
+    hold_out_name,
+    is_held_out,
     synthetic_class,
 )
 
@@ -54,6 +56,7 @@ JPEG_QUALITY = 95
 # An int: tarfile writes a float mtime as an extra 1 KiB PAX header per member.
 TAR_MTIME = 0
 STATS_FILENAME = "stats.json"
+HOLD_OUT_DIR = "holdout"  # under a synthetic dataset made with a hold-out: the held-out split
 
 
 def _atomic_path(final_path: str) -> str:
@@ -388,6 +391,7 @@ def write_synthetic_shards(
     samples_per_shard: int = 1000,
     image_format: str = "png",
     progress: bool = True,
+    hold_out: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, Any]:
     """Generate synthetic samples ``0..num-1`` into shards plus ``stats.json``.
 
@@ -396,6 +400,10 @@ def write_synthetic_shards(
         num: number of samples, >= 1.
         cfg: the synthetic dataset config (image size, shape counts, seed).
         samples_per_shard, image_format, progress: as in :func:`write_shards`.
+        hold_out: attribute combinations (:func:`~mmtrain.data.synthetic.parse_hold_out`)
+            kept out of these shards: a sample with a shape that matches one goes to the
+            held-out split ``out_dir/holdout`` instead (its own shards and ``stats.json``),
+            which then holds only such samples. Default: none.
 
     Returns:
         The stats dict, identical to what is written (atomically) to
@@ -418,11 +426,17 @@ def write_synthetic_shards(
     shape_counts: list[int] = []
     caption_lengths: list[int] = []
 
+    held: list[dict[str, Any]] = []
+
     def generate() -> Iterator[dict[str, Any]]:
-        # Stats are gathered on the fly so samples are never held in memory.
+        # Stats are gathered on the fly so samples are never held in memory (held-out ones are: a few %).
         for index in range(num):
             sample = generate_sample(index, cfg)
             shapes = sample["attributes"]["shapes"]
+            if hold_out and is_held_out(shapes, hold_out):
+                sample["label"] = synthetic_class(shapes[0])
+                held.append(sample)
+                continue
             sample["label"] = synthetic_class(shapes[0])
             for shape in shapes:
                 for field, counter in counts.items():
@@ -434,10 +448,14 @@ def write_synthetic_shards(
     start = time.perf_counter()
     paths = write_shards(generate(), out_dir, samples_per_shard, image_format=image_format, progress=progress)
     elapsed = time.perf_counter() - start
+    if not paths:
+        raise ValueError(f"write_synthetic_shards: every one of the {num} samples matches the hold-out "
+                         f"{[hold_out_name(c) for c in hold_out]}; nothing is left to train on")
+    num_kept = num - len(held)
 
     vocab = {"kind": KINDS, "color": COLORS, "size": SIZES, "position": POSITIONS}
     stats: dict[str, Any] = {
-        "num_samples": num,
+        "num_samples": num_kept,
         "num_shards": len(paths),
         "shard_files": [os.path.basename(p) for p in paths],
         "samples_per_shard": samples_per_shard,
@@ -457,10 +475,21 @@ def write_synthetic_shards(
         # Guard the division: JSON has no infinity.
         "samples_per_s": num / max(elapsed, 1e-9),
     }
+    if hold_out:
+        held_dir = os.path.join(out_dir, HOLD_OUT_DIR)
+        held_paths = write_shards(held, held_dir, samples_per_shard, image_format=image_format, progress=False)
+        stats.update(hold_out=[hold_out_name(c) for c in hold_out], generated=num, held_out_samples=len(held))
+        held_stats = {"num_samples": len(held), "num_shards": len(held_paths),
+                      "shard_files": [os.path.basename(p) for p in held_paths], "hold_out": stats["hold_out"],
+                      "split": "held out: only samples with a held-out combination", "seed": cfg.seed,
+                      "image_size": cfg.image_size}
+        if held:
+            atomic_write_text(os.path.join(held_dir, STATS_FILENAME), json.dumps(held_stats, indent=2) + "\n")
     stats_path = os.path.join(out_dir, STATS_FILENAME)
     atomic_write_text(stats_path, json.dumps(stats, indent=2) + "\n")
     logger.info(
-        "wrote %d synthetic samples in %d shard(s) to %s in %.2fs (%.1f samples/s)",
-        num, len(paths), out_dir, elapsed, stats["samples_per_s"],
+        "wrote %d synthetic samples in %d shard(s) to %s in %.2fs (%.1f samples/s)%s",
+        num_kept, len(paths), out_dir, elapsed, stats["samples_per_s"],
+        f"; {len(held)} held out ({', '.join(stats['hold_out'])}) to {os.path.join(out_dir, HOLD_OUT_DIR)}" if hold_out else "",
     )
     return stats

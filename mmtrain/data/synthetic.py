@@ -298,3 +298,45 @@ def mean_accuracy(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
         if set(r) != keys:
             raise ValueError(f"mean_accuracy: entry {i} has keys {sorted(r)}, expected {sorted(keys)}")
     return {k: float(sum(r[k] for r in results) / len(results)) for k in results[0]}
+
+
+# --------------------------------------------------------------------------- compositional hold-out
+
+
+def parse_hold_out(text: str | Sequence[str]) -> list[dict[str, str]]:
+    """``"red triangle,large blue circle"`` -> ``[{"color": "red", "kind": "triangle"}, {...}]``.
+
+    Each comma-separated entry names attribute values (kind, colour, size; a position as
+    ``top left`` etc. too), at most one per attribute and at least one. A shape matches an
+    entry when it has every value the entry names. ValueError naming the entry otherwise.
+    """
+    entries = [e.strip() for e in (text.split(",") if isinstance(text, str) else text) if e.strip()]
+    combos = []
+    for entry in entries:
+        combo: dict[str, str] = {}
+        rest = " ".join(entry.lower().split())
+        for field in ("position", "size", "color", "kind"):  # positions first: they are two words
+            for value in sorted(_VOCAB[field], key=len, reverse=True):
+                if re.search(rf"(^|\s){re.escape(value)}(\s|$)", rest):
+                    if field in combo:
+                        raise ValueError(f"hold-out entry {entry!r}: names two values of {field}")
+                    combo[field] = value
+                    rest = re.sub(rf"(^|\s){re.escape(value)}(\s|$)", " ", rest, count=1).strip()
+        if rest or not combo:
+            raise ValueError(f"hold-out entry {entry!r}: {'unknown words ' + repr(rest) if rest else 'names no attribute'}"
+                             f" (expected values of kind {list(KINDS)}, color {list(COLORS)}, size {list(SIZES)}, "
+                             f"position {list(POSITIONS)}, e.g. 'red triangle' or 'large blue circle')")
+        if combo in combos:
+            raise ValueError(f"hold-out entry {entry!r}: given twice")
+        combos.append(combo)
+    return combos
+
+
+def hold_out_name(combo: Mapping[str, str]) -> str:
+    """The entry as text, attributes in caption order (``large blue circle``)."""
+    return " ".join(combo[f] for f in ("size", "color", "kind", "position") if f in combo)
+
+
+def is_held_out(shapes: Iterable[Mapping[str, Any]], hold_out: Sequence[Mapping[str, str]]) -> bool:
+    """True when some shape of the scene has every value of some hold-out entry."""
+    return any(all(shape.get(f) == v for f, v in combo.items()) for shape in shapes for combo in hold_out)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from mmtrain.atomic import atomic_write_text
 from mmtrain.config import SampleConfig
 from mmtrain.data.synthetic import attribute_accuracy, mean_accuracy, parse_caption
+from mmtrain.eval.samples import seen_unseen_scores, training_hold_out
 from mmtrain.eval.caption_metrics import METRICS, score_captions
 from mmtrain.eval.config import EvalConfig
 from mmtrain.eval.ranks import Ranks
@@ -65,6 +66,8 @@ def evaluate_captions(run: LoadedRun, open_set: Callable[[int], object], eval_cf
         for it in items:
             it["accuracy"] = attribute_accuracy(parse_caption(it["caption"]), it["attributes"]["shapes"])
         scores.update({f"attr_{k}": v for k, v in mean_accuracy([it["accuracy"] for it in items]).items()})
+        scores.update(seen_unseen_scores([it["accuracy"] for it in items], [it["attributes"]["shapes"] for it in items],
+                                         training_hold_out(run.cfg)))
     else:
         unavailable["attributes"] = f"{eval_set.name} carries no synthetic ground truth (KEY.json with 'shapes')"
 

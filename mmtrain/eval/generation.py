@@ -19,6 +19,7 @@ from mmtrain.atomic import atomic_write_text
 from mmtrain.config import SampleConfig
 from mmtrain.data.attributes import estimate_shapes
 from mmtrain.data.synthetic import attribute_accuracy, mean_accuracy
+from mmtrain.eval.samples import seen_unseen_scores, training_hold_out
 from mmtrain.eval.clip_score import ClipScorer
 from mmtrain.eval.config import EvalConfig
 from mmtrain.eval.features import MetricUnavailable, build_feature_extractor, extract_features
@@ -86,6 +87,7 @@ def _generate_on_rank(run: LoadedRun, setting: SampleConfig, conditions: list, t
             item["clip"] = clip.scores(images, [prompts[i] for i in idx])
         if truths is not None:
             item["attributes"] = [attribute_accuracy(estimate_shapes(im), truths[i]) for i, im in zip(idx, images)]
+            item["truths"] = [truths[i] for i in idx]
         if eval_cfg.save_samples:
             item["pixels"] = np.stack([np.asarray(im) for im in images])
         out.append(item)
@@ -156,7 +158,9 @@ def evaluate_generation(run: LoadedRun, open_set: Callable[[int], object], eval_
         if clip is not None:
             row["clip_score"] = float(torch.cat([it["clip"] for it in items]).mean())
         if truths is not None:
-            row.update({f"attr_{k}": v for k, v in mean_accuracy([a for it in items for a in it["attributes"]]).items()})
+            accuracies = [a for it in items for a in it["attributes"]]
+            row.update({f"attr_{k}": v for k, v in mean_accuracy(accuracies).items()})
+            row.update(seen_unseen_scores(accuracies, [t for it in items for t in it["truths"]], training_hold_out(run.cfg)))
         folder = out_dir / "images" / row["tag"]
         folder.mkdir(parents=True, exist_ok=True)
         row["previews"] = []

@@ -99,3 +99,40 @@ def open_eval_set(shards: str, coco_annotations: str, coco_images: str, num: int
             raise ValueError("--coco-annotations needs --coco-images (the folder of the annotated images)")
         return CocoEvalSet(coco_annotations, coco_images, num, image_size, resize_mode)
     return ShardEvalSet(shards, num, image_size, resize_mode)
+
+
+def training_hold_out(cfg) -> list[dict[str, str]]:
+    """The attribute combinations the run's training data was made without: the ``hold_out`` of the
+    ``stats.json`` next to each training source (``mmtrain prep synthetic --hold-out``); [] if none."""
+    import json
+
+    from mmtrain.data import storage
+    from mmtrain.data.synthetic import parse_hold_out
+
+    combos: list[dict[str, str]] = []
+    for source in cfg.data.train_sources():
+        try:
+            stats = json.loads(storage.read_bytes(storage.join(source.path, "stats.json")))
+        except (OSError, ValueError):
+            continue  # not a synthetic dataset, or no stats: nothing was held out
+        for combo in parse_hold_out(stats.get("hold_out") or []):
+            if combo not in combos:
+                combos.append(combo)
+    return combos
+
+
+def seen_unseen_scores(accuracies: list[dict], shapes: list[list[dict]], hold_out: list[dict]) -> dict[str, float]:
+    """``attr_<k>_seen`` / ``attr_<k>_unseen`` (and ``images_seen`` / ``images_unseen``): the attribute
+    accuracies of the samples without / with a held-out combination; {} without a hold-out."""
+    from mmtrain.data.synthetic import is_held_out, mean_accuracy
+
+    if not hold_out:
+        return {}
+    out: dict[str, float] = {}
+    for name, want in (("seen", False), ("unseen", True)):
+        part = [a for a, s in zip(accuracies, shapes) if is_held_out(s, hold_out) == want]
+        out[f"images_{name}"] = len(part)
+        if part:
+            out.update({f"attr_{k}_{name}": v for k, v in mean_accuracy(part).items()})
+    return out
+
