@@ -1,0 +1,36 @@
+"""benchmarks/bench_learning.py on the tiny config: two evaluation points with the real train and eval commands."""
+import json
+import sys
+
+from conftest import REPO, tiny_overrides
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import bench_learning  # noqa: E402
+
+
+def test_learning_curve_table_and_plot_on_a_tiny_run_and_resume(synthetic_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(synthetic_data, run) if not o.startswith("train.run_dir=")]
+    argv = [str(REPO / "configs" / "tiny.yaml"), *overrides, "logging.log_every=2", "--run-dir", str(run),
+            "--eval-every", "3", "--steps", "6", "--eval-num", "4", "--ar-steps", "1,2"]
+    assert bench_learning.main(argv) == 0
+    out = capsys.readouterr().out
+    curve = json.loads((run / "learning" / "curve.json").read_text())
+    assert [p["step"] for p in curve["points"]] == [3, 6]
+    for p in curve["points"]:
+        assert set(p["generate"]) == {"1", "2"} and p["loss"] is not None and p["loss"] == p["loss"]
+        assert all(0.0 <= p[task].get("attr_exact", -1) <= 1.0 for task in ("caption",))
+        assert all(0.0 <= p["generate"][s]["attr_exact"] <= 1.0 for s in ("1", "2"))
+    assert curve["points"][1]["train_wall_s"] > curve["points"][0]["train_wall_s"] > 0
+    table = (run / "learning" / "curve.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| step")]
+    assert [r.split(" | ")[0] for r in rows] == ["| 3", "| 6"]
+    assert "image S=2 exact" in table and "caption count" in table and rows[1] in out
+    assert (run / "learning" / "curve.png").stat().st_size > 10_000
+    commands = (run / "learning" / "log.txt").read_text().splitlines()
+    assert [c.split()[2:4] for c in commands] == [["train", str(REPO / "configs" / "tiny.yaml")], ["eval", "caption"],
+                                                   ["eval", "generate"]] * 2
+    # resumable: nothing is trained or evaluated again, the table is the same
+    assert bench_learning.main(argv) == 0
+    assert (run / "learning" / "log.txt").read_text().splitlines() == commands
+    assert (run / "learning" / "curve.md").read_text() == table
