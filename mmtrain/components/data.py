@@ -383,6 +383,8 @@ class SampleStream(IterableDataset):
                              "stream positions to use instead") from first_error
 
     def _note_bad(self, s: int, i: int, exc: Exception) -> None:
+        if self.max_bad_samples == 0:  # eval, or a user who wants every bad read to stop the run
+            raise exc
         if isinstance(exc, CorruptShardError):
             self._bad.add((s, i))
             self.corrupt_shard_samples += 1
@@ -391,8 +393,6 @@ class SampleStream(IterableDataset):
                 raise ShardDataError(f"{corrupt} corrupt shards in one data worker, more than "
                                      f"data.max_bad_shards={self.cfg.max_bad_shards}; the last: {exc}") from exc
             return
-        if self.max_bad_samples == 0:
-            raise exc
         if (s, i) not in self._bad:
             self._bad.add((s, i))
             self.bad_samples += 1

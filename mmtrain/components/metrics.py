@@ -101,7 +101,9 @@ class MetricsLogger:
         self.jsonl.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
-        line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "time")
+        # the data/* counters are all in metrics.jsonl and wandb; the console shows the ones that moved
+        line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                        if k != "time" and not (k.startswith("data/") and not v))
         if self.bar is not None:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "samples_per_s")})
             self.bar.write(line)

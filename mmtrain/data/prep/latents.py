@@ -270,7 +270,7 @@ def _out_name(fmt_in: str, fmt_out: str, in_name: str, index: int) -> str:
 
 def _clean_raw_temps(out: Path) -> None:
     for name in os.listdir(out):
-        if name.startswith(".") and name.endswith(".tar.tmp"):
+        if name.startswith(".") and ".tar" in name and name.endswith(".tmp"):  # shards and their indexes
             os.remove(out / name)
 
 

@@ -66,9 +66,9 @@ class WdsChunkWriter:
         return f"{self.prefix}-{index:06d}.tar"
 
     def clean_temps(self) -> None:
-        """Delete temp shards a killed run left behind."""
+        """Delete temp shards (and temp shard indexes) a killed run left behind."""
         for name in os.listdir(self.dir):
-            if name.startswith(f".{self.prefix}-") and name.endswith(".tar.tmp"):
+            if name.startswith(f".{self.prefix}-") and name.endswith(".tmp"):
                 os.remove(self.dir / name)
 
     def write_chunk(self, samples: list[OutSample], start: int, tag: str = "") -> list[dict[str, Any]]:
