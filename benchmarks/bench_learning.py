@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def plot(points: list[dict], ar_steps: list[str], path: Path, title: str) -> Non
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("attribute accuracy")
     axes[-1].legend(loc="lower right", fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 40 * len(panels)), fontsize=9)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
