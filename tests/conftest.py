@@ -26,6 +26,15 @@ def synthetic_data(tmp_path_factory) -> dict:
     return {"root": root, "train": str(root / "train"), "val": str(root / "val"), "tokenizer": str(tok.model_path)}
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for servers and rendezvous the tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_overrides(data: dict, run_dir: Path, *extra: str) -> list[str]:
     return [f"data.train_shards={data['train']}", f"data.val_shards={data['val']}",
             f"tokenizer.text_model={data['tokenizer']}", f"train.run_dir={run_dir}",

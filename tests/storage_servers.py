@@ -15,13 +15,9 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 
+from conftest import free_port
+
 BUCKET = "mmtrain-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(server: http.server.ThreadingHTTPServer) -> http.server.ThreadingHTTPServer:

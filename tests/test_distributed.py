@@ -5,22 +5,15 @@ from __future__ import annotations
 import ast
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 from mmtrain import distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, port: int, out_dir: str) -> None:
@@ -53,7 +46,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_gloo_ranks_agree_on_flags_sums_preemption_and_gather(tmp_path):
-    mp.start_processes(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_rank_main, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for r, res in enumerate(results):
         assert (res["rank"], res["world"], res["device"]) == (r, 2, "cpu")

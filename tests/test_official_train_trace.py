@@ -11,21 +11,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, free_port
 
 from mmtrain.config import load_config
 from mmtrain.models.convert import convert_official_state
 
 FIXTURE = Path(__file__).parent / "fixtures" / "causalfusion_official_train_trace.safetensors"
 RECIPE = REPO / "configs" / "causalfusion_l.yaml"  # the official ImageNet recipe; its optimizer is the one under test
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_official_recipe_states_the_traced_optimizer_settings():

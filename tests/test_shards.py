@@ -293,10 +293,11 @@ def test_write_synthetic_shards_rejects_bad_num(tmp_path):
 
 
 def test_every_tar_reader_groups_members_by_the_same_rule(tmp_path):
-    """Loader index, prep source, latent precompute reader and iter_shard_samples all read tars through
-    mmtrain.data.tar: consecutive members share a sample, a key that comes back is an error naming it."""
+    """Loader index, prep source, prepared-dataset reader (latent precompute) and iter_shard_samples all
+    read tars through mmtrain.data.tar: consecutive members share a sample, a key that comes back is an
+    error naming it."""
     from mmtrain.data.index import scan_tar
-    from mmtrain.data.prep.readers import iter_wds_members
+    from mmtrain.data.prep.readers import iter_dataset
     from mmtrain.data.prep.sources.wds import list_wds
     from mmtrain.data.sources import open_source
     from mmtrain.data.tar import iter_tar_samples
@@ -310,7 +311,7 @@ def test_every_tar_reader_groups_members_by_the_same_rule(tmp_path):
     assert [(s.key, sorted(s.members)) for s in iter_tar_samples(str(good))] == [
         ("00000000", ["json", "png", "txt"]), ("sub/00000001", ["json", "png", "txt"])]
     assert scan_tar(str(good)).keys == ["00000000", "sub/00000001"]
-    assert [k for k, _ in iter_wds_members(str(good))] == ["00000000", "sub/00000001"]
+    assert [s.key for _, samples in iter_dataset(good) for s in samples] == ["00000000", "sub/00000001"]
     assert [s["key"] for s in iter_shard_samples(good.parent)] == ["00000000", "sub/00000001"]
     assert [c.group for c in list_wds(good).candidates] == ["00000000", "sub/00000001"]
 
@@ -319,7 +320,7 @@ def test_every_tar_reader_groups_members_by_the_same_rule(tmp_path):
     _tar_with(broken, {"00000000.png": _png(a), "00000000.txt": b"one", "00000000.json": b"{}", "00000001.png": _png(b),
                        "00000001.txt": b"two", "00000001.json": b"{}", "00000000.cls": b"3"})  # 00000000 comes back
     rule = "sample key '00000000' appears in two separate runs of members"
-    for read in (lambda: scan_tar(str(broken)), lambda: list(iter_wds_members(str(broken))),
+    for read in (lambda: scan_tar(str(broken)), lambda: list(iter_dataset(broken)),
                  lambda: list(iter_shard_samples(broken.parent)), lambda: open_source(str(broken.parent), cache_dir="")):
         with pytest.raises(ShardDataError, match=rule) as info:
             read()

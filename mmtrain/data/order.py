@@ -129,7 +129,7 @@ class StreamOrder:
                                  "every source at once); set data.shuffle_window: 0")
             if self.shard_of_sample is None:
                 raise ValueError("StreamOrder: a shuffle window needs the shard of every sample")
-        self._cache = _LRU(3)
+        self._cache = _LRU(4)  # two epochs' references (a batch may straddle them) and their shard lists
         if mode == "epoch":
             whole = [int(np.floor(w)) for w in self.weights]
             self._parts = [(k, int(np.floor((w - k) * n + 0.5))) for w, k, n in zip(self.weights, whole, self.sizes)]
@@ -161,7 +161,7 @@ class StreamOrder:
             return self._windowed(ids, epoch)
         if self.shuffle:
             ids = np.random.default_rng([self.seed, _EPOCH_PERM, epoch]).permutation(ids)
-        return ids, np.zeros(1, dtype=np.int64), np.unique(self.shard_of_sample[ids]) if self.num_shards else None
+        return ids, np.zeros(1, dtype=np.int64), None  # one window: its shards are found when asked for
 
     def _windowed(self, ids: np.ndarray, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The epoch's references grouped by shard window: (ids, window start offsets, shard order)."""
@@ -192,9 +192,10 @@ class StreamOrder:
         if self.mode != "epoch" or self.shard_of_sample is None:
             raise ValueError("window_shards: needs epoch mode and the shard of every sample")
         epoch, offset = divmod(int(position), self.epoch_length)
-        _, starts, shards = self._epoch(epoch)
-        if not self.window:
-            return shards, np.zeros(0, dtype=np.int64)
+        ids, starts, shards = self._epoch(epoch)
+        if not self.window:  # every shard the epoch reads, worked out once per epoch
+            every = self._cache.get_or(("shards", epoch), lambda: np.unique(self.shard_of_sample[ids]))
+            return every, np.zeros(0, dtype=np.int64)
         w = int(np.searchsorted(starts, offset, side="right")) - 1
         k = self.window
         current = shards[w * k:(w + 1) * k]

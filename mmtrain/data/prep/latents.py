@@ -36,7 +36,6 @@ from mmtrain.data.prep.readers import (
     IMAGE_MEMBERS,
     dataset_format,
     iter_mds_shard,
-    iter_wds_members,
     mds_shards,
     mds_to_sample,
     wds_to_sample,
@@ -44,6 +43,7 @@ from mmtrain.data.prep.readers import (
 from mmtrain.data.prep.sample import OutSample, mds_columns, npy_bytes
 from mmtrain.data.prep.wds_writer import WdsChunkWriter
 from mmtrain.data.shards import _ShardFile, list_shards
+from mmtrain.data.tar import read_tar_samples
 
 logger = logging.getLogger("mmtrain.data.prep")
 
@@ -282,7 +282,7 @@ def _do_shard(fmt_in: str, fmt_out: str, name: str, path: str, entry: dict[str, 
     raw: list[tuple[str, dict[str, bytes]]] = []
     samples: list[OutSample] = []
     if fmt_in == "wds":
-        for key, members in iter_wds_members(path):
+        for key, members in read_tar_samples(path):
             raw.append((key, members))
     else:
         samples = [mds_to_sample(row) for row in iter_mds_shard(in_shards, entry)]

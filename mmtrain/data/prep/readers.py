@@ -28,14 +28,6 @@ def dataset_format(source: str | os.PathLike[str]) -> str:
     return "mds" if (Path(source) / MDS_INDEX).is_file() else "wds"
 
 
-def iter_wds_members(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield ``(key, {extension: bytes})`` per sample of one tar, in file order (:mod:`mmtrain.data.tar`'s rule).
-
-    Raises ShardDataError naming the shard when the tar is unreadable.
-    """
-    yield from read_tar_samples(path)
-
-
 def wds_to_sample(key: str, members: dict[str, bytes], where: str) -> OutSample:
     """An OutSample from raw members; extra members go to ``extras``."""
     image_ext = next((e for e in IMAGE_MEMBERS if e in members), None)
@@ -95,4 +87,4 @@ def iter_dataset(source: str | os.PathLike[str]) -> Iterator[tuple[str, list[Out
             yield entry["raw_data"]["basename"], [mds_to_sample(r) for r in iter_mds_shard(source, entry)]
         return
     for path in list_shards(source):
-        yield os.path.basename(path), [wds_to_sample(k, m, f"shard {path}") for k, m in iter_wds_members(path)]
+        yield os.path.basename(path), [wds_to_sample(k, m, f"shard {path}") for k, m in read_tar_samples(path)]
