@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass
 
 from mmtrain.data.errors import ShardDataError
+from mmtrain.data.index import file_digest
 from mmtrain.data.storage import basename, count, store_for
 
 logger = logging.getLogger("mmtrain.data")
@@ -82,11 +83,7 @@ def _digest_matches(path: str, digest: str) -> bool:
     if not digest:
         return True
     algo, _, expected = digest.partition(":")
-    h = hashlib.new(algo)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest() == expected
+    return file_digest(path, algo) == expected
 
 
 class ShardCache:

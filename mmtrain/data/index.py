@@ -87,8 +87,9 @@ def scan_tar(path: str, where: str = "") -> TarIndex:
     )
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
+def file_digest(path: str, algo: str = "sha256") -> str:
+    """Hex digest of a file, read in 4 MiB chunks (the shard digests of sidecar and MDS indexes)."""
+    h = hashlib.new(algo)
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 22):
             h.update(chunk)
@@ -116,7 +117,7 @@ def write_sidecar(shard: str, where: str = "") -> str:
     """Index the local tar ``shard`` and write its sidecar next to it (atomically); returns the sidecar's path."""
     index = scan_tar(shard, where)
     path = sidecar_path(shard)
-    atomic_write_text(path, sidecar_json(index, os.path.getsize(shard), sha256_file(shard)))
+    atomic_write_text(path, sidecar_json(index, os.path.getsize(shard), file_digest(shard)))
     return path
 
 
