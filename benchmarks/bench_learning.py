@@ -4,8 +4,9 @@
     python benchmarks/bench_learning.py configs/shapes.yaml --run-dir runs/shapes --eval-every 500 --ar-steps 1,8
 
 For each evaluation point ``K, 2K, ..., train.steps`` (``--steps`` overrides the config's):
-trains up to that step (``mmtrain train CONFIG train.steps=STEP``: the first launch starts the
-run, every later one resumes it from its checkpoint), then runs ``mmtrain eval caption`` and
+trains up to that step (``mmtrain train CONFIG train.stop_at=STEP``: the first launch starts the
+run, every later one resumes it from its checkpoint; the learning-rate schedule follows the last
+step, so the curve is that of one uninterrupted run), then runs ``mmtrain eval caption`` and
 ``mmtrain eval generate --ar-steps S1,S2`` (no FID: attribute accuracy of the synthetic data,
 scored by the pixel analyser) on ``--eval-num`` samples of the run's validation shards
 (``--eval-shards`` for others, e.g. a hold-out split). Prints the learning-curve table
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmtrain.components.checkpoint import latest_tag
     from mmtrain.config import load_config
 
-    overrides = list(args.overrides)
+    overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
     cfg = load_config(args.config, overrides)
     last = args.steps or cfg.train.steps
     if args.eval_every < 1 or last < args.eval_every:
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         tag = latest_tag(run_dir)
         if tag is None or int(tag.removeprefix("step")) < step:
             state["train_wall_s"] += run_cli(["train", args.config, *overrides, f"train.run_dir={run_dir}",
-                                              f"train.steps={step}", f"checkpoint.every_steps={args.eval_every}"], log)
+                                              f"train.stop_at={step}", f"checkpoint.every_steps={args.eval_every}"], log)
         point = {"step": step, "train_wall_s": state["train_wall_s"], "loss": train_loss(run_dir, step),
                  **evaluate(run_dir, step, args, log)}
         state["points"] = sorted([*state["points"], point], key=lambda p: p["step"])

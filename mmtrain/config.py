@@ -76,6 +76,10 @@ class TrainConfig:
         dist_timeout_s: collective timeout, so a dead rank ends the job. Default 600.
         init_from: a model directory (``model.safetensors``, e.g. from ``mmtrain convert``)
             whose weights start a fresh run; ignored once the run has a checkpoint. Default "".
+        stop_at: end this launch, with a checkpoint, once the run reaches this step; the
+            learning-rate schedule and the totals still follow ``steps``, so a run stopped
+            at every evaluation point (``benchmarks/bench_learning.py``) trains exactly as one
+            uninterrupted run. 0 = ``steps``. Default 0.
     """
 
     run_dir: str = "runs/default"
@@ -90,8 +94,11 @@ class TrainConfig:
     seed: int = 0
     dist_timeout_s: int = 600
     init_from: str = ""
+    stop_at: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.stop_at <= self.steps:
+            raise ConfigError(f"train.stop_at: expected 0 (= train.steps) up to train.steps ({self.steps}), got {self.stop_at}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision: expected 'fp32' or 'bf16', got {self.precision!r}")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -105,6 +112,11 @@ class TrainConfig:
         for name in ("steps", "micro_batch_size", "grad_accum", "nproc_per_node"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
+
+    @property
+    def last_step(self) -> int:
+        """Where this launch ends: ``stop_at``, or ``steps`` when it is 0."""
+        return self.stop_at or self.steps
 
 
 @dataclass

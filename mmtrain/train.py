@@ -223,7 +223,7 @@ def save_sample_grid(engine, cfg: Config, step: int, data: Batch, text_tok, imag
 
 
 def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
-    """Train to ``train.steps``, or until ``watch`` reports a preemption signal: then every
+    """Train to ``train.steps`` (or ``train.stop_at``), or until ``watch`` reports a preemption signal: then every
     rank saves the current step and the result's ``stopped_by`` says ``requeue`` or ``stop``."""
     rank, world, dev = distributed.init(cfg.train.dist_timeout_s, with_deepspeed=True)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
@@ -298,11 +298,12 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
     data_iter = iter(loader)
     start_step, grad_norm, saved_step, stopped_by = step, torch.zeros(()), -1, None
     last_micro = cfg.train.grad_accum - 1
+    last_step = cfg.train.last_step
     try:
-        while step < cfg.train.steps:
+        while step < last_step:
             finite = torch.ones((), dtype=torch.bool, device=dev)  # every loss of this optimizer step so far
             losses = []
-            logs_now = (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.train.steps
+            logs_now = (step + 1) % cfg.logging.log_every == 0 or step + 1 == last_step
             for micro in range(cfg.train.grad_accum):
                 seed = step_seed(cfg.train.seed, step, micro * world + rank)
                 gen.manual_seed(seed)
@@ -339,7 +340,7 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
             if ema is not None:
                 ema.update(step - 1)
             metrics.step()
-            if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
+            if step % cfg.logging.log_every == 0 or step == last_step:
                 grad_norm = engine.get_global_grad_norm() if cfg.train.zero_stage > 0 else grad_norm
                 record = {**window.record(cfg.train.micro_batch_size, peak), "lr": sched.get_last_lr()[0],
                           "grad_norm": float(grad_norm),
@@ -351,10 +352,10 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
                 path = save_sample_grid(engine, cfg, step, data, text_tok, image_tok, run_dir, rank)
                 if path is not None:
                     metrics.log_image(step, path, f"step {step}")
-            if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.steps:
+            if step % cfg.checkpoint.every_steps == 0 or step == last_step:
                 save()
                 saved_step = step
-            if watch is not None and step < cfg.train.steps and (stopped_by := watch.agreed()):
+            if watch is not None and step < last_step and (stopped_by := watch.agreed()):
                 if saved_step != step:
                     save()
                 log.warning("%s: saved step %d of %d, stopping (%s)", watch.signal_name or "signal on another rank",

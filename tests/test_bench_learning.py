@@ -2,16 +2,20 @@
 import json
 import sys
 
+import pytest
 from conftest import REPO, tiny_overrides
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench_learning  # noqa: E402
 
+from mmtrain.components.optimizer import lr_multiplier  # noqa: E402
+from mmtrain.config import load_config  # noqa: E402
+
 
 def test_learning_curve_table_and_plot_on_a_tiny_run_and_resume(synthetic_data, tmp_path, capsys):
     run = tmp_path / "run"
     overrides = [o for o in tiny_overrides(synthetic_data, run) if not o.startswith("train.run_dir=")]
-    argv = [str(REPO / "configs" / "tiny.yaml"), *overrides, "logging.log_every=2", "--run-dir", str(run),
+    argv = [str(REPO / "configs" / "tiny.yaml"), *overrides, "logging.log_every=2", "optim.schedule=cosine", "optim.warmup_steps=1", "--run-dir", str(run),
             "--eval-every", "3", "--steps", "6", "--eval-num", "4", "--ar-steps", "1,2"]
     assert bench_learning.main(argv) == 0
     out = capsys.readouterr().out
@@ -22,6 +26,12 @@ def test_learning_curve_table_and_plot_on_a_tiny_run_and_resume(synthetic_data, 
         assert all(0.0 <= p[task].get("attr_exact", -1) <= 1.0 for task in ("caption",))
         assert all(0.0 <= p["generate"][s]["attr_exact"] <= 1.0 for s in ("1", "2"))
     assert curve["points"][1]["train_wall_s"] > curve["points"][0]["train_wall_s"] > 0
+    # stopped at every point (train.stop_at), the cosine schedule is still that of one 6-step run
+    cfg = load_config(run / "config.yaml")
+    logged = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(logged) == [2, 3, 4, 6]
+    for step, lr in logged.items():
+        assert lr == pytest.approx(cfg.optim.lr * lr_multiplier(cfg.optim, step, 6), rel=1e-6), step
     table = (run / "learning" / "curve.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| step")]
     assert [r.split(" | ")[0] for r in rows] == ["| 3", "| 6"]

@@ -66,3 +66,11 @@ def test_saved_config_round_trips(tmp_path):
 def test_model_and_sampling_choices_are_validated(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(REPO / "configs" / "tiny.yaml", [override])
+
+
+def test_stop_at_ends_a_launch_early_but_not_beyond_the_run():
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.steps=20", "train.stop_at=10"])
+    assert (cfg.train.steps, cfg.train.last_step) == (20, 10)
+    assert load_config(REPO / "configs" / "tiny.yaml", ["train.steps=20"]).train.last_step == 20
+    with pytest.raises(ConfigError, match=r"train\.stop_at.*up to train\.steps \(20\).*got 21"):
+        load_config(REPO / "configs" / "tiny.yaml", ["train.steps=20", "train.stop_at=21"])
