@@ -44,3 +44,15 @@ def test_learning_curve_table_and_plot_on_a_tiny_run_and_resume(synthetic_data, 
     assert bench_learning.main(argv) == 0
     assert (run / "learning" / "log.txt").read_text().splitlines() == commands
     assert (run / "learning" / "curve.md").read_text() == table
+    # the table `make demo` prints, from the same real eval outputs
+    from mmtrain.demo import learned_summary
+
+    point = curve["points"][1]
+    summary = learned_summary(run / "learning" / "step00000006").splitlines()
+    assert summary[0] == "| | exact | kind | color | size | count |" and len(summary) == 2 + 1 + 2
+    assert summary[2] == "| captions written for held-out images | " + " | ".join(
+        f"{point['caption'][f'attr_{k}']:.2f}" for k in ("exact", "kind", "color", "size", "count")) + " |"
+    assert summary[4].startswith("| images drawn for held-out captions, S = 2, CFG ")
+    assert summary[4].endswith(f"| {point['generate']['2']['attr_exact']:.2f} | {point['generate']['2']['attr_kind']:.2f} | "
+                               f"{point['generate']['2']['attr_color']:.2f} | {point['generate']['2']['attr_size']:.2f} | "
+                               f"{point['generate']['2']['attr_count']:.2f} |")
