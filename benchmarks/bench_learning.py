@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
     cfg = load_config(args.config, overrides)
-    last = args.steps or cfg.train.steps
+    last = cfg.train.steps  # --steps is one of the overrides
     if args.eval_every < 1 or last < args.eval_every:
         raise SystemExit(f"--eval-every {args.eval_every} must be between 1 and the last step {last}")
     run_dir = Path(args.run_dir).resolve()

@@ -47,12 +47,10 @@ def test_learning_curve_table_and_plot_on_a_tiny_run_and_resume(synthetic_data, 
     # the table `make demo` prints, from the same real eval outputs
     from mmtrain.demo import learned_summary
 
-    point = curve["points"][1]
+    point, keys = curve["points"][1], ("exact", "kind", "color", "size", "count")
+    row = lambda scores: " | ".join(f"{scores[f'attr_{k}']:.2f}" for k in keys) + " |"  # noqa: E731
     summary = learned_summary(run / "learning" / "step00000006").splitlines()
     assert summary[0] == "| | exact | kind | color | size | count |" and len(summary) == 2 + 1 + 2
-    assert summary[2] == "| captions written for held-out images | " + " | ".join(
-        f"{point['caption'][f'attr_{k}']:.2f}" for k in ("exact", "kind", "color", "size", "count")) + " |"
+    assert summary[2] == "| captions written for held-out images | " + row(point["caption"])
     assert summary[4].startswith("| images drawn for held-out captions, S = 2, CFG ")
-    assert summary[4].endswith(f"| {point['generate']['2']['attr_exact']:.2f} | {point['generate']['2']['attr_kind']:.2f} | "
-                               f"{point['generate']['2']['attr_color']:.2f} | {point['generate']['2']['attr_size']:.2f} | "
-                               f"{point['generate']['2']['attr_count']:.2f} |")
+    assert summary[4].endswith("| " + row(point["generate"]["2"]))
