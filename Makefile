@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mmtrain demo --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 # wheels for the GPU machine (no registry there): what benchmarks/gpu_check.py needs beyond its image
 gpu-wheels: $(STAMP)

@@ -1,7 +1,7 @@
 """Learning curves: train with the real `mmtrain train`, evaluate every K steps with the real `mmtrain eval`.
 
     python benchmarks/bench_learning.py configs/demo.yaml --run-dir runs/demo_curve --eval-every 200
-    python benchmarks/bench_learning.py configs/shapes.yaml --run-dir runs/shapes --eval-every 500 --ar-steps 1,8
+    python benchmarks/bench_learning.py configs/shapes.yaml --run-dir runs/shapes --eval-every 1000 --eval-num 512
 
 For each evaluation point ``K, 2K, ..., train.steps`` (``--steps`` overrides the config's):
 trains up to that step (``mmtrain train CONFIG train.stop_at=STEP``: the first launch starts the
@@ -12,7 +12,10 @@ scored by the pixel analyser) on ``--eval-num`` samples of the run's validation 
 (``--eval-shards`` for others, e.g. a hold-out split). Prints the learning-curve table
 (step, training wall time, loss, caption exact/kind/colour/size/count, image
 exact/kind/colour/size/count per AR step count; seen / unseen combinations too when the
-training data was made with ``--hold-out``) and writes next to the run:
+training data was made with ``--hold-out``; the kind of small and large shapes apart when the
+evals report it; a model that does not write text, e.g.
+``model.family=transdiff``, gets no caption evaluation and ``-`` in those columns) and
+writes next to the run:
 ``RUN/learning/curve.json``, ``curve.md`` (the table) and ``curve.png`` (one line per
 attribute, one panel per task).
 
@@ -57,13 +60,17 @@ def train_loss(run_dir: Path, step: int) -> float | None:
     return before[-1]["loss"] if before else None
 
 
-def evaluate(run_dir: Path, step: int, args, log: Path) -> dict:
+def evaluate(run_dir: Path, step: int, args, log: Path, captions: bool) -> dict:
+    """``captions``: the model also writes text (CausalFusion with text conditions); the
+    caption columns of the others stay empty."""
     out = run_dir / "learning" / f"step{step:08d}"
     shards = ["--shards", args.eval_shards] if args.eval_shards else []
     common = [*shards, "--num", str(args.eval_num), "--nproc", str(args.eval_nproc)]
-    point: dict = {}
-    t = run_cli(["eval", "caption", str(run_dir), *common, "--out", str(out / "caption")], log)
-    point["caption"] = json.loads((out / "caption" / "metrics.json").read_text())["scores"]
+    point: dict = {"caption": {}}
+    t = 0.0
+    if captions:
+        t += run_cli(["eval", "caption", str(run_dir), *common, "--out", str(out / "caption")], log)
+        point["caption"] = json.loads((out / "caption" / "metrics.json").read_text())["scores"]
     t += run_cli(["eval", "generate", str(run_dir), *common, "--out", str(out / "generate"), "--ar-steps", args.ar_steps,
                   "--set", "eval.metrics=[]"], log)
     report = json.loads((out / "generate" / "metrics.json").read_text())
@@ -77,12 +84,16 @@ def scores(d: dict, suffix: str = "") -> list[str]:
 
 
 def table(points: list[dict], ar_steps: list[str]) -> str:
-    split = any("attr_exact_unseen" in p["caption"] for p in points)
+    tasks = lambda p: [p["caption"], *p["generate"].values()]  # noqa: E731
+    split = any("attr_exact_unseen" in d for p in points for d in tasks(p))
+    by_size = any("attr_kind_small" in d for p in points for d in tasks(p))
     head = ["step", "train wall s", "loss", *(f"caption {a}" for a in ATTRIBUTES)]
     for s in ar_steps:
         head += [f"image S={s} {a}" for a in ATTRIBUTES]
     if split:
         head += ["caption exact seen / unseen", *(f"image S={s} exact seen / unseen" for s in ar_steps)]
+    if by_size:
+        head += ["caption kind small / large", *(f"image S={s} kind small / large" for s in ar_steps)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for p in points:
         row = [str(p["step"]), f"{p['train_wall_s']:.0f}", "-" if p["loss"] is None else f"{p['loss']:.4f}",
@@ -92,6 +103,9 @@ def table(points: list[dict], ar_steps: list[str]) -> str:
         if split:
             row.append(" / ".join(scores(p["caption"], f"_{n}")[0] for n in ("seen", "unseen")))
             row += [" / ".join(scores(p["generate"][s], f"_{n}")[0] for n in ("seen", "unseen")) for s in ar_steps]
+        if by_size:
+            row += [" / ".join(f"{d[f'attr_kind_{n}']:.2f}" if f"attr_kind_{n}" in d else "-" for n in ("small", "large"))
+                    for d in (p["caption"], *(p["generate"][s] for s in ar_steps))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -140,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"train.steps={args.steps}"] if args.steps else [])
     cfg = load_config(args.config, overrides)
     last = cfg.train.steps  # --steps is one of the overrides
+    captions = cfg.model.family == "causalfusion" and cfg.model.condition == "text"
     if args.eval_every < 1 or last < args.eval_every:
         raise SystemExit(f"--eval-every {args.eval_every} must be between 1 and the last step {last}")
     run_dir = Path(args.run_dir).resolve()
@@ -157,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             state["train_wall_s"] += run_cli(["train", args.config, *overrides, f"train.run_dir={run_dir}",
                                               f"train.stop_at={step}", f"checkpoint.every_steps={args.eval_every}"], log)
         point = {"step": step, "train_wall_s": state["train_wall_s"], "loss": train_loss(run_dir, step),
-                 **evaluate(run_dir, step, args, log)}
+                 **evaluate(run_dir, step, args, log, captions)}
         state["points"] = sorted([*state["points"], point], key=lambda p: p["step"])
         tmp = curve_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))

@@ -1,6 +1,6 @@
 """``mmtrain demo``: every stage on the embedded dataset, in one go, on this machine.
 
-data -> tokenizer -> 2-rank ZeRO-3 training -> checkpoint -> sample + caption -> eval.
+data -> tokenizer -> 2-rank DeepSpeed training -> checkpoint -> sample + caption -> eval.
 Stages whose outputs already exist are skipped, so re-running continues where it stopped
 (training itself resumes from the run's latest checkpoint).
 """
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mmtrain import cli
 from mmtrain.atomic import atomic_write_text
+from mmtrain.config import load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 # the whole validation split: 64 samples leave +-6 points of noise on a 0.5 accuracy
@@ -26,13 +27,14 @@ PROMPTS = [
 
 def learned_summary(eval_dir: Path) -> str:
     """The attribute-accuracy table of the demo's two evals (``eval_dir/{caption,generate}/metrics.json``)."""
-    keys = ("exact", "kind", "color", "size", "count")
-    head = "| | " + " | ".join(keys) + " |\n|---|" + "---:|" * len(keys)
+    keys = ("exact", "kind", "color", "size", "count", "kind_small", "kind_large")
+    head = "| | " + " | ".join(k.replace("_", " of ") for k in keys) + " |\n|---|" + "---:|" * len(keys)
     caption = json.loads((eval_dir / "caption" / "metrics.json").read_text())["scores"]
     rows = [("captions written for held-out images", caption)]
     for row in json.loads((eval_dir / "generate" / "metrics.json").read_text())["settings"]:
         rows.append((f"images drawn for held-out captions, S = {row['ar_steps']}, CFG {row['cfg_scale']:g}", row))
-    return head + "".join(f"\n| {name} | " + " | ".join(f"{r[f'attr_{k}']:.2f}" for k in keys) + " |" for name, r in rows)
+    cell = lambda r, k: f"{r[f'attr_{k}']:.2f}" if f"attr_{k}" in r else "-"  # noqa: E731  (no shape of that size)
+    return head + "".join(f"\n| {name} | " + " | ".join(cell(r, k) for k in keys) + " |" for name, r in rows)
 
 
 def _stage(name: str) -> float:
@@ -58,9 +60,10 @@ def run_demo(out: str, overrides: list[str]) -> int:
         cli.main(["tokenizer", "train", "--shards", str(data / "train"), "--out", str(tok)])
     timings["tokenizer"] = time.perf_counter() - t
 
-    t = _stage("3/5 train: DeepSpeed ZeRO-3 on 2 CPU ranks")
     run_overrides = [f"data.train_shards={data / 'train'}", f"data.val_shards={data / 'val'}",
                      f"tokenizer.text_model={tok.with_suffix('.model')}", f"train.run_dir={run_dir}", *overrides]
+    train_cfg = load_config(config, run_overrides).train
+    t = _stage(f"3/5 train: DeepSpeed ZeRO-{train_cfg.zero_stage} on {train_cfg.nproc_per_node} CPU ranks")
     rc = cli.main(["train", config, *run_overrides])
     if rc != 0:
         print(f"training failed (exit {rc})")

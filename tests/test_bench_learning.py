@@ -36,6 +36,7 @@ def test_learning_curve_table_and_plot_on_a_tiny_run_and_resume(synthetic_data, 
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| step")]
     assert [r.split(" | ")[0] for r in rows] == ["| 3", "| 6"]
     assert "image S=2 exact" in table and "caption count" in table and rows[1] in out
+    assert "image S=2 kind small / large" in table and curve["points"][1]["generate"]["2"]["attr_kind_large"] >= 0
     assert (run / "learning" / "curve.png").stat().st_size > 10_000
     commands = (run / "learning" / "log.txt").read_text().splitlines()
     assert [c.split()[2:4] for c in commands] == [["train", str(REPO / "configs" / "tiny.yaml")], ["eval", "caption"],
@@ -47,10 +48,25 @@ def test_learning_curve_table_and_plot_on_a_tiny_run_and_resume(synthetic_data, 
     # the table `make demo` prints, from the same real eval outputs
     from mmtrain.demo import learned_summary
 
-    point, keys = curve["points"][1], ("exact", "kind", "color", "size", "count")
+    point, keys = curve["points"][1], ("exact", "kind", "color", "size", "count", "kind_small", "kind_large")
     row = lambda scores: " | ".join(f"{scores[f'attr_{k}']:.2f}" for k in keys) + " |"  # noqa: E731
     summary = learned_summary(run / "learning" / "step00000006").splitlines()
-    assert summary[0] == "| | exact | kind | color | size | count |" and len(summary) == 2 + 1 + 2
+    assert summary[0] == "| | exact | kind | color | size | count | kind of small | kind of large |" and len(summary) == 2 + 1 + 2
     assert summary[2] == "| captions written for held-out images | " + row(point["caption"])
     assert summary[4].startswith("| images drawn for held-out captions, S = 2, CFG ")
     assert summary[4].endswith("| " + row(point["generate"]["2"]))
+
+
+def test_learning_curve_table_of_a_model_without_captions_shows_its_seen_and_unseen_images():
+    # a TransDiff run: no caption evaluation, a hold-out split in the image scores
+    image = {"attr_exact": 0.5, "attr_kind": 0.6, "attr_color": 0.7, "attr_size": 0.8, "attr_count": 0.9,
+             "attr_exact_seen": 0.55, "attr_exact_unseen": 0.25}
+    points = [{"step": 10, "train_wall_s": 12.3, "loss": 0.5, "caption": {}, "generate": {"1": image}}]
+    head, _, row = bench_learning.table(points, ["1"]).splitlines()
+    assert head.endswith("| caption exact seen / unseen | image S=1 exact seen / unseen |")
+    assert row == "| 10 | 12 | 0.5000 | - | - | - | - | - | 0.50 | 0.60 | 0.70 | 0.80 | 0.90 | - / - | 0.55 / 0.25 |"
+    # the kind of small and large shapes apart, where the eval reports it
+    image.update(attr_kind_small=0.33, attr_kind_large=0.61)
+    head, _, row = bench_learning.table(points, ["1"]).splitlines()
+    assert head.endswith("| image S=1 exact seen / unseen | caption kind small / large | image S=1 kind small / large |")
+    assert row.endswith("| - / - | 0.55 / 0.25 | - / - | 0.33 / 0.61 |")

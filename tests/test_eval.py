@@ -189,6 +189,9 @@ def test_eval_generate_sweep_reports_missing_weights(model_dir, tmp_path, monkey
     # the rest still ran: one row per setting with attribute accuracy, a plot, images with prompts
     assert [(r["cfg_scale"], r["ar_steps"]) for r in report["settings"]] == [(1.0, 1), (3.0, 1), (1.0, 2), (3.0, 2)]
     assert all("fid" not in r and 0 <= r["attr_exact"] <= 1 for r in report["settings"])
+    # the kind of small and large shapes apart, pooled over the shapes of each true size
+    assert all({k for k in r if k.startswith("attr_kind_")} == {"attr_kind_small", "attr_kind_large"}
+               and all(0 <= r[f"attr_kind_{s}"] <= 1 for s in ("small", "large")) for r in report["settings"])
     assert report["reference_image_accuracy"]["exact"] == 1.0
     assert (out / "metrics_vs_cfg.png").is_file() and not list((tmp_path / "cache").glob("*.npz"))
     html = (out / "report.html").read_text()
@@ -234,6 +237,7 @@ def test_eval_caption_scores_with_pycocoevalcap(model_dir, tmp_path):
     expected = score_captions(refs, cands)
     assert {k: report["scores"][k] for k in expected} == pytest.approx(expected)
     assert 0 <= report["scores"]["attr_exact"] <= 1
+    assert {k for k in report["scores"] if k.startswith("attr_kind_")} == {"attr_kind_small", "attr_kind_large"}
     html = (out / "report.html").read_text()
     assert "images/000004.png" in html and "BLEU-4" in html and report["examples"][0]["references"][0] in html
 

@@ -21,6 +21,7 @@ from mmtrain.data.synthetic import (
     attribute_accuracy,
     caption_from_shapes,
     generate_sample,
+    kind_accuracy_by_size,
     mean_accuracy,
     parse_caption,
 )
@@ -235,6 +236,19 @@ def test_mean_accuracy():
     assert mean == {"kind": 0.5, "color": 0.5, "size": 0.5, "exact": 0.5, "count": 0.5}
     with pytest.raises(ValueError):
         mean_accuracy([])
+
+
+def test_kind_accuracy_by_size_pools_shapes_of_each_true_size():
+    small_square = dict(RED_CIRCLE, kind="square")  # wrong kind, right place
+    big_circle_elsewhere = dict(BLUE_SQUARE, kind="circle", position="top right")
+    truths = [[RED_CIRCLE, BLUE_SQUARE], [RED_CIRCLE], [dict(BLUE_SQUARE, position="top right")]]
+    preds = [[RED_CIRCLE, BLUE_SQUARE], [small_square], [big_circle_elsewhere]]
+    # small: right in sample 0, wrong kind in sample 1; large: right in 0, wrong kind in 2
+    assert kind_accuracy_by_size(preds, truths) == {"small": 0.5, "large": 0.5}
+    # a size no true shape has is left out; a missing prediction counts as wrong
+    assert kind_accuracy_by_size([[]], [[RED_CIRCLE]]) == {"small": 0.0}
+    with pytest.raises(ValueError):
+        kind_accuracy_by_size([[RED_CIRCLE]], [])
 
 
 # --- estimation from pixels ------------------------------------------------

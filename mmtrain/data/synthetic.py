@@ -285,6 +285,26 @@ def attribute_accuracy(
     return result
 
 
+def kind_accuracy_by_size(
+    pred_shapes: Sequence[Sequence[Mapping[str, Any]]], true_shapes: Sequence[Sequence[Mapping[str, Any]]]
+) -> dict[str, float]:
+    """``{size: accuracy}``: over every true shape of that size in all samples (pooled, not per
+    sample), the fraction whose kind the (first) predicted shape at its position has. Sizes
+    with no true shape are left out. Separates what the budget limits: a small shape's kind
+    is a handful of pixels."""
+    hits = {size: 0 for size in SIZES}
+    total = {size: 0 for size in SIZES}
+    for preds, truths in zip(pred_shapes, true_shapes, strict=True):
+        by_position: dict[Any, Mapping[str, Any]] = {}
+        for shape in preds:
+            by_position.setdefault(shape.get("position"), shape)
+        for true in truths:
+            pred = by_position.get(true.get("position"))
+            total[true["size"]] += 1
+            hits[true["size"]] += pred is not None and pred.get("kind") == true.get("kind")
+    return {size: hits[size] / total[size] for size in SIZES if total[size]}
+
+
 def mean_accuracy(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """Average per-sample :func:`attribute_accuracy` dicts key by key.
 

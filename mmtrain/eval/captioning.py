@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from mmtrain.atomic import atomic_write_text
 from mmtrain.config import SampleConfig
-from mmtrain.data.synthetic import attribute_accuracy, mean_accuracy, parse_caption
+from mmtrain.data.synthetic import attribute_accuracy, kind_accuracy_by_size, mean_accuracy, parse_caption
 from mmtrain.eval.samples import seen_unseen_scores, training_hold_out
 from mmtrain.eval.caption_metrics import METRICS, score_captions
 from mmtrain.eval.config import EvalConfig
@@ -63,9 +63,12 @@ def evaluate_captions(run: LoadedRun, open_set: Callable[[int], object], eval_cf
     except RuntimeError as exc:  # no Java here
         unavailable.update({m: str(exc) for m in METRICS})
     if all(it["attributes"] is not None for it in items):
-        for it in items:
-            it["accuracy"] = attribute_accuracy(parse_caption(it["caption"]), it["attributes"]["shapes"])
+        parsed = [parse_caption(it["caption"]) for it in items]
+        for it, shapes in zip(items, parsed):
+            it["accuracy"] = attribute_accuracy(shapes, it["attributes"]["shapes"])
         scores.update({f"attr_{k}": v for k, v in mean_accuracy([it["accuracy"] for it in items]).items()})
+        scores.update({f"attr_kind_{size}": v for size, v in
+                       kind_accuracy_by_size(parsed, [it["attributes"]["shapes"] for it in items]).items()})
         scores.update(seen_unseen_scores([it["accuracy"] for it in items], [it["attributes"]["shapes"] for it in items],
                                          training_hold_out(run.cfg)))
     else:

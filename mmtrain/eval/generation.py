@@ -18,7 +18,7 @@ from tqdm import tqdm
 from mmtrain.atomic import atomic_write_text
 from mmtrain.config import SampleConfig
 from mmtrain.data.attributes import estimate_shapes
-from mmtrain.data.synthetic import attribute_accuracy, mean_accuracy
+from mmtrain.data.synthetic import attribute_accuracy, kind_accuracy_by_size, mean_accuracy
 from mmtrain.eval.samples import seen_unseen_scores, training_hold_out
 from mmtrain.eval.clip_score import ClipScorer
 from mmtrain.eval.config import EvalConfig
@@ -86,7 +86,8 @@ def _generate_on_rank(run: LoadedRun, setting: SampleConfig, conditions: list, t
         if clip is not None:
             item["clip"] = clip.scores(images, [prompts[i] for i in idx])
         if truths is not None:
-            item["attributes"] = [attribute_accuracy(estimate_shapes(im), truths[i]) for i, im in zip(idx, images)]
+            item["found"] = [estimate_shapes(im) for im in images]
+            item["attributes"] = [attribute_accuracy(found, truths[i]) for i, found in zip(idx, item["found"])]
             item["truths"] = [truths[i] for i in idx]
         if eval_cfg.save_samples:
             item["pixels"] = np.stack([np.asarray(im) for im in images])
@@ -160,6 +161,8 @@ def evaluate_generation(run: LoadedRun, open_set: Callable[[int], object], eval_
         if truths is not None:
             accuracies = [a for it in items for a in it["attributes"]]
             row.update({f"attr_{k}": v for k, v in mean_accuracy(accuracies).items()})
+            row.update({f"attr_kind_{size}": v for size, v in kind_accuracy_by_size(
+                [f for it in items for f in it["found"]], [t for it in items for t in it["truths"]]).items()})
             row.update(seen_unseen_scores(accuracies, [t for it in items for t in it["truths"]], training_hold_out(run.cfg)))
         folder = out_dir / "images" / row["tag"]
         folder.mkdir(parents=True, exist_ok=True)
