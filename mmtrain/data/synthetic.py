@@ -251,6 +251,14 @@ def _shape_tuple(shape: Mapping[str, Any]) -> tuple[Any, ...]:
     return tuple(shape.get(f) for f in FIELDS)
 
 
+def _first_by_position(shapes: Sequence[Mapping[str, Any]]) -> dict[Any, Mapping[str, Any]]:
+    """position -> the first shape there: a prediction is scored by its first shape per quadrant."""
+    by_position: dict[Any, Mapping[str, Any]] = {}
+    for shape in shapes:
+        by_position.setdefault(shape.get("position"), shape)
+    return by_position
+
+
 def attribute_accuracy(
     pred_shapes: Sequence[Mapping[str, Any]], true_shapes: Sequence[Mapping[str, Any]]
 ) -> dict[str, float]:
@@ -266,9 +274,7 @@ def attribute_accuracy(
       fields as a multiset (nothing missing, nothing extra).
     - ``count``: 1.0 iff the number of shapes matches.
     """
-    by_position: dict[Any, Mapping[str, Any]] = {}
-    for shape in pred_shapes:
-        by_position.setdefault(shape.get("position"), shape)
+    by_position = _first_by_position(pred_shapes)
     result: dict[str, float] = {}
     for field in ("kind", "color", "size"):
         if not true_shapes:
@@ -295,9 +301,7 @@ def kind_accuracy_by_size(
     hits = {size: 0 for size in SIZES}
     total = {size: 0 for size in SIZES}
     for preds, truths in zip(pred_shapes, true_shapes, strict=True):
-        by_position: dict[Any, Mapping[str, Any]] = {}
-        for shape in preds:
-            by_position.setdefault(shape.get("position"), shape)
+        by_position = _first_by_position(preds)
         for true in truths:
             pred = by_position.get(true.get("position"))
             total[true["size"]] += 1
