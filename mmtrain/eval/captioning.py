@@ -64,13 +64,13 @@ def evaluate_captions(run: LoadedRun, open_set: Callable[[int], object], eval_cf
         unavailable.update({m: str(exc) for m in METRICS})
     if all(it["attributes"] is not None for it in items):
         parsed = [parse_caption(it["caption"]) for it in items]
-        for it, shapes in zip(items, parsed):
-            it["accuracy"] = attribute_accuracy(shapes, it["attributes"]["shapes"])
-        scores.update({f"attr_{k}": v for k, v in mean_accuracy([it["accuracy"] for it in items]).items()})
-        scores.update({f"attr_kind_{size}": v for size, v in
-                       kind_accuracy_by_size(parsed, [it["attributes"]["shapes"] for it in items]).items()})
-        scores.update(seen_unseen_scores([it["accuracy"] for it in items], [it["attributes"]["shapes"] for it in items],
-                                         training_hold_out(run.cfg)))
+        truths = [it["attributes"]["shapes"] for it in items]
+        for it, shapes, true in zip(items, parsed, truths):
+            it["accuracy"] = attribute_accuracy(shapes, true)
+        accuracies = [it["accuracy"] for it in items]
+        scores.update({f"attr_{k}": v for k, v in mean_accuracy(accuracies).items()})
+        scores.update({f"attr_kind_{size}": v for size, v in kind_accuracy_by_size(parsed, truths).items()})
+        scores.update(seen_unseen_scores(accuracies, truths, training_hold_out(run.cfg)))
     else:
         unavailable["attributes"] = f"{eval_set.name} carries no synthetic ground truth (KEY.json with 'shapes')"
 
