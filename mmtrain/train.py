@@ -241,6 +241,9 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
     if cfg.train.init_from and point is None:
         load_initial_weights(model, cfg.train.init_from)
     if cfg.train.compile:
+        if cfg.model.seq_buckets == 0 and cfg.model.family == "causalfusion":
+            log.warning("train.compile with model.seq_buckets=0: every AR split is a new sequence length, so the blocks "
+                        "recompile every few micro-batches; set model.seq_buckets (default 4)")
         for block in model.transformer_blocks():
             block.compile()
     diffusion = build_diffusion(cfg.diffusion)
@@ -314,7 +317,9 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
                     # data.use_latents: `mmtrain prep latents` stored image_tok.encode() output (already scaled)
                     latents = (distributed.to_device(data.latents, dev) if data.latents is not None
                                else image_tok.encode(data.images_on(dev)))
-                    tokens = patchify(latents, cfg.model.patch_size).to(dtype)
+                # float32: the diffusion forward process (q_sample, targets) runs in float32 and
+                # the model casts its inputs once, to the weights' dtype, where it embeds them
+                tokens = patchify(latents.float(), cfg.model.patch_size)
                 if text_tok is not None:
                     batch = model_family.training_inputs(model, tokens, diffusion, gen, rng, text=data.text, text_len=data.text_len)
                 else:

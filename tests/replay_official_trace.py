@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from mmtrain import distributed
 from mmtrain.components.optimizer import build_optimizer, deepspeed_config
 from mmtrain.config import load_config
-from mmtrain.models.causalfusion import CausalFusion, ar_loss_weights
+from mmtrain.models.causalfusion import CausalFusion, ar_loss_weights, split_inputs
 from mmtrain.models.convert import convert_official_state, official_model_config
 from mmtrain.models.diffusion import build_diffusion
 from mmtrain.tokenize.image import patchify
@@ -43,7 +43,7 @@ def main(fixture: str, config: str, out: str, overrides: list[str]) -> None:
     init = {k.removeprefix("init."): v for k, v in tensors.items() if k.startswith("init.")}
     model_cfg, channels, size = official_model_config(init, patch_size=official["patch_size"],
                                                       trainable_pos=official["trainable_pos"])
-    for knob in ("ar_step_decay", "max_ar_weight", "min_ar_weight", "ar_weight_schedule", "attention"):
+    for knob in ("ar_step_decay", "max_ar_weight", "min_ar_weight", "ar_weight_schedule", "attention", "seq_buckets"):
         setattr(model_cfg, knob, getattr(cfg.model, knob))  # the recipe's loss knobs, the trace's shape
     model = CausalFusion(model_cfg, latent_channels=channels, latent_size=size)
     model.load_state_dict(convert_official_state(init))
@@ -60,7 +60,8 @@ def main(fixture: str, config: str, out: str, overrides: list[str]) -> None:
         weights = ar_loss_weights(splits[s], model_cfg.max_ar_weight, model_cfg.min_ar_weight, model_cfg.ar_weight_schedule)
         lrs.append(engine.get_lr()[0])
         result = engine(latents_tokens=x, noisy_tokens=diffusion.q_sample(x, t, noise), t=diffusion.model_time(t),
-                        target=diffusion.target(x, noise), order=tensors["step.order"][s], split=splits[s],
+                        target=diffusion.target(x, noise), order=tensors["step.order"][s],
+                        **split_inputs(splits[s], model_cfg.seq_buckets),
                         loss_weights=weights, labels=labels)
         losses.append(float(result["loss"]))
         engine.backward(result["loss"])

@@ -26,7 +26,7 @@ def _model_and_batch(B: int = 4):
 
 def test_training_flops_equal_a_hand_count():
     model, _ = _model_and_batch()
-    N = 126  # 4 class tokens + clean + noisy image tokens of this draw's AR split (checked below)
+    N = 126  # 4 class tokens + the clean block + the noisy image tokens
     per_block = 128 * 384 + 128 * 128 + 128 * 512 + 512 * 128  # qkv, proj, fc1, fc2 weights
     per_position = 3 * per_block + 16 * 128 + 128 * 16  # blocks, x_proj, diffusion head
     attention = 3 * 12 * 128 * N * N  # QK^T and AV: 2 x 2 N^2 D forward, twice that backward, per block
@@ -41,10 +41,29 @@ def test_weight_flops_match_torch_flop_counter():
         out = model(**batch)
         out["loss"].backward()
     N = out["sequence_length"]
-    assert N == 126
+    assert N == 4 + batch["clean_slots"] + 64  # class tokens + the clean block (padded to its bucket) + noisy tokens
     counted = counter.get_total_flops()
     attention = 4 * 3 * 12 * 128 * N * N
     assert counted == pytest.approx(training_flops(model, 4, N) - attention, rel=0.01)
+
+
+def test_text_mode_counts_the_lm_head_on_the_slots_it_runs_on():
+    """Text mode: the LM head runs on B (T - 1) gathered slots, and the count says so; counting
+    it on every position (as when the head ran on every slot) would be off by more than 10%."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=128, depth=3, num_heads=4, patch_size=2, max_text_len=16)
+    model = CausalFusion(cfg, latent_channels=4, latent_size=16, vocab_size=1000, special_ids=dict(pad=0, bos=2, eos=3, boi=4, eoi=5))
+    text = torch.randint(6, 1000, (4, 16))
+    batch = training_inputs(model, torch.randn(4, 64, 16), build_diffusion(DiffusionConfig()), torch.Generator().manual_seed(0),
+                            random.Random(0), text=text, text_len=torch.tensor([16, 9, 5, 12]))
+    with FlopCounterMode(display=False) as counter:
+        out = model(**batch)
+        out["loss"].backward()
+    N = out["sequence_length"]
+    attention = 4 * 3 * 12 * 128 * N * N
+    assert counter.get_total_flops() == pytest.approx(training_flops(model, 4, N) - attention, rel=0.01)
+    every_position = training_flops(model, 4, N) + 6.0 * 4 * (N - 15) * 128 * 1000
+    assert counter.get_total_flops() < 0.9 * (every_position - attention)
 
 
 def test_window_reports_mfu_over_measured_time(monkeypatch):

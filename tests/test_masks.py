@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmtrain.models.causalfusion import (CLEAN, NOISY, PAD, TEXT, CausalFusion, ModelConfig, ar_loss_weights,
-                                         caption_mask, draw_ar_split, generate_mask)
+                                         caption_mask, draw_ar_split, generate_mask, pack_plan, split_inputs)
 
 
 def roles(cond_len, split):
@@ -86,7 +86,8 @@ def test_batch_layout_mixes_directions_and_hides_pads():
     text = torch.tensor([[2, 7, 8, 3, 0, 0], [2, 9, 3, 0, 0, 0]])
     text_len = torch.tensor([4, 3])
     order = torch.stack([torch.randperm(L) for _ in range(2)])
-    lay = model.layout(order, [1, 3], ar_loss_weights([1, 3], 2, 1, "linear"), text, text_len, torch.tensor([False, True]))
+    lay = model.layout(order, **split_inputs([1, 3], 0), loss_weights=ar_loss_weights([1, 3], 2, 1, "linear"), text=text,
+                       text_len=text_len, caption_rows=torch.tensor([False, True]))
     mask = lay.attention_mask()
     # row 0 (generate): pads at text slots 4,5 are invisible to every other query
     gen = lay.kind[0]
@@ -123,20 +124,32 @@ def _random_layout(seed, condition):
     L = model.num_image_tokens
     split = draw_ar_split(L, 0.9, rng)
     order = torch.stack([torch.randperm(L) for _ in range(3)])
-    return model, model.layout(order, split, ar_loss_weights(split, 2, 1, "linear"), **kw), split, kw
+    # the model's default seq_buckets: the clean block is padded up to a bucket edge
+    lay = model.layout(order, **split_inputs(split, model.cfg.seq_buckets), loss_weights=ar_loss_weights(split, 2, 1, "linear"), **kw)
+    return model, lay, split, kw
+
+
+def pack_all(lay, length):
+    """Pack a layout with the host plan made from its own row sizes (read here: a test)."""
+    return lay.pack(*pack_plan((lay.kind != PAD).sum(1).tolist(), length))
 
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("condition", ["text", "class"])
 def test_layout_mask_equals_reference_masks(seed, condition):
-    """The role/level rule reproduces generate_mask / caption_mask for every row (pads aside)."""
+    """The role/level rule reproduces generate_mask / caption_mask for every row on its real
+    slots, and the padding (text pads, the clean block padded to its bucket) is cut off: a pad
+    sees only itself and nothing sees a pad."""
     model, lay, split, kw = _random_layout(seed, condition)
     mask = lay.attention_mask()
     for b in range(3):
+        real = (lay.kind[b] != PAD).nonzero().flatten()
+        pads = (lay.kind[b] == PAD).nonzero().flatten()
+        assert not mask[b][real][:, pads].any()
+        assert torch.equal(mask[b][pads][:, pads], torch.eye(len(pads), dtype=torch.bool))
         if condition == "class":
             ref = generate_mask(model.cfg.num_cond_tokens, split, cond_causal=False)
-            n = ref.shape[0]
-            assert torch.equal(mask[b, :n, :n], ref)
+            assert torch.equal(mask[b][real][:, real], ref)
             continue
         T, L = 6, model.num_image_tokens
         n_text = int(kw["text_len"][b])
@@ -146,18 +159,16 @@ def test_layout_mask_equals_reference_masks(seed, condition):
         else:
             ref = generate_mask(T + 1, split, cond_causal=True)
             keep = torch.tensor(list(range(n_text)) + list(range(T, ref.shape[0])))
-        assert torch.equal(mask[b][keep][:, keep], ref[keep][:, keep])
+        assert torch.equal(mask[b][real][:, real], ref[keep][:, keep])
 
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("condition", ["text", "class"])
 def test_flex_attention_matches_sdpa(condition, packed):
     """FlexAttention with the block mask built from slot roles gives the numbers of SDPA + dense mask."""
-    from mmtrain.models.causalfusion import pack_layout
-
     model, lay, split, kw = _random_layout(3, condition)
     if packed:
-        lay = pack_layout(lay, 64)
+        lay = pack_all(lay, 64)
     model.eval()
     B, N = lay.kind.shape
     h = torch.randn(B, N, 32)
@@ -182,7 +193,7 @@ def test_flex_falls_back_to_sdpa_where_torch_has_no_flex_attention(monkeypatch):
 @pytest.mark.parametrize("condition", ["text", "class"])
 def test_packing_isolates_samples_and_keeps_the_losses(condition):
     """Packed rows: fewer, no attention across samples, and the very same losses and gradients."""
-    from mmtrain.models.causalfusion import pack_layout, training_inputs
+    from mmtrain.models.causalfusion import sample_sizes, training_inputs
     from mmtrain.models.diffusion import DiffusionConfig, GaussianDiffusion
 
     torch.manual_seed(0)
@@ -200,24 +211,35 @@ def test_packing_isolates_samples_and_keeps_the_losses(condition):
         cond = dict(text=text, text_len=text_len)
         make = lambda c: CausalFusion(c, latent_channels=3, latent_size=16, vocab_size=20, special_ids=dict(pad=0, bos=2, eos=3, boi=4, eoi=5))  # noqa: E731
     tokens = torch.randn(B, 4, 192, generator=g)
-    inputs = training_inputs(make(cfg), tokens, GaussianDiffusion(DiffusionConfig()), torch.Generator().manual_seed(1), random.Random(1), **cond)
+    packed_cfg = ModelConfig(**{**cfg.__dict__, "pack_length": 48})
+    # the packing plan is drawn on the host with the batch; the unpacked model takes the same draws without it
+    packed_inputs = training_inputs(make(packed_cfg), tokens, GaussianDiffusion(DiffusionConfig()), torch.Generator().manual_seed(1),
+                                    random.Random(1), **cond)
+    inputs = {k: v for k, v in packed_inputs.items() if not k.startswith("pack_")}
 
     results = []
-    for pack_length in (0, 48):
+    for model_cfg, batch in ((cfg, inputs), (packed_cfg, packed_inputs)):
         torch.manual_seed(0)
-        model = make(ModelConfig(**{**cfg.__dict__, "pack_length": pack_length}))
+        model = make(model_cfg)
         torch.nn.init.normal_(model.diffusion_head.weight, std=0.05)
-        out = model(**inputs)
+        out = model(**batch)
         out["loss"].backward()
         results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-        if pack_length:
-            lay = pack_layout(model.layout(inputs["order"], inputs["split"], inputs["loss_weights"], inputs.get("text"),
-                                           inputs.get("text_len"), inputs.get("caption_rows")), pack_length)
+        unpacked = model.layout(batch["order"], batch["ar_step"], batch["clean_slots"], batch["loss_weights"], batch.get("text"),
+                                batch.get("text_len"), batch.get("caption_rows"))
+        if model_cfg.pack_length:
+            # the host's sizes (from the loader's lengths and host draws) are the device layout's
+            host = sample_sizes(cfg, 4, int((batch["ar_step"] < batch["ar_step"][-1]).sum()),
+                                batch["text_len"].tolist() if "text" in batch else None,
+                                batch["caption_rows"].tolist() if "text" in batch else None, B)
+            assert host == (unpacked.kind != PAD).sum(1).tolist()
+            lay = unpacked.pack(batch["pack_sample"], batch["pack_offset"])
             assert lay.kind.shape[0] < B  # padding removed: fewer rows than samples
+            assert lay.kind.shape[0] % 2 == 0  # the row count is bucketed: a multiple of ceil(B / seq_buckets)
             assert sorted(set(lay.sample[lay.sample >= 0].tolist())) == list(range(B))
             mask = lay.attention_mask()
             cross = (lay.sample[:, :, None] != lay.sample[:, None, :]) & (lay.sample[:, :, None] >= 0)
-            cross &= ~torch.eye(pack_length, dtype=torch.bool)[None]
+            cross &= ~torch.eye(model_cfg.pack_length, dtype=torch.bool)[None]
             assert not (mask & cross).any()
     (plain, plain_grads), (packed, packed_grads) = results
     for key in ("loss", "diffusion_loss", "text_loss", "text_tokens", "image_tokens"):
@@ -227,8 +249,6 @@ def test_packing_isolates_samples_and_keeps_the_losses(condition):
 
 
 def test_pack_length_shorter_than_a_sample_is_an_error():
-    from mmtrain.models.causalfusion import pack_layout
-
     model, lay, split, kw = _random_layout(0, "text")
     with pytest.raises(ValueError, match="pack_length"):
-        pack_layout(lay, 5)
+        pack_all(lay, 5)

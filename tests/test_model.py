@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmtrain.models.causalfusion import (CausalFusion, ModelConfig, even_ar_split, generate_caption_ids, guidance_scale,
-                                         sample_image_tokens, training_inputs)
+                                         sample_image_tokens, split_inputs, training_inputs)
 from mmtrain.models.diffusion import DiffusionConfig, GaussianDiffusion, build_diffusion
 
 SPECIAL = dict(pad=0, bos=2, eos=3, boi=4, eoi=5)
@@ -108,7 +108,8 @@ def test_greedy_caption_decode_matches_full_recompute():
         seq = [2]
         for tok in ids[b]:
             text = torch.tensor([seq + [0] * (10 - len(seq))])
-            lay = model.layout(torch.arange(16)[None], [16], torch.ones(16), text, torch.tensor([len(seq)]), torch.tensor([True]))
+            lay = model.layout(torch.arange(16)[None], **split_inputs([16], 0), loss_weights=torch.ones(16), text=text,
+                               text_len=torch.tensor([len(seq)]), caption_rows=torch.tensor([True]))
             h = model.run_blocks(model.embed(lay, tokens[b:b + 1], None, None), lay.attention_mask())
             logits = model.lm_head(h[0, 16 + 2 + len(seq) - 1])
             assert int(logits.argmax()) == tok

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mmtrain.inference import load_model_dir
-from mmtrain.models.causalfusion import ARContext, condition_prefix, guided, sincos_2d
+from mmtrain.models.causalfusion import ARContext, condition_prefix, guided, sincos_2d, split_inputs
 from mmtrain.models.convert import CheckpointFormatError, read_official_checkpoint
 from mmtrain.tokenize.image import patchify
 
@@ -63,12 +63,13 @@ def test_training_forward_matches_official(converted, golden):
     order = tensors["in.order"]
     L = order.shape[1]
     # same generalized causal mask (official: True = blocked)
-    lay = model.layout(order, split, torch.ones(L))
+    lay = model.layout(order, **split_inputs(split, 0), loss_weights=torch.ones(L))
     assert torch.equal(~lay.attention_mask()[0], tensors["in.attn_mask"].bool())
     noise = patchify(tensors["in.noise"], 1)
     with torch.no_grad():
         out = model(latents_tokens=patchify(tensors["in.x"], 1), noisy_tokens=patchify(tensors["in.xn"], 1), t=tensors["in.t"],
-                    target=noise, order=order, split=split, loss_weights=torch.ones(L), labels=tensors["in.y"], return_pred=True)
+                    target=noise, order=order, **split_inputs(split, model.cfg.seq_buckets), loss_weights=torch.ones(L),
+                    labels=tensors["in.y"], return_pred=True)
     torch.testing.assert_close(out["pred"], tensors["out.pred_shuffled"], atol=1e-5, rtol=0)
     noise_ar = torch.gather(noise, 1, order[..., None].expand_as(noise))
     # the loss is the square of (noise - pred), pred being checked to 1e-5 just above: the square then agrees

@@ -83,6 +83,24 @@ def ar_loss_weights(split: list[int], max_w: float, min_w: float, schedule: str)
     return torch.tensor(out, dtype=torch.float32)
 
 
+def clean_slot_count(n_clean: int, num_tokens: int, buckets: int) -> int:
+    """Slots of the clean block of a training sequence with ``n_clean`` clean tokens: the next
+    bucket edge ``ceil(k * L / buckets)`` (k = 1..buckets, so at most ``buckets`` lengths
+    and always >= 1), or ``n_clean`` itself when ``buckets`` is 0 (no padding)."""
+    if buckets <= 0:
+        return n_clean
+    return next(e for e in (math.ceil(k * num_tokens / buckets) for k in range(1, buckets + 1)) if e >= max(n_clean, 1))
+
+
+def split_inputs(split: list[int], buckets: int, device: torch.device | str = "cpu") -> dict:
+    """What the training forward takes of an AR split (a host list): ``ar_step`` (L,) the
+    1-based AR step of each position of the AR order, on ``device``, and ``clean_slots``
+    (:func:`clean_slot_count`), a Python int: the only shape the split decides."""
+    L = sum(split)
+    step = torch.repeat_interleave(torch.arange(1, len(split) + 1), torch.tensor(split))  # host: no device read
+    return {"ar_step": to_device(step, torch.device(device)), "clean_slots": clean_slot_count(L - split[-1], L, buckets)}
+
+
 # --------------------------------------------------------------------------- masks
 
 
@@ -136,8 +154,17 @@ def flex_available() -> bool:
     return _flex_ok
 
 
+_compiled_create_block_mask = None
+
+
 def flex_block_mask(role: torch.Tensor, level: torch.Tensor, sample: torch.Tensor | None = None):
-    """The same rule as a FlexAttention BlockMask: no N x N matrix is materialised."""
+    """The same rule as a FlexAttention BlockMask, built on the slots' device.
+
+    On CUDA ``create_block_mask`` runs compiled (fused, block by block: no B x N x N
+    tensor, cheap enough per micro-batch; one compile per sequence shape, see
+    ``model.seq_buckets``); inside an already compiled region it is traced with the rest.
+    Eager on CPU (tests, smoke runs), where it evaluates the rule on the full grid.
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
     if sample is None:
@@ -147,7 +174,13 @@ def flex_block_mask(role: torch.Tensor, level: torch.Tensor, sample: torch.Tenso
         return attention_allowed(role[b, q], level[b, q], q, role[b, k], level[b, k], k, sample[b, q] == sample[b, k])
 
     B, N = role.shape
-    return create_block_mask(mask_mod, B, None, N, N, device=role.device)
+    build = create_block_mask
+    if role.device.type == "cuda" and not torch.compiler.is_compiling():
+        global _compiled_create_block_mask
+        if _compiled_create_block_mask is None:
+            _compiled_create_block_mask = torch.compile(create_block_mask, dynamic=False)
+        build = _compiled_create_block_mask
+    return build(mask_mod, B, None, N, N, device=role.device)
 
 
 def generate_mask(cond_len: int, split: list[int], cond_causal: bool = True) -> torch.Tensor:
@@ -247,6 +280,8 @@ _compiled_flex = None
 def _flex_attention(q, k, v, block_mask):
     from torch.nn.attention.flex_attention import flex_attention
 
+    if torch.compiler.is_compiling():  # inside compiled blocks (train.compile): fused with them
+        return flex_attention(q, k, v, block_mask=block_mask)
     if q.device.type != "cuda":
         if torch.is_grad_enabled() and q.requires_grad:
             raise RuntimeError("model.attention=flex: FlexAttention has no backward pass on CPU; train with model.attention=sdpa "
@@ -254,6 +289,8 @@ def _flex_attention(q, k, v, block_mask):
         return flex_attention(q, k, v, block_mask=block_mask)
     global _compiled_flex
     if _compiled_flex is None:
+        # static shapes: the training sequences come in model.seq_buckets lengths, so this
+        # compiles a bounded number of times per run (no recompile per AR split)
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=block_mask)
 
@@ -312,26 +349,44 @@ class Layout:
         B, N = self.kind.shape
         return torch.arange(B, device=self.kind.device)[:, None].expand(B, N)
 
+    def pack(self, sample: torch.Tensor, offset: torch.Tensor) -> Layout:
+        """Gather the slots of a :func:`pack_plan` (``sample``, ``offset``: R, P long, -1 in
+        empty slots) into R packed rows of P slots: slot ``(r, j)`` takes the ``offset``-th
+        non-pad slot of batch row ``sample``. All on the device; nothing is read back."""
+        # B, N: each row's non-pad slots first, in sequence order
+        first = torch.argsort((self.kind == PAD).to(torch.int32), dim=1, stable=True)
+        valid = sample >= 0
+        b = sample.clamp(min=0)
+        slot = first[b, offset.clamp(min=0)]  # R, P
+        fields = {name: torch.where(valid, getattr(self, name)[b, slot], _PAD_VALUES[name])
+                  for name in _PAD_VALUES if name != "sample"}
+        return Layout(**fields, sample=torch.where(valid, sample, -1))
+
 
 _PAD_VALUES = dict(kind=PAD, token=0, pos=0, img_idx=-1, role=ROLE_PAD, level=0, target=-100, loss_weight=0.0, sample=-1)
 
 
-def pack_layout(lay: Layout, length: int) -> Layout:
-    """Pack the samples of a layout into rows of ``length`` slots, dropping their pads.
+def sample_sizes(cfg: ModelConfig, num_tokens: int, n_clean: int, text_len: list[int] | None = None,
+                 caption_rows: list[bool] | None = None, batch: int = 0) -> list[int]:
+    """Non-pad slots of each row of a training layout, from what the host knows (the loader's
+    text lengths after the CFG drop, the host-drawn caption rows and AR split): the sizes
+    :func:`pack_plan` packs. Must agree with :meth:`CausalFusion.layout` (tested)."""
+    L = num_tokens
+    if cfg.condition == "class":
+        return [cfg.num_cond_tokens + n_clean + L] * batch
+    return [1 + L + 1 + n if cap else n + 1 + n_clean + L for n, cap in zip(text_len, caption_rows)]
 
-    Rows are filled first-fit, longest sample first. Samples sharing a row never attend
-    to each other (the ``sample`` field enters the mask), and every slot keeps its
-    embedding source, targets and loss weight, so the losses are those of the unpacked
-    batch; only the padding compute is gone.
-    """
-    B, N = lay.kind.shape
-    keep = lay.kind != PAD
-    sizes = keep.sum(1).tolist()
+
+def pack_plan(sizes: list[int], length: int, row_multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host-side packing of samples of ``sizes`` slots into rows of ``length``: first-fit,
+    longest sample first. Returns ``sample`` and ``offset`` (R, length) long (-1 where a row
+    is empty), R rounded up to a multiple of ``row_multiple`` (static shapes: see
+    ``model.seq_buckets``). Computed from host values only, so no device read."""
     if max(sizes) > length:
         raise ValueError(f"model.pack_length={length} is shorter than the longest sample ({max(sizes)} slots)")
     bins: list[list[int]] = []
     room: list[int] = []
-    for b in sorted(range(B), key=lambda i: -sizes[i]):
+    for b in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
         for j, free in enumerate(room):
             if sizes[b] <= free:
                 bins[j].append(b)
@@ -340,16 +395,16 @@ def pack_layout(lay: Layout, length: int) -> Layout:
         else:
             bins.append([b])
             room.append(length - sizes[b])
-    fields = {name: getattr(lay, name) for name in _PAD_VALUES if name != "sample"}
-    fields["sample"] = torch.arange(B, device=lay.kind.device)[:, None].expand(B, N)
-    packed = {}
-    for name, value in fields.items():
-        rows = []
-        for members in bins:
-            row = torch.cat([value[b][keep[b]] for b in members])
-            rows.append(F.pad(row, (0, length - row.shape[0]), value=_PAD_VALUES[name]))
-        packed[name] = torch.stack(rows)
-    return Layout(**packed)
+    rows = -(-len(bins) // row_multiple) * row_multiple
+    sample = np.full((rows, length), -1, dtype=np.int64)
+    offset = np.full((rows, length), -1, dtype=np.int64)
+    for r, members in enumerate(bins):
+        at = 0
+        for b in members:
+            sample[r, at:at + sizes[b]] = b
+            offset[r, at:at + sizes[b]] = np.arange(sizes[b])
+            at += sizes[b]
+    return torch.from_numpy(sample), torch.from_numpy(offset)
 
 
 class CausalFusion(ImageTokenModel):
@@ -373,6 +428,8 @@ class CausalFusion(ImageTokenModel):
         self.diffusion_head = nn.Linear(D, self.token_dim)
         if cfg.condition == "text":
             self.lm_head = nn.Linear(D, vocab_size, bias=False)
+        if cfg.attention == "flex":
+            flex_available()  # decided (and warned about) once, here: never inside a compiled forward
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -434,29 +491,39 @@ class CausalFusion(ImageTokenModel):
 
     # ---------------------------------------------------------------- layout
 
-    def layout(self, order: torch.Tensor, split: list[int], loss_weights: torch.Tensor, text: torch.Tensor | None = None,
-               text_len: torch.Tensor | None = None, caption_rows: torch.Tensor | None = None) -> Layout:
-        """Lay out a training batch. ``order``: B, L random token order; ``text``: B, T ids (text mode)."""
+    def layout(self, order: torch.Tensor, ar_step: torch.Tensor, clean_slots: int, loss_weights: torch.Tensor,
+               text: torch.Tensor | None = None, text_len: torch.Tensor | None = None,
+               caption_rows: torch.Tensor | None = None) -> Layout:
+        """Lay out a training batch: device tensors in, device tensors out, shapes fixed by
+        ``clean_slots`` (see :func:`split_inputs`), nothing read back.
+
+        ``order``: B, L random token order; ``ar_step``: L, the AR step of each order
+        position; ``clean_slots``: the clean block's length C (>= the clean tokens, i.e. the
+        positions not in the last step; the rest of the block is padding); ``text``: B, T ids.
+        """
         B, L = order.shape
         dev = order.device
-        n_clean = L - split[-1]
-        step = torch.repeat_interleave(torch.arange(1, len(split) + 1, device=dev), to_device(torch.tensor(split), dev))  # L
-        img_level = torch.cat([step[:n_clean], step]).expand(B, -1)
-        img_role = to_device(torch.cat([torch.full((n_clean,), ROLE_CLEAN), torch.full((L,), ROLE_NOISY)]), dev).expand(B, -1)
-        img_kind = to_device(torch.cat([torch.full((n_clean,), CLEAN), torch.full((L,), NOISY)]), dev).expand(B, -1)
-        img_idx = torch.cat([order[:, :n_clean], order], 1)
-        img_w = torch.cat([torch.zeros(B, n_clean, device=dev), loss_weights.to(dev).expand(B, L)], 1)
+        C = clean_slots
         zeros = lambda n: torch.zeros(B, n, dtype=torch.long, device=dev)  # noqa: E731
         full = lambda n, v: torch.full((B, n), v, dtype=torch.long, device=dev)  # noqa: E731
+        # the clean block [clean tokens of steps 1..S-1 | padding]: position j of the AR order
+        # is clean when its step is not the last one
+        step_c = ar_step[:C]  # C
+        is_clean = step_c < ar_step[L - 1:]  # C
+        img_kind = torch.cat([torch.where(is_clean, CLEAN, PAD), torch.full((L,), NOISY, device=dev)]).expand(B, -1)
+        img_role = torch.cat([torch.where(is_clean, ROLE_CLEAN, ROLE_PAD), torch.full((L,), ROLE_NOISY, device=dev)]).expand(B, -1)
+        img_level = torch.cat([torch.where(is_clean, step_c, 0), ar_step]).expand(B, -1)
+        img_idx = torch.cat([torch.where(is_clean, order[:, :C], -1), order], 1)
+        img_w = torch.cat([torch.zeros(B, C, device=dev), loss_weights.to(dev).float().expand(B, L)], 1)
 
         if self.cfg.condition == "class":
             n = self.cfg.num_cond_tokens
             return Layout(
-                kind=torch.cat([full(n, CLASS), img_kind], 1), token=zeros(n + n_clean + L),
-                pos=torch.cat([torch.arange(n, device=dev).expand(B, n), zeros(n_clean + L)], 1),
+                kind=torch.cat([full(n, CLASS), img_kind], 1), token=zeros(n + C + L),
+                pos=torch.cat([torch.arange(n, device=dev).expand(B, n), zeros(C + L)], 1),
                 img_idx=torch.cat([full(n, -1), img_idx], 1), role=torch.cat([full(n, ROLE_BIDIR), img_role], 1),
-                level=torch.cat([zeros(n), img_level], 1), target=full(n + n_clean + L, -100),
-                loss_weight=torch.cat([torch.zeros(B, n, device=dev), img_w], 1), noisy_start=n + n_clean)
+                level=torch.cat([zeros(n), img_level], 1), target=full(n + C + L, -100),
+                loss_weight=torch.cat([torch.zeros(B, n, device=dev), img_w], 1), noisy_start=n + C)
 
         T = text.shape[1]
         ar = torch.arange(T, device=dev)
@@ -469,12 +536,12 @@ class CausalFusion(ImageTokenModel):
         # generate: [text | <boi> | clean | noisy]
         gen = dict(
             kind=torch.cat([text_kind, full(1, TEXT), img_kind], 1),
-            token=torch.cat([tok, full(1, self.ids["boi"]), zeros(n_clean + L)], 1),
-            pos=torch.cat([ar.expand(B, T), full(1, T), zeros(n_clean + L)], 1),
+            token=torch.cat([tok, full(1, self.ids["boi"]), zeros(C + L)], 1),
+            pos=torch.cat([ar.expand(B, T), full(1, T), zeros(C + L)], 1),
             img_idx=torch.cat([full(T + 1, -1), img_idx], 1),
             role=torch.cat([text_role, full(1, ROLE_CAUSAL), img_role], 1),
             level=torch.cat([zeros(T + 1), img_level], 1),
-            target=torch.cat([next_tok, full(1 + n_clean + L, -100)], 1),
+            target=torch.cat([next_tok, full(1 + C + L, -100)], 1),
             loss_weight=torch.cat([torch.zeros(B, T + 1, device=dev), img_w], 1),
         )
         # caption: [<boi> | image | <eoi> | text]
@@ -488,40 +555,51 @@ class CausalFusion(ImageTokenModel):
             target=torch.cat([full(L + 2, -100), next_tok], 1),
             loss_weight=torch.zeros(B, L + 2 + T, device=dev),
         )
-        N = max(T + 1 + n_clean + L, L + 2 + T)
-        pad_value = dict(kind=PAD, token=0, pos=0, img_idx=-1, role=ROLE_PAD, level=0, target=-100, loss_weight=0.0)
+        N = max(T + 1 + C + L, L + 2 + T)
         rows = caption_rows if caption_rows is not None else torch.zeros(B, dtype=torch.bool, device=dev)
         fields = {}
-        for name, v in pad_value.items():
+        for name, v in _PAD_VALUES.items():
+            if name == "sample":
+                continue
             g = F.pad(gen[name], (0, N - gen[name].shape[1]), value=v)
             c = F.pad(cap[name], (0, N - cap[name].shape[1]), value=v)
             fields[name] = torch.where(rows[:, None], c, g)
-        return Layout(**fields, noisy_start=T + 1 + n_clean)
+        return Layout(**fields, noisy_start=T + 1 + C)
 
     # ---------------------------------------------------------------- training
 
-    def forward(self, *, latents_tokens, noisy_tokens, t, target, order, split, loss_weights, text=None, text_len=None,
-                caption_rows=None, labels=None, return_pred: bool = False) -> dict:
-        """Training losses.
+    def forward(self, *, latents_tokens, noisy_tokens, t, target, order, ar_step, clean_slots, loss_weights, text=None,
+                text_len=None, caption_rows=None, labels=None, pack_sample=None, pack_offset=None,
+                return_pred: bool = False) -> dict:
+        """Training losses. Every tensor lives on the model's device; the only host values
+        are ``clean_slots`` and the shapes, so the forward compiles to one graph per
+        sequence shape (``model.seq_buckets``) and reads nothing back.
 
         Args:
             latents_tokens: B, L, P clean tokens (raster order); noisy_tokens: the same noised
-                to model-time ``t`` (B,); target: what the diffusion head regresses (eps, x0 or
-                velocity, per the diffusion process), raster order.
-            order: B, L random AR order; split: AR step sizes; loss_weights: L (AR order).
+                to model-time ``t`` (B,) (float32: cast once, to the weights' dtype, where
+                embedded); target: what the diffusion head regresses (eps, x0 or velocity,
+                per the diffusion process), raster order.
+            order: B, L random AR order; ar_step, clean_slots: the AR split
+                (:func:`split_inputs`); loss_weights: L (AR order).
             text, text_len, caption_rows: text mode: B, T ids (prompt already dropped for
                 CFG where chosen), lengths, True = image -> text layout.
             labels: class mode: B labels (num_classes = dropped).
+            pack_sample, pack_offset: with ``model.pack_length``, the host's :func:`pack_plan`
+                (R, pack_length each), as :func:`training_inputs` makes it.
             return_pred: also return ``pred`` (B, L, P): the diffusion head on the noisy
                 tokens of generation rows, in AR order.
         """
-        lay = self.layout(order, split, loss_weights, text, text_len, caption_rows)
+        lay = self.layout(order, ar_step, clean_slots, loss_weights, text, text_len, caption_rows)
         if self.cfg.pack_length:
             if return_pred:
                 raise ValueError("return_pred needs an unpacked batch (model.pack_length=0)")
-            lay = pack_layout(lay, self.cfg.pack_length)
+            if pack_sample is None:
+                raise ValueError("model.pack_length is set: the forward needs the packing plan of training_inputs "
+                                 "(pack_sample, pack_offset)")
+            lay = lay.pack(pack_sample, pack_offset)
         h = self.embed(lay, latents_tokens, noisy_tokens, t, labels)
-        h = self.run_blocks(h, lay.attention_mask(self.cfg.attention))
+        h = self.run_blocks(h, lay.attention_mask(self.cfg.attention))  # B, N, D
 
         pred = self.diffusion_head(h).float()  # B, N, P
         tgt = target[lay.sample_rows(), lay.img_idx.clamp(min=0)]
@@ -529,10 +607,7 @@ class CausalFusion(ImageTokenModel):
         is_noisy = lay.kind == NOISY
         diff_loss = (per_tok * lay.loss_weight * is_noisy).sum() / is_noisy.sum().clamp(min=1)
         if self.cfg.condition == "text":
-            logits = self.lm_head(h).float()  # B, N, V
-            ce = F.cross_entropy(logits.transpose(1, 2), lay.target, ignore_index=-100, reduction="sum")
-            n_text = (lay.target != -100).sum()
-            text_loss = ce / n_text.clamp(min=1)
+            text_loss, n_text = self.text_loss(h, lay.target, max_targets=latents_tokens.shape[0] * (text.shape[1] - 1))
         else:
             n_text, text_loss = torch.zeros((), dtype=torch.long, device=h.device), torch.zeros((), device=h.device)
         loss = diff_loss + self.cfg.text_loss_weight * text_loss
@@ -543,17 +618,34 @@ class CausalFusion(ImageTokenModel):
             out["pred"] = pred[:, lay.noisy_start:lay.noisy_start + order.shape[1]]
         return out
 
+    def text_loss(self, h: torch.Tensor, target: torch.Tensor, max_targets: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean next-token cross-entropy (fp32) over the slots with a target, and their count.
+
+        The LM head runs on those slots only: a fixed ``max_targets`` (B (T - 1): no sample
+        has more) gathered on the device, targets first; at a 32k-150k vocabulary the logits
+        of every slot would be gigabytes. Static size, so no read back and no new shape.
+        """
+        flat_target = target.flatten()  # B N
+        k = min(max_targets, flat_target.numel())
+        idx = torch.argsort((flat_target == -100).to(torch.int32), stable=True)[:k]  # slots with a target first
+        logits = self.lm_head(h.flatten(0, 1)[idx]).float()  # k, V
+        ce = F.cross_entropy(logits, flat_target[idx], ignore_index=-100, reduction="sum")
+        n_text = (flat_target != -100).sum()
+        return ce / n_text.clamp(min=1), n_text
+
 
 def training_flops(model: CausalFusion, batch_size: int, seq_len: int) -> float:
     """Model FLOPs of one training forward + backward over ``batch_size`` sequences of
-    ``seq_len`` positions, from the model shape (the MFU numerator): 6 x (weights applied
-    per position) per position, plus 12 x depth x D x seq_len^2 per sequence for attention
-    scores and values (dense, as is the convention; the causal mask's skipped blocks are
-    not subtracted)."""
+    ``seq_len`` positions (as run: padding included), from the model shape (the MFU
+    numerator): 6 x (weights applied per position) per position, plus 12 x depth x D x
+    seq_len^2 per sequence for attention scores and values (dense, as is the convention; the
+    causal mask's skipped blocks are not subtracted). The LM head counts on the T - 1 slots
+    per sequence it runs on (:meth:`CausalFusion.text_loss`), not on every position."""
     cfg, D = model.cfg, model.cfg.hidden_size
     per_block = 4 * D * D + 2 * D * int(D * cfg.mlp_ratio)  # qkv + proj, fc1 + fc2
-    per_position = cfg.depth * per_block + 2 * D * model.token_dim + (D * model.vocab_size if cfg.condition == "text" else 0)
-    return batch_size * (6.0 * per_position * seq_len + 12.0 * cfg.depth * D * seq_len**2)
+    per_position = cfg.depth * per_block + 2 * D * model.token_dim
+    lm_head = D * model.vocab_size * (cfg.max_text_len - 1) if cfg.condition == "text" else 0
+    return batch_size * (6.0 * (per_position * seq_len + lm_head) + 12.0 * cfg.depth * D * seq_len**2)
 
 
 # --------------------------------------------------------------------------- training inputs
@@ -563,38 +655,56 @@ def training_inputs(model: CausalFusion, latent_tokens: torch.Tensor, diffusion,
                     text: torch.Tensor | None = None, text_len: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict:
     """Draw everything random about one training batch: direction, CFG drop, t, noise, order, split.
 
-    ``latent_tokens``: B, L, P clean tokens in raster order; ``text``/``text_len`` (text mode)
-    or ``labels`` (class mode). ``gen`` drives tensor randomness and ``rng`` the AR split,
-    so a seeded run is repeatable.
+    ``latent_tokens``: B, L, P clean tokens in raster order, on the model's device;
+    ``text``/``text_len`` (text mode) or ``labels`` (class mode) as the loader gives them
+    (host tensors). The host decisions (caption rows, prompt drop, AR split, packing) are
+    drawn with ``rng`` (a seeded ``random.Random``) from what the host has; tensors (t,
+    noise, order) with ``gen`` on its device. Host tensors reach the device with
+    non-blocking copies: nothing here waits for the device. The noising runs in float32
+    whatever ``latent_tokens``' dtype (the model casts ``noisy_tokens`` once).
     """
     cfg = model.cfg
     B, L, _ = latent_tokens.shape
     dev = latent_tokens.device
     g = gen.device  # draws happen on the generator's device (the rank's GPU in training): nothing to copy
-    cond = {}
+    cond, lengths, caption = {}, None, None
     if cfg.condition == "text":
-        caption_rows = torch.rand(B, generator=gen, device=g) < cfg.caption_prob
+        caption = [rng.random() < cfg.caption_prob for _ in range(B)]
         # classifier-free guidance: a dropped prompt becomes the empty caption "<s></s>"
-        drop = (torch.rand(B, generator=gen, device=g) < cfg.cond_drop_prob) & ~caption_rows
-        text, text_len = to_device(text, g).clone(), to_device(text_len, g)
-        text[drop, 0], text[drop, 1] = model.ids["bos"], model.ids["eos"]
-        text_len = torch.where(drop, torch.full_like(text_len, 2), text_len)
-        cond = {"text": text.to(dev), "text_len": text_len.to(dev), "caption_rows": caption_rows.to(dev)}
+        drop = [not c and rng.random() < cfg.cond_drop_prob for c in caption]
+        if cfg.pack_length:  # host lengths for the packing plan: the loader's, after the drop
+            lengths = [2 if d else n for d, n in zip(drop, text_len.tolist())]
+        dropped = to_device(torch.tensor(drop), text.device)
+        empty = torch.full_like(text, model.ids["pad"])
+        empty[:, 0], empty[:, 1] = model.ids["bos"], model.ids["eos"]
+        text = torch.where(dropped[:, None], empty, text)
+        text_len = torch.where(dropped, 2, text_len)
+        cond = {"text": to_device(text, dev), "text_len": to_device(text_len, dev),
+                "caption_rows": to_device(torch.tensor(caption), dev)}
     else:
         if labels is None:
             raise ValueError("model.condition=class needs class labels in the batch (the shards' 'cls' field)")
-        drop = torch.rand(B, generator=gen, device=g) < cfg.cond_drop_prob
-        cond = {"labels": torch.where(drop, cfg.num_classes, to_device(labels, g).long()).to(dev)}
-    t = diffusion.sample_train_t(B, gen)
-    noise = torch.randn(latent_tokens.shape, generator=gen, device=g)
-    order = torch.argsort(torch.rand(B, L, generator=gen, device=g), dim=1)
+        drop = to_device(torch.tensor([rng.random() < cfg.cond_drop_prob for _ in range(B)]), labels.device)
+        cond = {"labels": to_device(torch.where(drop, cfg.num_classes, labels.long()), dev)}
     split = draw_ar_split(L, cfg.ar_step_decay, rng)
     weights = ar_loss_weights(split, cfg.max_ar_weight, cfg.min_ar_weight, cfg.ar_weight_schedule)
-    noise, t = noise.to(dev, latent_tokens.dtype), t.to(dev)
+    ar = split_inputs(split, cfg.seq_buckets, dev)
+    if cfg.pack_length:
+        # packed rows drop every pad, so the unpacked layout takes one shape (the longest clean
+        # block) and the row count is what is bucketed
+        ar["clean_slots"] = L
+        sizes = sample_sizes(cfg, L, L - split[-1], lengths, caption, B)
+        sample, offset = pack_plan(sizes, cfg.pack_length, -(-B // cfg.seq_buckets) if cfg.seq_buckets else 1)
+        ar.update(pack_sample=to_device(sample, dev), pack_offset=to_device(offset, dev))
+
+    t = diffusion.sample_train_t(B, gen).to(dev)
+    noise = torch.randn(latent_tokens.shape, generator=gen, device=g).to(dev)  # float32
+    order = torch.argsort(torch.rand(B, L, generator=gen, device=g), dim=1).to(dev)
+    x0 = latent_tokens.float()
     return {
-        **cond, "latents_tokens": latent_tokens, "noisy_tokens": diffusion.q_sample(latent_tokens, t, noise),
-        "t": diffusion.model_time(t), "target": diffusion.target(latent_tokens, noise), "order": order.to(dev),
-        "split": split, "loss_weights": to_device(weights, dev),
+        **cond, "latents_tokens": latent_tokens, "noisy_tokens": diffusion.q_sample(x0, t, noise),
+        "t": diffusion.model_time(t), "target": diffusion.target(x0, noise), "order": order,
+        **ar, "loss_weights": to_device(weights, dev),
     }
 
 
@@ -673,26 +783,34 @@ class ARContext:
         self.next_level += 1
 
 
-def guidance_scale(scale: float, schedule: str, progress: float, t_model: float, interval: tuple[float, float]) -> float:
+def guidance_scale(scale: float, schedule: str, progress: float, t_model, interval: tuple[float, float]):
     """CFG scale for one model call.
 
     ``constant``: ``scale`` throughout. ``linear``: grows from 1 with the fraction of
     tokens generated by the end of the current AR step (as MAR). ``interval``: ``scale``
     while ``interval[0] <= t < interval[1]`` in model time (0..1000), 1 outside (as the
-    official ``cfg_interval``).
+    official ``cfg_interval``). ``t_model``: a float, or the call's model-time tensor (B,):
+    the interval is then decided on the device, per row (a tensor of scales), so sampling
+    never reads t back.
     """
     if schedule == "constant":
         return scale
     if schedule == "linear":
         return 1.0 + (scale - 1.0) * progress
     if schedule == "interval":
+        if isinstance(t_model, torch.Tensor):
+            return torch.where((t_model >= interval[0]) & (t_model < interval[1]), scale, 1.0)
         return scale if interval[0] <= t_model < interval[1] else 1.0
     raise ValueError(f"sample.cfg_schedule: expected 'constant', 'linear' or 'interval', got {schedule!r}")
 
 
-def guided(out: torch.Tensor, scale: float) -> torch.Tensor:
-    """Combine a [cond; uncond] batch: ``uncond + scale * (cond - uncond)``; scale 1 returns cond exactly."""
+def guided(out: torch.Tensor, scale) -> torch.Tensor:
+    """Combine a [cond; uncond] batch: ``uncond + scale * (cond - uncond)``; scale 1 returns cond
+    exactly. ``scale``: a float or a per-row tensor (B,) from :func:`guidance_scale`."""
     cond, uncond = out.chunk(2)
+    if isinstance(scale, torch.Tensor):
+        s = scale.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
+        return torch.where(s == 1, cond, uncond + s * (cond - uncond))
     return cond if scale == 1.0 else uncond + scale * (cond - uncond)
 
 
@@ -730,33 +848,31 @@ def sample_image_tokens(model: CausalFusion, diffusion, *, ar_steps: int, genera
     ctx = ARContext(model, h, role, use_cache)
 
     out = torch.zeros(B, L, P, device=dev, dtype=dtype)
-    todo = torch.arange(L, device=dev)
+    todo = torch.arange(L)
     if known_mask is not None:
-        known_mask = known_mask.to(dev).bool()
+        known_mask = known_mask.cpu().bool()  # a host mask (the user's region): its indices are host values
         if known_mask.shape != (L,) or known_mask.all():
             raise ValueError(f"known_mask: expected shape ({L},) with at least one token to generate, got {tuple(known_mask.shape)}")
-        kept = known_mask.nonzero()[:, 0]
+        kept = to_device(known_mask.nonzero()[:, 0], dev)
         if kept.numel():
-            out[:, kept] = known_tokens[:, kept].to(dev, dtype)
+            out[:, kept] = known_tokens.to(dev)[:, kept].to(dtype)
             ctx.add_clean(dup(model.image_embed(out[:, kept], kept.expand(B, -1))))
         todo = (~known_mask).nonzero()[:, 0]
-    perm = torch.argsort(torch.rand(B, todo.numel(), generator=generator), dim=1).to(dev)
-    order = todo[perm]  # B, n_todo
-    split = even_ar_split(todo.numel(), ar_steps)
+    n_todo = todo.numel()
+    # drawn by the caller's generator on its device (the model's, for sampling without copies)
+    perm = torch.argsort(torch.rand(B, n_todo, generator=generator, device=generator.device), dim=1).to(dev)
+    order = to_device(todo, dev)[perm]  # B, n_todo
+    split = even_ar_split(n_todo, ar_steps)
     start = 0
     for s, size in enumerate(split):
         pos = order[:, start:start + size]  # B, size
-        progress = (start + size) / todo.numel()
+        progress = (start + size) / n_todo
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             pred = ctx.predict(model.image_embed(dup(x), dup(pos), dup(t)))
-            if not use_cfg:
-                return pred
-            # the model time is read from the device only where the schedule depends on it
-            t_now = float(t[0]) if cfg_schedule == "interval" else 0.0
-            return guided(pred, guidance_scale(cfg_scale, cfg_schedule, progress, t_now, cfg_interval))
+            return guided(pred, guidance_scale(cfg_scale, cfg_schedule, progress, t, cfg_interval)) if use_cfg else pred
 
-        noise = torch.randn(B, size, P, generator=generator).to(dev)
+        noise = torch.randn(B, size, P, generator=generator, device=generator.device).to(dev)
         x0 = diffusion.sample(model_fn, noise, generator=generator, clip_x0=clip_x0, **(flow_options or {}))
         out.scatter_(1, pos[..., None].expand(B, size, P), x0.to(dtype))
         if s < len(split) - 1:

@@ -91,6 +91,14 @@ class ModelConfig:
         pack_length: pack the samples of a batch into rows of this many slots, dropping
             their padding (first-fit; samples in one row never see each other); 0 = one
             row per sample. Must be at least the longest sample. Default 0.
+        seq_buckets: static training shapes. The clean-token block of a training
+            sequence (its length follows the random AR split) is padded up to the next of
+            ``seq_buckets`` lengths ``ceil(k * L / seq_buckets)``, and packed batches round
+            their row count up to a multiple of ``ceil(B / seq_buckets)``, so compiled code
+            (``train.compile``, FlexAttention) sees at most ``seq_buckets`` sequence shapes in
+            a whole run instead of one per AR split. Padding slots attend to nothing and
+            carry no loss: the losses are those of the unpadded batch. 0 = no padding (one
+            shape per split; only for eager runs). Default 4.
         attention: ``sdpa`` (boolean mask, any device) or ``flex`` (FlexAttention block
             mask built from the slot roles, no N x N matrix; compiled on CUDA; on CPU it
             runs forward only, so CPU training needs ``sdpa``). Same numbers. Default ``sdpa``.
@@ -119,6 +127,7 @@ class ModelConfig:
     cond_drop_prob: float = 0.1
     caption_prob: float = 0.5
     pack_length: int = 0
+    seq_buckets: int = 4
     attention: str = "sdpa"
     grad_checkpoint: bool = False
     family: str = "causalfusion"
@@ -143,5 +152,7 @@ class ModelConfig:
             raise ValueError(f"model.caption_prob: expected a probability, got {self.caption_prob}")
         if self.max_text_len < 2:
             raise ValueError(f"model.max_text_len: expected >= 2, got {self.max_text_len}")
+        if self.seq_buckets < 0 or self.pack_length < 0:
+            raise ValueError(f"model.seq_buckets and model.pack_length must be >= 0, got {self.seq_buckets}, {self.pack_length}")
         if self.num_classes < 1 or self.num_cond_tokens < 1:
             raise ValueError(f"model.num_classes and model.num_cond_tokens must be >= 1, got {self.num_classes}, {self.num_cond_tokens}")

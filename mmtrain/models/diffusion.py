@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmtrain.distributed import to_device
+
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SampleSteps = int | str | None
 
@@ -121,8 +123,8 @@ def _draw_normal(shape: torch.Size, like: torch.Tensor, generator: torch.Generat
 
 
 def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, ..., 1) in ``like``'s dtype and device, to scale rows of ``like``."""
-    return values.to(device=like.device, dtype=like.dtype).view((-1,) + (1,) * (like.dim() - 1))
+    """(B,) -> (B, 1, ..., 1) float32 on ``like``'s device, to scale rows of ``like``."""
+    return values.to(device=like.device, dtype=torch.float32).view((-1,) + (1,) * (like.dim() - 1))
 
 
 # --------------------------------------------------------------------------- DDPM
@@ -251,15 +253,17 @@ class GaussianDiffusion:
         return t
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """The regression target of the network for this parameterization."""
-        return noise if self.prediction == "eps" else x0
+        """The regression target of the network for this parameterization (float32)."""
+        return (noise if self.prediction == "eps" else x0).float()
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Noise clean tokens ``x0`` (B, ...) to integer timesteps ``t`` (B,)."""
-        if self.train_acp.device != x0.device:  # moved once, not per batch
-            self.train_acp = self.train_acp.to(x0.device)
+        """Noise clean tokens ``x0`` (B, ...) to integer timesteps ``t`` (B,), in float32 whatever
+        the inputs' dtype (the coefficients from the float64 table): bf16 training casts the
+        result once, where the model embeds it, instead of rounding every term."""
+        if self.train_acp.device != x0.device:  # moved once (non-blocking), not per batch
+            self.train_acp = to_device(self.train_acp, x0.device)
         acp = self.train_acp[t.to(x0.device)]
-        return _per_row(acp.sqrt(), x0) * x0 + _per_row((1 - acp).sqrt(), x0) * noise
+        return _per_row(acp.sqrt(), x0) * x0.float() + _per_row((1 - acp).sqrt(), x0) * noise.float()
 
     @torch.no_grad()
     def sample(
@@ -340,13 +344,14 @@ class RectifiedFlow:
         return t.float() * FLOW_TIME_SCALE
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """What the network regresses: the velocity ``noise - x0``, or ``x0`` itself."""
-        return x0 if self.predicts_x0 else noise - x0
+        """What the network regresses (float32): the velocity ``noise - x0``, or ``x0`` itself."""
+        return x0.float() if self.predicts_x0 else noise.float() - x0.float()
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Interpolate clean tokens ``x0`` (B, ...) toward ``noise`` at times ``t`` (B,) in [0, 1]."""
+        """Interpolate clean tokens ``x0`` (B, ...) toward ``noise`` at times ``t`` (B,) in [0, 1],
+        in float32 whatever the inputs' dtype (the model casts the result once)."""
         t = _per_row(t, x0)
-        return (1 - t) * x0 + t * noise
+        return (1 - t) * x0.float() + t * noise.float()
 
     @torch.no_grad()
     def sample(

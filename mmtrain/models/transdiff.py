@@ -225,8 +225,8 @@ def encoder_mask(cond_valid: torch.Tensor, num_queries: int, num_refs: int, ref_
     """
     B, C = cond_valid.shape
     dev = cond_valid.device
-    block = torch.cat([torch.full((C,), COND_BLOCK), torch.full((num_queries,), QUERY_BLOCK),
-                       torch.arange(num_refs).repeat_interleave(ref_len) + QUERY_BLOCK + 1]).to(dev)  # N
+    block = torch.cat([torch.full((C,), COND_BLOCK, device=dev), torch.full((num_queries,), QUERY_BLOCK, device=dev),
+                       torch.arange(num_refs, device=dev).repeat_interleave(ref_len) + QUERY_BLOCK + 1])  # N, built on the device
     N = block.numel()
     allowed = (block[None, :] <= block[:, None]).expand(B, N, N).clone()
     if text_causal:
@@ -373,10 +373,13 @@ class TransDiff(ImageTokenModel):
         features = self.encode(cond, valid, images[:, :n - 1] if n > 1 else None)  # B, Q + (n-1) R, D
         total = images.new_zeros((), dtype=torch.float32)
         for i in range(n):
-            rows = num_images > i  # chains long enough to have image i
-            ctx = features[rows, :self.context_len(i)].repeat_interleave(m, 0)
-            pred = self.decoder(noisy[rows, i].flatten(0, 1), ctx, t[rows, i].flatten())
-            total = total + ((pred.float() - target[rows, i].flatten(0, 1).float()) ** 2).mean((1, 2)).sum()
+            # every row decodes image i (static shapes, nothing read back); rows whose chain is
+            # shorter are masked out of the loss, so it equals the loss over real images only
+            has = (num_images > i).float().repeat_interleave(m)  # B m
+            ctx = features[:, :self.context_len(i)].repeat_interleave(m, 0)
+            pred = self.decoder(noisy[:, i].flatten(0, 1), ctx, t[:, i].flatten())
+            per_image = ((pred.float() - target[:, i].flatten(0, 1).float()) ** 2).mean((1, 2))  # B m
+            total = total + (per_image * has).sum()
         count = num_images.sum() * m
         loss = total / count
         zero = torch.zeros((), device=loss.device)
@@ -438,25 +441,26 @@ def training_inputs(model: TransDiff, latent_tokens: torch.Tensor, diffusion, ge
     B, L, P = latent_tokens.shape
     dev = latent_tokens.device
     g = gen.device
-    drop = torch.rand(B, generator=gen, device=g) < cfg.cond_drop_prob
+    drop = [rng.random() < cfg.cond_drop_prob for _ in range(B)]
     if cfg.condition == "class":
         if labels is None:
             raise ValueError("model.condition=class needs class labels in the batch (the shards' 'cls' field)")
         keys = labels.tolist()
-        cond = {"labels": torch.where(drop, cfg.num_classes, to_device(labels, g).long()).to(dev)}
+        dropped = to_device(torch.tensor(drop), labels.device)
+        cond = {"labels": to_device(torch.where(dropped, cfg.num_classes, labels.long()), dev)}
     else:
         keys = [tuple(ids[:n].tolist()) for ids, n in zip(text, text_len.tolist())]
-        text, text_len = to_device(text, g).clone(), to_device(text_len, g)
-        text[drop, 0], text[drop, 1] = model.ids["bos"], model.ids["eos"]
-        text_len = torch.where(drop, torch.full_like(text_len, 2), text_len)
-        cond = {"text": text.to(dev), "text_len": text_len.to(dev)}
+        dropped = to_device(torch.tensor(drop), text.device)
+        empty = torch.full_like(text, model.ids["pad"])
+        empty[:, 0], empty[:, 1] = model.ids["bos"], model.ids["eos"]
+        cond = {"text": to_device(torch.where(dropped[:, None], empty, text), dev),
+                "text_len": to_device(torch.where(dropped, 2, text_len), dev)}
     index, length = mrar_chains(keys, model.max_images, rng)
     images = latent_tokens[to_device(index, dev)]  # B, n, L, P
     n, m = model.max_images, cfg.transdiff.diffusion_batch_mul
-    t = diffusion.sample_train_t(B * n * m, gen).view(B, n, m)
-    noise = torch.randn(B, n, m, L, P, generator=gen, device=g).to(dev, latent_tokens.dtype)
-    clean = images[:, :, None].expand(B, n, m, L, P)
-    t = t.to(dev)
+    t = diffusion.sample_train_t(B * n * m, gen).view(B, n, m).to(dev)
+    noise = torch.randn(B, n, m, L, P, generator=gen, device=g).to(dev)  # float32: the noising runs in float32
+    clean = images[:, :, None].expand(B, n, m, L, P).float()
     noisy = diffusion.q_sample(clean.reshape(-1, L, P), t.flatten(), noise.reshape(-1, L, P)).view(B, n, m, L, P)
     return {**cond, "images": images, "noisy": noisy, "t": diffusion.model_time(t.flatten()).view(B, n, m),
             "target": diffusion.target(clean, noise), "num_images": to_device(length, dev)}
@@ -498,13 +502,14 @@ def sample_image_tokens(model: TransDiff, diffusion, *, ar_steps: int, generator
     use_cfg = cfg_scale != 1.0
     dup = (lambda x: torch.cat([x, x])) if use_cfg else (lambda x: x)  # noqa: E731
 
-    h, valid = model.condition(**{k: v.to(dev) if v is not None else None for k, v in cond.items()})
+    h, valid = model.condition(**{k: to_device(v, dev) for k, v in cond.items()})
     if use_cfg:
         null = null_condition(model, **cond)
-        h_null, valid_null = model.condition(**{k: v.to(dev) for k, v in null.items()})
+        h_null, valid_null = model.condition(**{k: to_device(v, dev) for k, v in null.items()})
         h, valid = torch.cat([h, h_null]), torch.cat([valid, valid_null])
     steps = max(1, min(ar_steps, model.max_images))
-    noise = torch.randn(B, model.num_image_tokens, model.token_dim, generator=generator).to(dev, dtype)
+    # drawn by the caller's generator on its device (the model's, for sampling without copies)
+    noise = torch.randn(B, model.num_image_tokens, model.token_dim, generator=generator, device=generator.device).to(dev, dtype)
     images: list[torch.Tensor] = []
     x = noise
     for i in range(steps):
@@ -514,10 +519,7 @@ def sample_image_tokens(model: TransDiff, diffusion, *, ar_steps: int, generator
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             v = model.decoder(dup(x_t), features, dup(t))
-            if not use_cfg:
-                return v
-            t_now = float(t[0]) if cfg_schedule == "interval" else 0.0  # read from the device only when needed
-            return guided(v, guidance_scale(cfg_scale, cfg_schedule, progress, t_now, cfg_interval))
+            return guided(v, guidance_scale(cfg_scale, cfg_schedule, progress, t, cfg_interval)) if use_cfg else v
 
         x = diffusion.sample(model_fn, noise, generator=generator, clip_x0=clip_x0, **(flow_options or {})).to(dtype)
         images.append(x)
