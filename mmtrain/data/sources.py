@@ -38,6 +38,7 @@ from mmtrain.data import storage
 from mmtrain.data.cache import CacheFullError, CorruptShardError, RemoteFile, ShardCache
 from mmtrain.data.errors import ShardDataError
 from mmtrain.data.index import FIELDS, TarIndex, load_remote_tar_indexes, load_tar_indexes
+from mmtrain.data.node_local import resolve_cache_dir
 from mmtrain.data.shards import list_remote_shards, list_shards
 
 FORMATS: tuple[str, ...] = ("auto", "wds", "mds")
@@ -151,9 +152,9 @@ class _ShardFiles:
 
 
 def default_shard_cache() -> ShardCache:
-    """The cache for remote shards read outside training (eval, tokenizer training, prep): ``MMTRAIN_CACHE_DIR``
-    (default ``~/.cache/mmtrain/shards``), no size limit."""
-    return ShardCache(os.environ.get("MMTRAIN_CACHE_DIR") or "~/.cache/mmtrain/shards", 0)
+    """The cache for remote shards read outside training (eval, tokenizer training, prep): ``MMTRAIN_CACHE_DIR``,
+    by default the node-local one training uses (:func:`~mmtrain.data.node_local.resolve_cache_dir`), no size limit."""
+    return ShardCache(resolve_cache_dir(os.environ.get("MMTRAIN_CACHE_DIR", "auto"), "MMTRAIN_CACHE_DIR"), 0)
 
 
 _NPY_MAGIC = b"\x93NUMPY"
