@@ -502,7 +502,8 @@ def test_zero3_run_from_s3_killed_mid_epoch_resumes_exactly_and_eval_and_tokeniz
     indexes = [f"/{BUCKET}/syn/shard-{i:06d}.tar.index.json" for i in range(8)] + [f"/{BUCKET}/mds/train/index.json"]
     # the preflight (this process) reads each index once, then local rank 0 of the one node; rank 1 reads none
     assert index_gets == {p: 2 for p in indexes}
-    assert listings_per_open > 0 and sum("list-type=2" in p for _, p in seen.seen) == 2 * listings_per_open
+    # one listing per source and open (detecting the format and indexing share it), and two opens in all
+    assert listings_per_open == 2 and sum("list-type=2" in p for _, p in seen.seen) == 2 * listings_per_open
     handoff = Path(node_local_root()) / "handoff"
     assert handoff.parent.parent == tmp_path / "node_tmp"
     assert handoff.is_dir() and not list(handoff.iterdir())  # the handoff file is gone once every rank has it
