@@ -108,9 +108,11 @@ def preflight(config_path: str, overrides: list[str], on_this_node: bool = True)
 
 def _warn_about_cpus_per_task(num_workers: int) -> None:
     """Inside a Slurm job: each rank needs the cores ``mmtrain launch`` asks for (``--cpus-per-task``)."""
+    from mmtrain.launch.submit import cpus_per_task_for
+
     if "SLURM_JOB_ID" not in os.environ:
         return
-    need, have = num_workers + 2, os.environ.get("SLURM_CPUS_PER_TASK")
+    need, have = cpus_per_task_for(num_workers), os.environ.get("SLURM_CPUS_PER_TASK")
     if have is None or int(have) < need:
         log.warning("%s, but each rank runs data.num_workers=%d loader workers besides itself: submit with "
                     "--cpus-per-task=%d (data.num_workers + 2) or more",
@@ -177,7 +179,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     launch = cfg.launch
     if args.dry_run:
         if launch.cluster == "slurm":
-            print(render_sbatch(launch, cfg.train.run_dir, cfg.train.nproc_per_node), end="")
+            print(render_sbatch(launch, cfg.train.run_dir, cfg.train.nproc_per_node, cfg.data.num_workers), end="")
         else:
             print(f"{launch.cluster}: 1 node x {tasks_per_node(launch, cfg.train.nproc_per_node)} ranks, "
                   f"time limit {launch.timeout_min} min, run dir {cfg.train.run_dir}")

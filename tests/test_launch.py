@@ -25,9 +25,10 @@ from mmtrain.launch.submit import parse_time
 
 CONFIG = str(REPO / "configs" / "tiny.yaml")
 GOLDEN = Path(__file__).parent / "golden" / "launch_slurm_2x8.sbatch"
-SLURM_FLAGS = ["--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "12", "--partition", "gpu", "--time", "12:00",
-               "--account", "proj", "--qos", "high", "--constraint", "a100", "--mem", "400G", "--exclusive",
-               "launch.setup=[source /opt/mmtrain/.venv/bin/activate]"]
+# no --cpus-per-task / --mem: their defaults, data.num_workers + 2 = 8 and 0 (all of a GPU node's memory), show
+SLURM_FLAGS = ["--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time", "12:00",
+               "--account", "proj", "--qos", "high", "--constraint", "a100", "--exclusive",
+               "launch.setup=[source /opt/mmtrain/.venv/bin/activate]", "data.num_workers=6"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -65,6 +66,9 @@ def test_launch_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="launch.time"):
         load_config(CONFIG, ["launch.time=tomorrow"])
     assert load_config(CONFIG, ["launch.time='1-00:00'"]).launch.timeout_min == 1440
+    with pytest.raises(ConfigError, match=r"launch.mem: expected auto, 0 \(all of a node's memory\), a size such as "
+                                          r"400G .* got 'lots'"):
+        load_config(CONFIG, ["launch.mem=lots"])
 
 
 def test_rendezvous_from_slurm_variables(monkeypatch):
@@ -98,6 +102,21 @@ def test_sbatch_script_matches_golden_file(synthetic_data, tmp_path, capsys):
     assert cli.main(["launch", CONFIG, *SLURM_FLAGS, "--dry-run", *tiny_overrides(synthetic_data, run_dir)]) == 0
     check_golden(normalise(capsys.readouterr().out, run_dir))
     assert not run_dir.exists()  # a dry run writes nothing
+
+
+def test_cpus_and_memory_per_task_default_from_the_loader_and_gpus_and_can_be_set(synthetic_data, tmp_path, capsys):
+    from mmtrain.launch.submit import LaunchConfig, sbatch_parameters
+
+    assert {k: v for k, v in sbatch_parameters(LaunchConfig(), 8, num_workers=6).items() if k in ("cpus_per_task", "mem")} == {
+        "cpus_per_task": 8, "mem": "0"}  # data.num_workers + 2; all of a GPU node's memory
+    cpu_only = sbatch_parameters(LaunchConfig(gpus_per_node=0), 2, num_workers=0)
+    assert cpu_only["cpus_per_task"] == 2 and "mem" not in cpu_only and "gpus_per_node" not in cpu_only
+    assert "mem" not in sbatch_parameters(LaunchConfig(mem=""), 8, num_workers=1)  # "" = Slurm's default
+    # set on the command line: those win, and the script shows them
+    assert cli.main(["launch", CONFIG, *SLURM_FLAGS, "--cpus-per-task", "12", "--mem", "400G", "--dry-run",
+                     *tiny_overrides(synthetic_data, tmp_path / "run")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "#SBATCH --cpus-per-task=12" in lines and "#SBATCH --mem=400G" in lines
 
 
 def test_slurm_submission_sends_that_script(synthetic_data, tmp_path, monkeypatch, capsys):
