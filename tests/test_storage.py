@@ -432,13 +432,19 @@ def test_one_process_per_node_produces_and_the_others_read_its_file(tmp_path, mo
     def fail():
         raise FileNotFoundError("s3://b/shard-000003.tar: no such object")
 
+    class Refused(Exception):  # a local class: it cannot be pickled, so its text travels
+        pass
+
+    def refuse():
+        raise Refused("denied")
+
     def process(local_rank: int, make) -> None:
         try:
             got[local_rank] = share_on_node(key, make, producer=local_rank == 0, barrier=barrier.wait)
-        except FileNotFoundError as exc:
-            errors[local_rank] = str(exc)
+        except Exception as exc:
+            errors.setdefault(make.__name__, {})[local_rank] = (type(exc).__name__, str(exc))
 
-    for make in (produce, fail):
+    for make in (produce, fail, refuse):
         barrier = threading.Barrier(2, timeout=60)
         threads = [threading.Thread(target=process, args=(r, make)) for r in (0, 1)]
         for t in threads:
@@ -446,7 +452,9 @@ def test_one_process_per_node_produces_and_the_others_read_its_file(tmp_path, mo
         for t in threads:
             t.join(60)
     assert produced == [1] and np.array_equal(got[1]["offsets"], np.arange(5)) and got[0] is not got[1]
-    assert errors == {0: "s3://b/shard-000003.tar: no such object", 1: "s3://b/shard-000003.tar: no such object"}
+    missing = ("FileNotFoundError", "s3://b/shard-000003.tar: no such object")
+    assert errors == {"fail": {0: missing, 1: missing},
+                      "refuse": {0: ("Refused", "denied"), 1: ("RuntimeError", "Refused: denied")}}
     assert (stale.parent.stat().st_mode & 0o777) == 0o700
 
 

@@ -189,12 +189,14 @@ def share_on_node(key: str, produce: Callable[[], T], *, producer: bool, barrier
 
 def _write_handoff(path: str, record: dict) -> None:
     try:
-        payload = pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:  # an exception that does not pickle travels as its text
-        exc = record["error"]
-        payload = pickle.dumps({"error": RuntimeError(f"{type(exc).__name__}: {exc}")})
-    with atomic_writer(path) as fh:
-        fh.write(payload)
+        with atomic_writer(path) as fh:  # streamed: the index arrays of a large dataset are large
+            pickle.dump(record, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        if "error" not in record:
+            raise
+        exc = record["error"]  # an exception that does not pickle travels as its text
+        with atomic_writer(path) as fh:
+            pickle.dump({"error": RuntimeError(f"{type(exc).__name__}: {exc}")}, fh)
 
 
 def _read_handoff(path: str, wait_s: float) -> dict:
