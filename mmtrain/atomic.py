@@ -1,13 +1,18 @@
-"""Atomic small-file writes: readers see the old file or the complete new one, never half of it."""
+"""Atomic file writes: readers see the old file or the complete new one, never half of it."""
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a unique temp file beside ``path``, fsync, then ``os.replace``.
+@contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a unique temp file beside it, fsynced and
+    ``os.replace``-d onto ``path`` when the block ends without an error (removed otherwise).
 
     The temp name is hidden and unique per writer (pid + random), so concurrent writers
     never share it and directory listings of ``*.tar`` / ``*.json`` never pick it up.
@@ -17,13 +22,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "xb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_writer`)."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

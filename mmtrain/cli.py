@@ -9,10 +9,12 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from mmtrain.config import ConfigError, load_config
 
+log = logging.getLogger("mmtrain.cli")
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -71,32 +73,68 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train
 
 
-def preflight(config_path: str, overrides: list[str]):
-    """Fail fast, before any rank starts, on a bad config, missing shards or tokenizer."""
+def preflight(config_path: str, overrides: list[str], on_this_node: bool = True):
+    """Fail fast, before any rank starts, on a bad config, missing shards or tokenizer. Run once per
+    start: by ``mmtrain train`` before it starts the ranks, by ``mmtrain launch`` before it submits,
+    by ``slurm/train.sbatch`` before ``srun`` (``--preflight-only``).
+
+    ``on_this_node`` False: the ranks run on other machines (``mmtrain launch`` to Slurm), so the
+    ``auto`` shard cache limit is not measured on this one's disk (each node measures its own)."""
     from mmtrain.components.data import check_cache_limit, open_sources
 
     cfg = load_config(config_path, overrides)
     # every training source exists and is well-formed (remote: every shard is there with its index's size,
     # and the credentials work) and fits data.cache_limit; fills the tar index cache for the ranks
-    check_cache_limit(cfg.data, open_sources(cfg.data))
+    sources = open_sources(cfg.data, on_this_node=on_this_node)
+    check_cache_limit(cfg.data, sources)
     if cfg.train.init_from and not (Path(cfg.train.init_from) / "model.safetensors").is_file() and not Path(cfg.train.init_from).is_file():
         raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no model.safetensors there")
     if cfg.model.attention == "flex" and not _cuda_available():
         raise ValueError("model.attention=flex: FlexAttention cannot train on CPU (no backward there); "
                          "set model.attention=sdpa, which gives the same numbers")
-    if cfg.model.condition == "class":
-        return cfg
-    if not Path(cfg.text_model_path).is_file():
-        raise FileNotFoundError(f"text tokenizer {cfg.text_model_path} not found (set tokenizer.text_model, or run `mmtrain tokenizer train`)")
-    from mmtrain.tokenize.text import TextTokenizer
-    from mmtrain.train import check_run_tokenizer
+    if cfg.model.condition != "class":
+        if not Path(cfg.text_model_path).is_file():
+            raise FileNotFoundError(f"text tokenizer {cfg.text_model_path} not found (set tokenizer.text_model, or run `mmtrain tokenizer train`)")
+        from mmtrain.tokenize.text import TextTokenizer
+        from mmtrain.train import check_run_tokenizer
 
-    check_run_tokenizer(cfg, TextTokenizer.from_file(cfg.text_model_path))
+        check_run_tokenizer(cfg, TextTokenizer.from_file(cfg.text_model_path))
+    if on_this_node:
+        _warn_about_cpus_per_task(cfg.data.num_workers)
+    log.info("preflight passed: %s: %d source(s), %d samples%s", config_path, len(sources), sum(len(s) for s in sources),
+             "" if cfg.model.condition == "class" else ", text tokenizer matches")
     return cfg
 
 
+def _warn_about_cpus_per_task(num_workers: int) -> None:
+    """Inside a Slurm job: each rank needs the cores ``mmtrain launch`` asks for (``--cpus-per-task``)."""
+    from mmtrain.launch.submit import cpus_per_task_for
+
+    if "SLURM_JOB_ID" not in os.environ:
+        return
+    need, have = cpus_per_task_for(num_workers), os.environ.get("SLURM_CPUS_PER_TASK")
+    if have is None or int(have) < need:
+        log.warning("%s, but each rank runs data.num_workers=%d loader workers besides itself: submit with "
+                    "--cpus-per-task=%d (data.num_workers + 2) or more",
+                    f"this job has --cpus-per-task={have}" if have else "this job was submitted without --cpus-per-task "
+                    "(Slurm's default is often 1 CPU per task)", num_workers, need)
+
+
+def runs_preflight(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> bool:
+    """Whether this ``mmtrain train`` process runs the preflight: not with ``--skip-preflight`` (the
+    batch script ran it already), and of the ranks of one start (``--srun`` tasks, or processes
+    with ``RANK`` set) only rank 0: the others wait for it at the rendezvous."""
+    if args.skip_preflight:
+        return False
+    rank = env.get("SLURM_PROCID", "0") if args.srun else env.get("RANK", "0")
+    return int(rank) == 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = preflight(args.config, args.overrides)
+    if args.preflight_only:
+        preflight(args.config, args.overrides)
+        return 0
+    cfg = preflight(args.config, args.overrides) if runs_preflight(args) else load_config(args.config, args.overrides)
     if args.srun:  # one task of an srun step (slurm/train.sbatch): the rank comes from Slurm's variables
         from submitit.slurm.slurm import SlurmJobEnvironment
 
@@ -135,11 +173,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
     flags = [f"launch.{k}={json.dumps(v)}" for k in _LAUNCH_FLAGS if (v := getattr(args, k)) is not None]
     if args.exclusive:
         flags.append("launch.exclusive=true")
-    cfg = preflight(args.config, [*args.overrides, *flags])
+    overrides = [*args.overrides, *flags]
+    # on Slurm the ranks run on compute nodes: their disks, not this host's, bound the shard cache
+    cfg = preflight(args.config, overrides, on_this_node=load_config(args.config, overrides).launch.cluster != "slurm")
     launch = cfg.launch
     if args.dry_run:
         if launch.cluster == "slurm":
-            print(render_sbatch(launch, cfg.train.run_dir, cfg.train.nproc_per_node), end="")
+            print(render_sbatch(launch, cfg.train.run_dir, cfg.train.nproc_per_node, cfg.data.num_workers), end="")
         else:
             print(f"{launch.cluster}: 1 node x {tasks_per_node(launch, cfg.train.nproc_per_node)} ranks, "
                   f"time limit {launch.timeout_min} min, run dir {cfg.train.run_dir}")
@@ -508,7 +548,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", help="key.sub=value")
     tr.add_argument("--srun", action="store_true",
-                    help="this process is one rank of an srun step (slurm/train.sbatch): rendezvous from SLURM_* variables")
+                    help="this process is one rank of an srun step (slurm/train.sbatch): rendezvous from SLURM_* variables; "
+                         "only SLURM_PROCID 0 runs the preflight, the others wait for it at the rendezvous "
+                         "(at most train.dist_timeout_s)")
+    tr.add_argument("--preflight-only", action="store_true",
+                    help="check config, data sources and tokenizer, then exit (slurm/train.sbatch runs this once per job)")
+    tr.add_argument("--skip-preflight", action="store_true",
+                    help="do not check again what --preflight-only checked (the tasks of slurm/train.sbatch)")
     tr.set_defaults(func=cmd_train)
 
     la = sub.add_parser("launch", help="submit training through submitit: Slurm, this machine (local) or in-process (debug)")

@@ -101,13 +101,14 @@ def start_http(root: str) -> tuple[str, http.server.ThreadingHTTPServer]:
 class Faults:
     """Every ``every``-th request (counted over all requests) fails as ``kind``: ``503`` (an error answer),
     ``drop`` (the connection closes with no answer) or ``truncate`` (half the body, then the connection
-    closes). ``every`` 0 = no faults."""
+    closes). ``every`` 0 = no faults (the proxy then only records what passes through, in ``seen``)."""
 
     every: int = 0
     kind: str = "503"
     requests: int = 0
     injected: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    seen: list[tuple[str, str]] = field(default_factory=list)  # (method, path with query) of every request, in order
 
     def next_is_fault(self, applies: bool = True) -> bool:
         """Count a request; True when it is to fail (only requests the fault ``applies`` to are counted)."""
@@ -134,6 +135,8 @@ def start_fault_proxy(upstream: str, faults: Faults) -> tuple[str, http.server.T
 
         def _forward(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            with faults.lock:
+                faults.seen.append((self.command, self.path))
             fault = faults.next_is_fault(applies=faults.kind != "truncate" or self.command != "HEAD")  # no body to cut
             if fault and faults.kind == "drop":
                 self.close_connection = True

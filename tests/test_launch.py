@@ -25,9 +25,10 @@ from mmtrain.launch.submit import parse_time
 
 CONFIG = str(REPO / "configs" / "tiny.yaml")
 GOLDEN = Path(__file__).parent / "golden" / "launch_slurm_2x8.sbatch"
-SLURM_FLAGS = ["--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "12", "--partition", "gpu", "--time", "12:00",
-               "--account", "proj", "--qos", "high", "--constraint", "a100", "--mem", "400G", "--exclusive",
-               "launch.setup=[source /opt/mmtrain/.venv/bin/activate]"]
+# no --cpus-per-task / --mem: their defaults, data.num_workers + 2 = 8 and 0 (all of a GPU node's memory), show
+SLURM_FLAGS = ["--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time", "12:00",
+               "--account", "proj", "--qos", "high", "--constraint", "a100", "--exclusive",
+               "launch.setup=[source /opt/mmtrain/.venv/bin/activate]", "data.num_workers=6"]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -65,6 +66,9 @@ def test_launch_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="launch.time"):
         load_config(CONFIG, ["launch.time=tomorrow"])
     assert load_config(CONFIG, ["launch.time='1-00:00'"]).launch.timeout_min == 1440
+    with pytest.raises(ConfigError, match=r"launch.mem: expected auto, 0 \(all of a node's memory\), a size such as "
+                                          r"400G .* got 'lots'"):
+        load_config(CONFIG, ["launch.mem=lots"])
 
 
 def test_rendezvous_from_slurm_variables(monkeypatch):
@@ -98,6 +102,21 @@ def test_sbatch_script_matches_golden_file(synthetic_data, tmp_path, capsys):
     assert cli.main(["launch", CONFIG, *SLURM_FLAGS, "--dry-run", *tiny_overrides(synthetic_data, run_dir)]) == 0
     check_golden(normalise(capsys.readouterr().out, run_dir))
     assert not run_dir.exists()  # a dry run writes nothing
+
+
+def test_cpus_and_memory_per_task_default_from_the_loader_and_gpus_and_can_be_set(synthetic_data, tmp_path, capsys):
+    from mmtrain.launch.submit import LaunchConfig, sbatch_parameters
+
+    assert {k: v for k, v in sbatch_parameters(LaunchConfig(), 8, num_workers=6).items() if k in ("cpus_per_task", "mem")} == {
+        "cpus_per_task": 8, "mem": "0"}  # data.num_workers + 2; all of a GPU node's memory
+    cpu_only = sbatch_parameters(LaunchConfig(gpus_per_node=0), 2, num_workers=0)
+    assert cpu_only["cpus_per_task"] == 2 and "mem" not in cpu_only and "gpus_per_node" not in cpu_only
+    assert "mem" not in sbatch_parameters(LaunchConfig(mem=""), 8, num_workers=1)  # "" = Slurm's default
+    # set on the command line: those win, and the script shows them
+    assert cli.main(["launch", CONFIG, *SLURM_FLAGS, "--cpus-per-task", "12", "--mem", "400G", "--dry-run",
+                     *tiny_overrides(synthetic_data, tmp_path / "run")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "#SBATCH --cpus-per-task=12" in lines and "#SBATCH --mem=400G" in lines
 
 
 def test_slurm_submission_sends_that_script(synthetic_data, tmp_path, monkeypatch, capsys):
@@ -179,6 +198,8 @@ def test_preempted_job_saves_requeues_and_matches_an_uninterrupted_run(synthetic
     assert f"SIGUSR2: saved step {saved} of {steps}" in (logs / f"{job_id}_1_log.err").read_text()
     assert f"resumed from step{saved:08d}" in (logs / f"{job_id}_0_log.err").read_text()
     assert all((logs / f"{job_id}_{r}_log.{ext}").is_file() for r in (0, 1) for ext in ("out", "err"))
+    # `mmtrain launch` checked before submitting; the ranks of the job do not check again
+    assert not any("preflight" in (logs / f"{job_id}_{r}_log.{ext}").read_text() for r in (0, 1) for ext in ("out", "err"))
 
     # every step once, with the samples and losses of the uninterrupted run
     a, b = read_metrics(run_dir), read_metrics(straight)
@@ -221,25 +242,61 @@ def test_debug_cluster_runs_in_process(synthetic_data, tmp_path):
     assert events[1]["cluster"] == "debug" and events[1]["world_size"] == 1
 
 
-def test_srun_task_takes_its_rank_from_slurm(synthetic_data, tmp_path):
-    """slurm/train.sbatch runs `mmtrain train CONFIG --srun` in every task; here two processes
-    get the variables srun would give the two tasks of a one-node job."""
-    run_dir = tmp_path / "run"
+FAKE_SRUN = """#!/bin/bash
+# stands in for srun: the command after srun's options as SLURM_NTASKS tasks on this machine, each
+# with the variables srun gives a task, its output in task-RANK.log; exits with the last failure's code
+while [[ "$1" == -* ]]; do shift; done
+pids=()
+for ((t = 0; t < SLURM_NTASKS; t++)); do
+    SLURM_PROCID=$t SLURM_LOCALID=$t SLURM_NODEID=0 "$@" > "task-$t.log" 2>&1 &
+    pids+=($!)
+done
+code=0
+for p in "${pids[@]}"; do wait "$p" || code=$?; done
+exit $code
+"""
+
+
+def test_sbatch_script_checks_once_then_each_srun_task_takes_its_rank_from_slurm(synthetic_data, tmp_path):
+    """slurm/train.sbatch as the batch step of a one-node, two-task job: the preflight runs once, in the
+    batch script; `srun` (a stand-in that starts the two tasks with srun's variables) runs
+    `mmtrain train CONFIG --srun --skip-preflight` in each task, and the two ranks train together."""
+    run_dir, bin_dir = tmp_path / "run", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "mmtrain").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m mmtrain.cli "$@"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_"))}
-    procs = []
-    for rank in (0, 1):
-        env = {**base, "SLURM_JOB_ID": "777", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1",
-               "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0",
-               "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "mmtrain.cli", "train", CONFIG, "--srun",
-                                       *tiny_overrides(synthetic_data, run_dir, "train.steps=4", "logging.log_every=2")],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    env = {**base, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MMTRAIN": str(bin_dir / "mmtrain"),
+           "SLURM_JOB_ID": "777", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "2",
+           "SLURM_CPUS_PER_TASK": "1", "DS_ACCELERATOR": "cpu"}
+    out = subprocess.run(["bash", str(REPO / "slurm" / "train.sbatch"), CONFIG,
+                          *tiny_overrides(synthetic_data, run_dir, "train.steps=4", "logging.log_every=2")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    tasks = [(tmp_path / f"task-{r}.log").read_text() if (tmp_path / f"task-{r}.log").exists() else "" for r in (0, 1)]
+    assert out.returncode == 0, out.stderr[-3000:] + tasks[0][-3000:] + tasks[1][-3000:]
+    batch = out.stdout + out.stderr
+    assert batch.count("preflight passed") == 1 and not any("preflight passed" in t for t in tasks)
+    # one CPU per task, but tiny.yaml's data.num_workers=0 needs data.num_workers + 2
+    assert "this job has --cpus-per-task=1, but each rank runs data.num_workers=0 loader workers" in batch
+    assert "--cpus-per-task=2 (data.num_workers + 2)" in batch
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [2, 4]
     assert records[-1]["samples_seen"] == 4 * 8 * 2  # two ranks took part
     assert latest_tag(run_dir) == "step00000004"
+
+
+def test_only_rank_0_of_a_start_runs_the_preflight():
+    def args(*flags: str):
+        return cli.build_parser().parse_args(["train", CONFIG, *flags])
+
+    srun = args("--srun")
+    assert cli.runs_preflight(srun, {"SLURM_PROCID": "0"}) and not cli.runs_preflight(srun, {"SLURM_PROCID": "3"})
+    assert not cli.runs_preflight(args("--srun", "--skip-preflight"), {"SLURM_PROCID": "0"})  # the batch script ran it
+    plain = args()  # mmtrain train: checks, then starts the ranks, which run mmtrain.train (no preflight)
+    assert cli.runs_preflight(plain, {}) and cli.runs_preflight(plain, {"RANK": "0"})
+    assert not cli.runs_preflight(plain, {"RANK": "1"})  # one of torchrun's ranks
 
 
 def test_site_wrapper_adds_the_site_defaults(synthetic_data, tmp_path):
@@ -258,4 +315,5 @@ def test_sbatch_template_is_valid_bash():
     out = subprocess.run(["bash", "-n", str(REPO / "slurm" / "train.sbatch")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     text = (REPO / "slurm" / "train.sbatch").read_text()
-    assert "#SBATCH --signal=USR2@120" in text and "mmtrain train \"$CONFIG\" --srun" in text
+    assert "#SBATCH --signal=USR2@120" in text and "#SBATCH --mem=0" in text
+    assert 'train "$CONFIG" --preflight-only "$@"' in text and 'train "$CONFIG" --srun --skip-preflight "$@"' in text

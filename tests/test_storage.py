@@ -4,9 +4,15 @@ loader streams through a bounded cache, a 2-rank ZeRO-3 run is killed mid-epoch 
 from __future__ import annotations
 
 import dataclasses
+import getpass
 import json
 import os
+import pickle
 import shutil
+import subprocess
+import threading
+import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +22,12 @@ from conftest import REPO, tiny_overrides
 from storage_servers import BUCKET, Faults, restore_env, set_env, start_fault_proxy, start_http, start_s3
 
 from mmtrain import cli
-from mmtrain.components.data import DataConfig, build_train_loader, open_sources
+from mmtrain.components.data import DataConfig, build_train_loader, check_cache_limit, open_sources, shard_cache_for
 from mmtrain.data import storage
 from mmtrain.data.cache import CacheFullError, RemoteFile, ShardCache
+from mmtrain.data import node_local
+from mmtrain.data.node_local import (NETWORK_FILESYSTEMS, cache_dir_warning, filesystem_of, node_local_root,
+                                     resolve_cache_dir, share_on_node)
 from mmtrain.data.order import StreamOrder
 
 S3 = f"s3://{BUCKET}"
@@ -309,6 +318,145 @@ def test_full_cache_disk_and_too_small_limit_are_clear_errors(bucket, tmp_path, 
         cache.get(RemoteFile(url, size))
     assert not os.path.exists(cache.local_path(url))
 
+    # data.cache_limit=auto: measured on this disk (plenty here), then as if the disk were nearly full
+    auto = data_cfg([bucket["wds"]], tmp_path / "auto", shuffle_window=2)
+    sources = open_sources(auto)
+    cache = sources[0].shard_files.cache
+    assert auto.cache_limit == "auto" and cache.limit > 2 * max(source_shard_sizes(bucket))
+    check_cache_limit(auto, sources)
+    cache.limit = 1000
+    with pytest.raises(ValueError, match=r"data.cache_limit=auto \(1000 bytes: 50% of the free space of data.cache_dir "
+                                         f"{tmp_path / 'auto'}, plus what it holds\\) is too small: two windows"):
+        check_cache_limit(auto, sources)
+
+
+# --------------------------------------------------------------------------- node-local disk
+
+MOUNTS = r"""sysfs /sys sysfs rw,nosuid 0 0
+/dev/nvme0n1p1 / ext4 rw,relatime 0 0
+tmpfs /tmp tmpfs rw,nosuid,nodev 0 0
+/dev/nvme1n1 /local xfs rw,relatime 0 0
+home.example.org:/export/home /home nfs4 rw,vers=4.2 0 0
+10.0.0.1@o2ib:/scratch /scratch lustre rw,flock 0 0
+gpfs0 /gpfs gpfs rw 0 0
+u@host:/data /home/u/sshfs\040mount fuse.sshfs rw,nosuid 0 0
+/dev/nvme1n1p2 /home/u/fast ext4 rw 0 0
+server:/a /mnt/x nfs rw 0 0
+/dev/sdb1 /mnt/x ext4 rw 0 0
+"""
+
+
+def test_cache_dir_filesystem_comes_from_the_longest_mount_point_and_a_network_one_is_named():
+    assert filesystem_of("/home/u/.cache/mmtrain/shards", MOUNTS) == ("/home", "nfs4")
+    assert filesystem_of("/home/u/fast/cache", MOUNTS) == ("/home/u/fast", "ext4")  # the longer mount point
+    assert filesystem_of("/home/u/sshfs mount/c", MOUNTS) == ("/home/u/sshfs mount", "fuse.sshfs")  # \040: a space
+    assert filesystem_of("/homework/c", MOUNTS) == ("/", "ext4")  # /home is a prefix of the name, not a parent
+    assert filesystem_of("/mnt/x/c", MOUNTS) == ("/mnt/x", "ext4")  # mounted over the nfs one: the later line
+    assert filesystem_of("/local", MOUNTS) == ("/local", "xfs")
+    for path, fstype, point in (("/home/u/c", "nfs4", "/home"), ("/scratch/u/c", "lustre", "/scratch"),
+                                ("/gpfs/p/c", "gpfs", "/gpfs"), ("/home/u/sshfs mount/c", "fuse.sshfs", "/home/u/sshfs mount")):
+        assert cache_dir_warning(path, mounts=MOUNTS).startswith(
+            f"data.cache_dir {path} is on a network filesystem ({fstype} mounted at {point})")
+    assert "set data.cache_dir to node-local disk" in cache_dir_warning("/home/u/c", mounts=MOUNTS)
+    assert cache_dir_warning("/home/u/c", "MMTRAIN_CACHE_DIR", MOUNTS).startswith("MMTRAIN_CACHE_DIR /home/u/c is on a")
+    assert cache_dir_warning("/tmp/mmtrain-u/shards", mounts=MOUNTS).startswith(
+        "data.cache_dir /tmp/mmtrain-u/shards is in memory (tmpfs mounted at /tmp)")
+    assert cache_dir_warning("/local/job/mmtrain-u/shards", mounts=MOUNTS) == ""
+    assert cache_dir_warning("/home/u/fast/c", mounts=MOUNTS) == ""
+
+
+def test_real_mount_table_places_a_local_tmp_dir_on_local_disk(tmp_path):
+    point, fstype = filesystem_of(str(tmp_path))
+    assert fstype and fstype not in NETWORK_FILESYSTEMS
+    df = subprocess.run(["df", "--output=fstype,target", str(tmp_path)], capture_output=True, text=True)
+    if df.returncode == 0:  # GNU df reads the same table: the same answer
+        assert df.stdout.splitlines()[-1].split() == [fstype, point]
+    assert "network filesystem" not in cache_dir_warning(str(tmp_path))
+
+
+def test_default_cache_is_on_node_local_disk_with_a_limit_from_its_free_space(tmp_path, monkeypatch, caplog):
+    job_tmp, tmp, user = tmp_path / "job", tmp_path / "tmp", f"mmtrain-{getpass.getuser()}"
+    monkeypatch.setenv("SLURM_TMPDIR", str(job_tmp))
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    assert resolve_cache_dir("auto") == str(job_tmp / user / "shards")
+    assert (job_tmp / user).stat().st_mode & 0o777 == 0o700  # /tmp is shared: this user's only
+    monkeypatch.delenv("SLURM_TMPDIR")
+    assert resolve_cache_dir("") == str(tmp / user / "shards")
+    monkeypatch.delenv("TMPDIR")
+    assert resolve_cache_dir("auto") == f"/tmp/{user}/shards"
+    assert resolve_cache_dir("~/x") == os.path.expanduser("~/x")
+
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    cfg = DataConfig()
+    assert (cfg.cache_dir, cfg.cache_limit, cfg.cache_limit_bytes) == ("auto", "auto", None)
+    cache = shard_cache_for(cfg)
+    st = os.statvfs(cache.dir)
+    assert cache.dir == str(tmp / user / "shards")
+    assert abs(cache.limit - st.f_bavail * st.f_frsize // 2) < 256 << 20  # half the free space (other writers aside)
+    (Path(cache.dir) / "0123456789abcdef-old.tar").write_bytes(b"x" * (1 << 20))  # a shard of an earlier run
+    assert abs(shard_cache_for(cfg).limit - cache.limit) < 256 << 20  # counted as room: the same budget
+    assert shard_cache_for(cfg, on_this_node=False).limit == 0  # a login node does not measure its own disk
+    assert shard_cache_for(DataConfig(cache_limit="1GiB")).limit == 1 << 30
+    assert shard_cache_for(DataConfig(cache_limit=0)).limit == 0  # no limit
+    with pytest.raises(ValueError, match="cache_limit: expected auto .* or 0 \\(no limit\\), got 'lots'"):
+        DataConfig(cache_limit="lots")
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="making a directory another user's needs root")
+def test_a_node_local_directory_of_another_user_is_refused(tmp_path, monkeypatch):
+    taken = tmp_path / f"mmtrain-{getpass.getuser()}"
+    taken.mkdir()
+    os.chown(taken, 4242, 4242)
+    monkeypatch.delenv("SLURM_TMPDIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    with pytest.raises(PermissionError, match=f"{taken} belongs to user id 4242.*set data.cache_dir to a directory of your own"):
+        resolve_cache_dir("auto")
+
+
+def test_one_process_per_node_produces_and_the_others_read_its_file(tmp_path, monkeypatch):
+    """share_on_node with two threads as the two processes of a node, a threading barrier as the
+    process group's: one produces, both get the value; a stale file of the same name is never read;
+    the producer's error is raised by both."""
+    monkeypatch.delenv("SLURM_TMPDIR", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    key = "sources of start 2"
+    stale = Path(node_local._handoff_path(key))
+    stale.write_bytes(pickle.dumps({"value": "left by an earlier start"}))
+    produced, got, errors = [], {}, {}
+
+    def produce():
+        time.sleep(0.3)  # the reader is polling by now
+        produced.append(1)
+        return {"offsets": np.arange(5)}
+
+    def fail():
+        raise FileNotFoundError("s3://b/shard-000003.tar: no such object")
+
+    class Refused(Exception):  # a local class: it cannot be pickled, so its text travels
+        pass
+
+    def refuse():
+        raise Refused("denied")
+
+    def process(local_rank: int, make) -> None:
+        try:
+            got[local_rank] = share_on_node(key, make, producer=local_rank == 0, barrier=barrier.wait)
+        except Exception as exc:
+            errors.setdefault(make.__name__, {})[local_rank] = (type(exc).__name__, str(exc))
+
+    for make in (produce, fail, refuse):
+        barrier = threading.Barrier(2, timeout=60)
+        threads = [threading.Thread(target=process, args=(r, make)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert produced == [1] and np.array_equal(got[1]["offsets"], np.arange(5)) and got[0] is not got[1]
+    missing = ("FileNotFoundError", "s3://b/shard-000003.tar: no such object")
+    assert errors == {"fail": {0: missing, 1: missing},
+                      "refuse": {0: ("Refused", "denied"), 1: ("RuntimeError", "Refused: denied")}}
+    assert (stale.parent.stat().st_mode & 0o777) == 0o700
+
 
 # --------------------------------------------------------------------------- training, eval and tokenizer from the bucket
 
@@ -333,7 +481,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def test_zero3_run_from_s3_killed_mid_epoch_resumes_exactly_and_eval_and_tokenizer_read_the_bucket(
-        bucket, synthetic_data, tmp_path, monkeypatch, capfd):
+        bucket, s3, synthetic_data, tmp_path, monkeypatch, capfd):
     limit = sum(source_shard_sizes(bucket)[:5])
     sources = json.dumps([{"path": bucket["wds"]}, {"path": bucket["mds"]}])
 
@@ -342,8 +490,31 @@ def test_zero3_run_from_s3_killed_mid_epoch_resumes_exactly_and_eval_and_tokeniz
                               f"data.cache_dir={tmp_path / 'node_cache'}", f"data.cache_limit={limit}",
                               "logging.log_every=2", "checkpoint.every_steps=4", "train.steps=8", *extra)
 
-    straight = tmp_path / "straight"
-    assert cli.main(["train", CONFIG, *overrides(straight)]) == 0
+    # the uninterrupted run's requests pass a proxy that records them: how often is each index read?
+    seen = Faults()
+    proxy, proxy_server = start_fault_proxy(s3.endpoint, seen)
+    monkeypatch.setenv("S3_ENDPOINT_URL", proxy)
+    (tmp_path / "node_tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "node_tmp"))  # where the node's ranks hand the indexes over
+    try:
+        one_open = len(seen.seen)
+        open_sources(DataConfig(sources=json.loads(sources), index_cache="", cache_dir=str(tmp_path / "node_cache")))
+        listings_per_open = sum("list-type=2" in p for _, p in seen.seen[one_open:])
+        del seen.seen[:]
+        straight = tmp_path / "straight"
+        assert cli.main(["train", CONFIG, *overrides(straight)]) == 0
+    finally:
+        proxy_server.shutdown()
+        monkeypatch.setenv("S3_ENDPOINT_URL", s3.endpoint)
+    index_gets = Counter(p for m, p in seen.seen if m == "GET" and p.endswith("index.json"))
+    indexes = [f"/{BUCKET}/syn/shard-{i:06d}.tar.index.json" for i in range(8)] + [f"/{BUCKET}/mds/train/index.json"]
+    # the preflight (this process) reads each index once, then local rank 0 of the one node; rank 1 reads none
+    assert index_gets == {p: 2 for p in indexes}
+    # one listing per source and open (detecting the format and indexing share it), and two opens in all
+    assert listings_per_open == 2 and sum("list-type=2" in p for _, p in seen.seen) == 2 * listings_per_open
+    handoff = Path(node_local_root()) / "handoff"
+    assert handoff.parent.parent == tmp_path / "node_tmp"
+    assert handoff.is_dir() and not list(handoff.iterdir())  # the handoff file is gone once every rank has it
     run = tmp_path / "run"
     hook = tmp_path / "hook"
     hook.mkdir()

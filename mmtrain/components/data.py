@@ -28,6 +28,7 @@ import io
 import logging
 import math
 import os
+import socket
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -37,9 +38,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmtrain import distributed
 from mmtrain.data import storage
 from mmtrain.data.cache import CorruptShardError, ShardCache, parse_bytes
 from mmtrain.data.errors import ShardDataError
+from mmtrain.data.node_local import AUTO, AUTO_CACHE_SHARE, auto_cache_limit, cache_dir_warning, resolve_cache_dir, share_on_node
 from mmtrain.data.order import MODES, StreamOrder
 from mmtrain.data.prefetch import ShardPrefetcher
 from mmtrain.data.sources import FORMATS, RawSample, Source, open_source
@@ -104,14 +107,19 @@ class DataConfig:
             for remote sources: 0 = one permutation of the whole epoch, which touches every
             shard at once (best mixing; for local data, or a cache that holds the dataset).
             Default 0.
-        cache_dir: where remote shards are copied (downloaded whole, then read by offset);
-            node-local disk, shared by the ranks and workers of a node. Default
-            ``~/.cache/mmtrain/shards``.
+        cache_dir: where remote shards are copied (downloaded whole, then read by offset),
+            shared by the ranks and workers of a node: it belongs on node-local disk (a
+            warning names this key when it is on a network filesystem or in memory).
+            ``auto`` (or "") = ``$SLURM_TMPDIR``, else ``$TMPDIR``, else ``/tmp``, then
+            ``mmtrain-USER/shards``, resolved on each node when the loader starts
+            (:func:`mmtrain.data.node_local.resolve_cache_dir`). Default ``auto``.
         cache_limit: the most bytes of shard copies in ``cache_dir`` (``500MB``, ``20GiB``, a
-            byte count; "" or 0 = no limit); least recently used shards not in the current or
+            byte count; 0 = no limit); least recently used shards not in the current or
             the next window are deleted. It must hold two windows of the largest shards
             (checked when the loader starts), and with ``shuffle_window: 0`` the whole
-            remote dataset. Default "".
+            remote dataset. ``auto`` (or "") = half of what ``cache_dir``'s disk has free
+            plus what the cache already holds, measured once per node when the loader
+            starts (:func:`mmtrain.data.node_local.auto_cache_limit`). Default ``auto``.
         prefetch_threads: background download threads per loader process; the next window's
             shards are fetched while the current one is read. 0 = fetch on first read only.
             Default 4.
@@ -158,8 +166,8 @@ class DataConfig:
     max_bad_samples: int = 100
     shuffle_buffer: int = 500
     shuffle_window: int = 0
-    cache_dir: str = "~/.cache/mmtrain/shards"
-    cache_limit: str = ""
+    cache_dir: str = "auto"
+    cache_limit: str = "auto"
     prefetch_threads: int = 4
     max_bad_shards: int = 10
 
@@ -190,7 +198,12 @@ class DataConfig:
                      "max_bad_shards"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
-        self.cache_limit_bytes = parse_bytes(self.cache_limit or 0, "cache_limit")
+        # None = auto: measured on the node (shard_cache_for), not where the config is loaded
+        try:
+            self.cache_limit_bytes = None if str(self.cache_limit).strip() in AUTO else parse_bytes(self.cache_limit)
+        except ValueError:
+            raise ValueError(f"cache_limit: expected auto (a share of the cache disk's free space), a byte count "
+                             f"such as 20GiB or 500MB, or 0 (no limit), got {self.cache_limit!r}") from None
         if self.shuffle_window and self.mode != "epoch":
             raise ValueError("shuffle_window: shard windows need mode: epoch (resampled mode reads every source "
                              "at once); set shuffle_window: 0")
@@ -448,16 +461,33 @@ class SampleStream(IterableDataset):
 # --------------------------------------------------------------------------- builders
 
 
-def shard_cache_for(cfg: DataConfig) -> ShardCache:
-    """The node's cache of remote shards: ``data.cache_dir`` bounded by ``data.cache_limit``."""
-    return ShardCache(cfg.cache_dir, cfg.cache_limit_bytes)
+_warned_cache_dirs: set[str] = set()
+
+
+def shard_cache_for(cfg: DataConfig, on_this_node: bool = True) -> ShardCache:
+    """The node's cache of remote shards: ``data.cache_dir`` bounded by ``data.cache_limit``,
+    their ``auto`` values resolved here, on the node that reads the shards.
+
+    ``on_this_node`` False (a submitting host, whose disk the ranks will not use): an
+    ``auto`` limit is left unmeasured (0) and no filesystem warning is given."""
+    cache = ShardCache(resolve_cache_dir(cfg.cache_dir), cfg.cache_limit_bytes or 0)
+    if on_this_node:
+        if cfg.cache_limit_bytes is None:
+            cache.limit = auto_cache_limit(cache.dir, cache.used_bytes())
+        warning = cache_dir_warning(cache.dir)
+        if warning and cache.dir not in _warned_cache_dirs:
+            _warned_cache_dirs.add(cache.dir)
+            logger.warning("%s", warning)
+    return cache
 
 
 def check_cache_limit(cfg: DataConfig, sources: list[Source]) -> None:
-    """``data.cache_limit`` must hold what the loader pins: two windows of the largest remote shards
-    (with ``shuffle_window: 0``, every remote shard). ValueError naming the knobs otherwise."""
-    remote = np.concatenate([s.shard_bytes for s in sources if s.shard_files.remote is not None] or [np.zeros(0, np.int64)])
-    limit = cfg.cache_limit_bytes
+    """The shard cache's limit (``data.cache_limit``, as resolved on this node) must hold what the
+    loader pins: two windows of the largest remote shards (with ``shuffle_window: 0``, every
+    remote shard). ValueError naming the knobs otherwise."""
+    remote_sources = [s for s in sources if s.shard_files.remote is not None]
+    remote = np.concatenate([s.shard_bytes for s in remote_sources] or [np.zeros(0, np.int64)])
+    limit = remote_sources[0].shard_files.cache.limit if remote_sources else 0
     if not len(remote) or not limit:
         return
     largest = np.sort(remote)[::-1]
@@ -466,20 +496,28 @@ def check_cache_limit(cfg: DataConfig, sources: list[Source]) -> None:
         what = (f"two windows of data.shuffle_window={cfg.shuffle_window} shards need up to {need} bytes"
                 if cfg.shuffle_window else
                 f"data.shuffle_window=0 reads every shard at once: the remote dataset is {need} bytes")
+        if cfg.cache_limit_bytes is None:
+            cache_dir = remote_sources[0].shard_files.cache.dir
+            raise ValueError(f"data.cache_limit=auto ({limit} bytes: {AUTO_CACHE_SHARE:.0%} of the free space of "
+                             f"data.cache_dir {cache_dir}, plus what it holds) is too small: {what}; free space there, "
+                             "set data.cache_dir to a larger disk" + (" or lower data.shuffle_window" if cfg.shuffle_window
+                                                                      else " or set data.shuffle_window (shards per window)"))
         raise ValueError(f"data.cache_limit={cfg.cache_limit!r} ({limit} bytes) is too small: {what}; raise "
                          "data.cache_limit" + (" or lower data.shuffle_window" if cfg.shuffle_window else
                                                " or set data.shuffle_window (shards per window)"))
 
 
-def open_sources(cfg: DataConfig, source_cfgs: list[SourceConfig] | None = None) -> list[Source]:
+def open_sources(cfg: DataConfig, source_cfgs: list[SourceConfig] | None = None, on_this_node: bool = True) -> list[Source]:
     """Index every source (train sources by default) and check it has what the config needs.
 
     Raises FileNotFoundError / ShardDataError / ValueError naming the path, file, key or
-    column. Cheap to call again: tar indexes are cached in ``cfg.index_cache``.
+    column. Cheap to call again for local tars: their indexes are cached in ``cfg.index_cache``.
+    A remote source lists its store and reads every shard index again (see
+    :func:`open_sources_once_per_node`). ``on_this_node``: see :func:`shard_cache_for`.
     """
     cache = os.path.expanduser(cfg.index_cache) if cfg.index_cache else ""
     source_cfgs = source_cfgs if source_cfgs is not None else cfg.train_sources()
-    shard_cache = shard_cache_for(cfg) if any(storage.is_url(sc.path) for sc in source_cfgs) else None
+    shard_cache = shard_cache_for(cfg, on_this_node) if any(storage.is_url(sc.path) for sc in source_cfgs) else None
     sources = []
     for sc in source_cfgs:
         source = open_source(sc.path, sc.format, cache, shard_cache)
@@ -488,6 +526,25 @@ def open_sources(cfg: DataConfig, source_cfgs: list[SourceConfig] | None = None)
         source.validate(need_image=not cfg.use_latents, need_latent=cfg.use_latents)
         sources.append(source)
     return sources
+
+
+def open_sources_once_per_node(cfg: DataConfig, source_cfgs: list[SourceConfig]) -> list[Source]:
+    """:func:`open_sources` for every rank of a job, with remote sources opened once per node.
+
+    With a remote source and more than one rank, local rank 0 of each node lists the
+    store, reads the shard indexes and resolves the shard cache (its ``auto`` limit
+    included); the node's other ranks get those sources (index arrays and cache) from it
+    through node-local disk (:func:`mmtrain.data.node_local.share_on_node`) instead of
+    asking the store themselves. Local sources, and one process alone, open as before."""
+    if not any(storage.is_url(sc.path) for sc in source_cfgs) or distributed.world_size() == 1:
+        return open_sources(cfg, source_cfgs)
+    # names the value (sources, what they must hold, the cache) and this start (the job's rendezvous
+    # address; two jobs on one node have two) on this host (a shared cache_dir may serve several)
+    key = repr((socket.gethostname(), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"),
+                os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID"), os.environ.get("TORCHELASTIC_RUN_ID"),
+                [(sc.path, sc.format) for sc in source_cfgs], cfg.use_latents, cfg.cache_dir, cfg.cache_limit))
+    return share_on_node(key, lambda: open_sources(cfg, source_cfgs), producer=distributed.local_rank() == 0,
+                         barrier=distributed.barrier)
 
 
 def _check_args(caller: str, micro_batch_size: int, rank: int, world_size: int, seed: int, start_sample: int) -> None:
@@ -524,13 +581,14 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, rank: int, *, wor
             its file and key. None = only latents within a batch must agree.
 
     The sources are indexed here, in the calling process, so a missing path or a
-    malformed dataset raises before any worker starts.
+    malformed dataset raises before any worker starts; remote sources once per node
+    (:func:`open_sources_once_per_node`), so with a process group every rank must call this.
     """
     _check_args("build_train_loader", micro_batch_size, rank, world_size, seed, start_sample)
     if text_tokenizer is not None and max_text_len < 1:
         raise ValueError(f"build_train_loader: max_text_len must be >= 1 with a text tokenizer, got {max_text_len}")
     source_cfgs = cfg.train_sources()
-    sources = open_sources(cfg, source_cfgs)
+    sources = open_sources_once_per_node(cfg, source_cfgs)
     order = StreamOrder([len(s) for s in sources], [sc.weight for sc in source_cfgs], cfg.mode, cfg.shuffle, seed,
                         shards=[s.sample_shards() for s in sources], window=cfg.shuffle_window)
     check_cache_limit(cfg, sources)

@@ -20,7 +20,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import webdataset as wds
@@ -268,17 +268,19 @@ def list_shards(source: str | os.PathLike[str]) -> list[str]:
     )
 
 
-def list_remote_shards(source: str) -> list[tuple[str, int]]:
+def list_remote_shards(source: str, sizes: Callable[[str], dict[str, int] | None] | None = None) -> list[tuple[str, int]]:
     """``[(url, bytes)]`` of the tar shards at a URL: a prefix (every ``*.tar`` object right under it,
     sorted; needs a store that lists: s3, gs), one ``.tar`` or a brace pattern (checked one by one).
 
-    Raises FileNotFoundError naming the URL when a shard or the prefix's shards do not exist,
-    PermissionError when the store refuses.
+    ``sizes`` lists a prefix (default: the store's ``sizes``; a caller that listed it already
+    passes its answer on). Raises FileNotFoundError naming the URL when a shard or the
+    prefix's shards do not exist, PermissionError when the store refuses.
     """
     store = store_for(source)
+    sizes = sizes or store.sizes
     if "{" in source or source.endswith(".tar"):
         urls = list(braceexpand(source))
-        listed = store.sizes(storage.dirname(urls[0])) if len(urls) > 1 else None
+        listed = sizes(storage.dirname(urls[0])) if len(urls) > 1 else None
         if listed is not None:
             missing = [u for u in urls if u not in listed]
             if missing:
@@ -286,7 +288,7 @@ def list_remote_shards(source: str) -> list[tuple[str, int]]:
                 raise FileNotFoundError(f"shard source {source!r}: {len(missing)} shard(s) not found: {shown}")
             return [(u, listed[u]) for u in urls]
         return [(u, store.size(u)) for u in urls]  # FileNotFoundError names the URL
-    listed = store.sizes(source)
+    listed = sizes(source)
     if listed is None:
         raise ValueError(f"shard source {source!r}: {source.split(':')[0]} cannot list a prefix; name the shards "
                          "with a brace pattern, e.g. https://host/data/shard-{000000..000099}.tar")

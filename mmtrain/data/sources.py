@@ -38,6 +38,7 @@ from mmtrain.data import storage
 from mmtrain.data.cache import CacheFullError, CorruptShardError, RemoteFile, ShardCache
 from mmtrain.data.errors import ShardDataError
 from mmtrain.data.index import FIELDS, TarIndex, load_remote_tar_indexes, load_tar_indexes
+from mmtrain.data.node_local import resolve_cache_dir
 from mmtrain.data.shards import list_remote_shards, list_shards
 
 FORMATS: tuple[str, ...] = ("auto", "wds", "mds")
@@ -151,9 +152,9 @@ class _ShardFiles:
 
 
 def default_shard_cache() -> ShardCache:
-    """The cache for remote shards read outside training (eval, tokenizer training, prep): ``MMTRAIN_CACHE_DIR``
-    (default ``~/.cache/mmtrain/shards``), no size limit."""
-    return ShardCache(os.environ.get("MMTRAIN_CACHE_DIR") or "~/.cache/mmtrain/shards", 0)
+    """The cache for remote shards read outside training (eval, tokenizer training, prep): ``MMTRAIN_CACHE_DIR``,
+    by default the node-local one training uses (:func:`~mmtrain.data.node_local.resolve_cache_dir`), no size limit."""
+    return ShardCache(resolve_cache_dir(os.environ.get("MMTRAIN_CACHE_DIR", "auto"), "MMTRAIN_CACHE_DIR"), 0)
 
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -221,10 +222,11 @@ class WdsSource:
 
     format = "wds"
 
-    def __init__(self, spec: str, cache_dir: str = "", shard_cache: ShardCache | None = None) -> None:
+    def __init__(self, spec: str, cache_dir: str = "", shard_cache: ShardCache | None = None,
+                 sizes: Callable[[str], dict[str, int] | None] | None = None) -> None:
         self.spec = spec
         if storage.is_url(spec):
-            listed = list_remote_shards(spec)
+            listed = list_remote_shards(spec, sizes)
             self.shards = [u for u, _ in listed]
             indexes: list[TarIndex] = load_remote_tar_indexes(self.shards, [n for _, n in listed])
             remote = [RemoteFile(ix.path, ix.size, f"sha256:{ix.sha256}" if ix.sha256 else "") for ix in indexes]
@@ -330,7 +332,8 @@ class MdsSource:
 
     format = "mds"
 
-    def __init__(self, spec: str, shard_cache: ShardCache | None = None) -> None:
+    def __init__(self, spec: str, shard_cache: ShardCache | None = None,
+                 sizes: Callable[[str], dict[str, int] | None] | None = None) -> None:
         # heavy import: only for MDS sources
         from streaming.base.format.mds.encodings import is_mds_encoding
 
@@ -349,7 +352,7 @@ class MdsSource:
             raise ShardDataError(f"{self.index_file}: not a valid MDS index ({exc!r})") from exc
         if not shards:
             raise ShardDataError(f"{self.index_file}: lists no shards")
-        listed = storage.store_for(root).sizes(root) if remote else None
+        listed = (sizes or storage.store_for(root).sizes)(root) if remote else None
         self.files: list[str] = []
         fetch: list[RemoteFile] = []
         counts, shard_bytes = [], []
@@ -515,14 +518,16 @@ def _remote_exists(url: str) -> bool:
         return False
 
 
-def detect_format(path: str) -> str:
-    """``wds`` or ``mds`` for a source path or URL; FileNotFoundError naming the path when it is neither."""
+def detect_format(path: str, sizes: Callable[[str], dict[str, int] | None] | None = None) -> str:
+    """``wds`` or ``mds`` for a source path or URL; FileNotFoundError naming the path when it is neither.
+
+    ``sizes`` lists a URL prefix (default: its store's ``sizes``)."""
     if "{" in path or path.endswith(".tar"):
         return "wds"
     if storage.basename(path) == "index.json":
         return "mds"
     if storage.is_url(path):
-        listed = storage.store_for(path).sizes(path)
+        listed = (sizes or storage.store_for(path).sizes)(path)
         if listed is None:  # http: no listing
             return "mds" if _remote_exists(storage.join(path, "index.json")) else "wds"
         if storage.join(path, "index.json") in listed:
@@ -555,6 +560,19 @@ def open_source(path: str, fmt: str = "auto", cache_dir: str = "", shard_cache: 
     path = os.fspath(path)
     if not storage.is_url(path):
         path = os.path.expanduser(path)
+    sizes = _listing_once()  # detecting the format and indexing list the same prefix: ask the store once
     if fmt == "auto":
-        fmt = detect_format(path)
-    return WdsSource(path, cache_dir, shard_cache) if fmt == "wds" else MdsSource(path, shard_cache)
+        fmt = detect_format(path, sizes)
+    return WdsSource(path, cache_dir, shard_cache, sizes) if fmt == "wds" else MdsSource(path, shard_cache, sizes)
+
+
+def _listing_once() -> Callable[[str], dict[str, int] | None]:
+    """A store's ``sizes(prefix)`` that asks the store once per prefix (for one :func:`open_source`)."""
+    listed: dict[str, dict[str, int] | None] = {}
+
+    def sizes(prefix: str) -> dict[str, int] | None:
+        if prefix not in listed:
+            listed[prefix] = storage.store_for(prefix).sizes(prefix)
+        return listed[prefix]
+
+    return sizes

@@ -33,12 +33,18 @@ class LaunchConfig:
         gpus_per_node: GPUs per node, one rank each. Default 8.
         tasks_per_node: ranks per node; 0 = ``gpus_per_node``, or ``train.nproc_per_node``
             when ``gpus_per_node`` is 0 (CPU ranks). Default 0.
-        cpus_per_task: CPU cores per rank (``--cpus-per-task``); 0 = not set. Default 0.
+        cpus_per_task: CPU cores per rank (``--cpus-per-task``); 0 = ``data.num_workers + 2``:
+            one per dataloader worker, one for the rank's own process and one for its threads
+            (shard prefetch, batch pinning, communication); Slurm's own default is usually one
+            core per task. Default 0.
         partition: ``--partition``; "" = not set. Default "".
         account: ``--account``; "" = not set. Default "".
         qos: ``--qos``; "" = not set. Default "".
         constraint: ``--constraint`` (node features, e.g. ``a100``); "" = not set. Default "".
-        mem: memory per node (``--mem``, e.g. ``400G``; ``0`` = all of it); "" = not set. Default "".
+        mem: memory per node (``--mem``: ``400G``, ``512000M``; ``0`` = all of the node's memory);
+            ``auto`` = ``0`` when the job takes GPUs (``gpus_per_node`` > 0: its nodes are GPU nodes
+            whose memory serves their ranks), not set on CPU-only jobs; "" = not set (Slurm's
+            default). Default ``auto``.
         exclusive: whole nodes only (``--exclusive``). Default false.
         time: time limit of each run of the job: ``HH:MM`` (hours, minutes; note that plain
             sbatch reads ``12:00`` as 12 minutes), ``HH:MM:SS``, ``D-HH:MM`` or minutes as an
@@ -61,7 +67,7 @@ class LaunchConfig:
     account: str = ""
     qos: str = ""
     constraint: str = ""
-    mem: str = ""
+    mem: str = "auto"
     exclusive: bool = False
     time: str = "24:00"
     max_timeouts: int = 3
@@ -80,6 +86,9 @@ class LaunchConfig:
         if self.cluster != "slurm" and self.nodes != 1:
             raise ValueError(f"launch.nodes={self.nodes}: cluster {self.cluster!r} runs on this machine only (nodes=1)")
         parse_time(self.time)  # a bad launch.time fails at load, not at submission
+        if not re.fullmatch(r"|auto|\d+[KMGT]?", str(self.mem).strip(), flags=re.IGNORECASE):
+            raise ValueError(f"launch.mem: expected auto, 0 (all of a node's memory), a size such as 400G or 512000M "
+                             f"(K, M, G, T; plain numbers are MB), or \"\" (not set), got {self.mem!r}")
 
     @property
     def timeout_min(self) -> int:
@@ -112,8 +121,25 @@ def tasks_per_node(launch: LaunchConfig, nproc_per_node: int) -> int:
     return launch.gpus_per_node or nproc_per_node
 
 
-def sbatch_parameters(launch: LaunchConfig, ntasks_per_node: int) -> dict:
-    """submitit's Slurm parameters (sbatch option names with ``_``) for this launch config."""
+CPUS_BESIDES_WORKERS = 2  # a rank's own process and its threads (prefetch, pinning, communication)
+
+
+def cpus_per_task_for(num_workers: int) -> int:
+    """The cores a rank needs: one per dataloader worker (``data.num_workers``) plus :data:`CPUS_BESIDES_WORKERS`."""
+    return num_workers + CPUS_BESIDES_WORKERS
+
+
+def mem_per_node(launch: LaunchConfig) -> str:
+    """``--mem``: ``launch.mem``, with ``auto`` = ``0`` (all of the node's memory) on GPU nodes, "" (not set) otherwise."""
+    mem = str(launch.mem).strip()
+    if mem.lower() == "auto":
+        return "0" if launch.gpus_per_node > 0 else ""
+    return mem
+
+
+def sbatch_parameters(launch: LaunchConfig, ntasks_per_node: int, num_workers: int) -> dict:
+    """submitit's Slurm parameters (sbatch option names with ``_``) for this launch config;
+    ``num_workers`` (``data.num_workers``) sizes the default ``--cpus-per-task``."""
     params: dict = {
         "job_name": launch.job_name,
         "nodes": launch.nodes,
@@ -124,9 +150,9 @@ def sbatch_parameters(launch: LaunchConfig, ntasks_per_node: int) -> dict:
         "srun_args": ["--kill-on-bad-exit=1"],
         "additional_parameters": {"requeue": True},
     }
-    optional = {"gpus_per_node": launch.gpus_per_node, "cpus_per_task": launch.cpus_per_task,
+    optional = {"gpus_per_node": launch.gpus_per_node, "cpus_per_task": launch.cpus_per_task or cpus_per_task_for(num_workers),
                 "partition": launch.partition, "account": launch.account, "qos": launch.qos,
-                "constraint": launch.constraint, "mem": launch.mem, "exclusive": launch.exclusive,
+                "constraint": launch.constraint, "mem": mem_per_node(launch), "exclusive": launch.exclusive,
                 "setup": list(launch.setup)}
     params.update({k: v for k, v in optional.items() if v})
     return params
@@ -141,24 +167,24 @@ def submitit_command(folder: Path, python: str = sys.executable) -> str:
     return " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(str(folder))])
 
 
-def render_sbatch(launch: LaunchConfig, run_dir: str | Path, nproc_per_node: int) -> str:
+def render_sbatch(launch: LaunchConfig, run_dir: str | Path, nproc_per_node: int, num_workers: int) -> str:
     """The sbatch script ``launch`` submits on Slurm (``mmtrain launch --dry-run`` prints it)."""
     # submitit's own renderer, the function its SlurmExecutor calls, so this is the text sbatch gets
     from submitit.slurm.slurm import _make_sbatch_string
 
     folder = logs_folder(run_dir)
     return _make_sbatch_string(command=submitit_command(folder), folder=folder,
-                               **sbatch_parameters(launch, tasks_per_node(launch, nproc_per_node)))
+                               **sbatch_parameters(launch, tasks_per_node(launch, nproc_per_node), num_workers))
 
 
-def build_executor(launch: LaunchConfig, run_dir: str | Path, nproc_per_node: int):
+def build_executor(launch: LaunchConfig, run_dir: str | Path, nproc_per_node: int, num_workers: int):
     import submitit
 
     folder = logs_folder(run_dir)
     ntasks = tasks_per_node(launch, nproc_per_node)
     if launch.cluster == "slurm":
         ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=launch.max_timeouts)
-        ex.update_parameters(**{f"slurm_{k}": v for k, v in sbatch_parameters(launch, ntasks).items()})
+        ex.update_parameters(**{f"slurm_{k}": v for k, v in sbatch_parameters(launch, ntasks, num_workers).items()})
     elif launch.cluster == "local":
         ex = submitit.AutoExecutor(folder=folder, cluster="local", local_max_num_timeout=launch.max_timeouts)
         ex.update_parameters(name=launch.job_name, nodes=1, tasks_per_node=ntasks, gpus_per_node=min(launch.gpus_per_node, ntasks),
@@ -180,7 +206,7 @@ def submit(cfg, config_source: str = ""):
     cfg.train.run_dir = str(Path(cfg.train.run_dir).absolute())
     launch = cfg.launch
     ntasks = tasks_per_node(launch, cfg.train.nproc_per_node)
-    executor = build_executor(launch, cfg.train.run_dir, cfg.train.nproc_per_node)
+    executor = build_executor(launch, cfg.train.run_dir, cfg.train.nproc_per_node, cfg.data.num_workers)
     job = executor.submit(TrainJob(cfg.to_dict()))
     registry.record(cfg.train.run_dir, "submitted", job.job_id, cluster=launch.cluster, nodes=launch.nodes,
                     tasks_per_node=ntasks, steps=cfg.train.steps, config=config_source,
