@@ -352,6 +352,9 @@ def check_throughput(args, device: torch.device) -> dict:
     for name, B in configs:
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
         for attention, compiled in variants:
+            # each row compiles from scratch: rows of other configs must not use up this row's
+            # recompile budget (dynamo's limit is per code object), nor hand it their graphs
+            torch._dynamo.reset()
             model = build_model(cfg, attention).to(device)
             if compiled:
                 for block in model.transformer_blocks():
