@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -311,7 +312,9 @@ def load_model_state(run_dir: str | os.PathLike, tag: str | None = None) -> tupl
         raise ValueError(f"{ckpt_dir}: not an mmtrain checkpoint (no 'mmtrain' client state)")
     # ZeRO-3's module state holds placeholders: every weight comes from the partitions
     state = {} if zero3_files else {k: v.detach().float() for k, v in meta["module"].items()}
-    if zero3_files or zero12_optim:
+    if zero12_optim and _is_bf16_optimizer_file(zero12_optim[0]):
+        masters = _bf16_optimizer_masters(meta, zero12_optim)
+    elif zero3_files or zero12_optim:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(sys.stderr):  # its progress lines are not the caller's output
@@ -320,6 +323,38 @@ def load_model_state(run_dir: str | os.PathLike, tag: str | None = None) -> tupl
         masters = _zero0_fp32_masters(meta, ckpt_dir)
     state.update({k: v.detach().float() for k, v in masters.items()})
     return state, meta["mmtrain"]
+
+
+def _rank_of_optim_file(path: Path) -> int:
+    return int(path.name.split("zero_pp_rank_")[1].split("_")[0])
+
+
+def _is_bf16_optimizer_file(path: Path) -> bool:
+    """DeepSpeed's BF16_Optimizer (ZeRO-1 with bf16 weights and fp32 gradient accumulation)
+    saves its fp32 partitions without the ``zero_stage`` key that DeepSpeed's zero_to_fp32
+    requires ("... is not a zero checkpoint")."""
+    optim = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+    return "zero_stage" not in optim and "single_partition_of_fp32_groups" in optim
+
+
+def _bf16_optimizer_masters(meta: dict, optim_files: list[Path]) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a BF16_Optimizer checkpoint: per parameter group, rank r's
+    file holds piece r of equal pieces of one flat fp32 vector, the group's parameters one after
+    the other in the order of ``param_shapes`` (padding only at the end)."""
+    files = sorted(optim_files, key=_rank_of_optim_file)
+    pieces = [torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+              ["single_partition_of_fp32_groups"] for f in files]
+    masters = {}
+    for group, shapes in enumerate(meta["param_shapes"]):
+        flat = torch.cat([rank_pieces[group] for rank_pieces in pieces])
+        offset = 0
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            if offset + numel > flat.numel():
+                raise ValueError(f"{files[0].parent}: the fp32 partitions of group {group} end before parameter {name}")
+            masters[name] = flat[offset:offset + numel].view(tuple(shape)).clone()
+            offset += numel
+    return masters
 
 
 def _zero0_fp32_masters(meta: dict, ckpt_dir: Path) -> dict[str, torch.Tensor]:
