@@ -134,6 +134,60 @@ def test_sharded_ema_equals_a_full_ema_and_reshards_across_world_sizes(tmp_path)
         torch.testing.assert_close(again[k], full[k], rtol=0, atol=0)
 
 
+def test_ema_resume_on_the_same_world_size_reads_only_the_rank_s_own_shard(tmp_path):
+    """Each rank loads its own file (the others' may be elsewhere, e.g. on their nodes); a
+    different slicing at the same world size, or another world size, goes through consolidate."""
+    model, cfg = _toy_model(0), EMAConfig(decay=0.8)
+    saved = [ShardedEMA(model, cfg, r, 3) for r in range(3)]
+    for ema in saved:
+        ema.save(tmp_path / "ckpt")
+    for r in range(3):
+        alone = tmp_path / f"only{r}"
+        (alone / "ema").mkdir(parents=True)
+        (tmp_path / "ckpt" / "ema" / f"rank{r:05d}.safetensors").rename(alone / "ema" / f"rank{r:05d}.safetensors")
+        resumed = ShardedEMA(_toy_model(1), cfg, r, 3)  # other initial weights: the load must replace them
+        resumed.load(alone)
+        for name, shard in resumed.shards.items():
+            torch.testing.assert_close(shard, saved[r].shards[name], rtol=0, atol=0)
+        with pytest.raises(FileNotFoundError, match="1 EMA shard files, but the run had 3 ranks"):
+            ShardedEMA(model, cfg, min(r, 1), 2).load(alone)  # another world size re-slices: it needs every shard
+        (alone / "ema" / f"rank{r:05d}.safetensors").rename(tmp_path / "ckpt" / "ema" / f"rank{r:05d}.safetensors")
+
+    # same world size, other slice boundaries (as ZeRO-1/2 fragments after a regrouping): re-sliced
+    full = consolidate(tmp_path / "ckpt")
+    for r, ema in enumerate(ShardedEMA(model, cfg, r, 2) for r in range(2)):
+        ema.starts = {name: 0 if r == 0 else 2 for name in ema.starts}
+        ema.shards = {name: full[name].view(-1)[:2].clone() if r == 0 else full[name].view(-1)[2:].clone()
+                      for name in ema.shards}
+        ema.save(tmp_path / "odd")
+    for r in range(2):
+        resumed = ShardedEMA(_toy_model(1), cfg, r, 2)
+        resumed.load(tmp_path / "odd")
+        for name, shard in resumed.shards.items():
+            start, stop, _ = shard_bounds(full[name].numel(), r, 2)
+            torch.testing.assert_close(shard, full[name].view(-1)[start:stop], rtol=0, atol=0)
+
+
+def test_ema_update_follows_weights_changed_in_place_after_a_load(tmp_path):
+    """The sources are resolved at the first update, after a checkpoint load, and stay views of
+    the weights the optimizer updates in place."""
+    model, cfg = _toy_model(0), EMAConfig(decay=0.5)
+    ema = ShardedEMA(model, cfg, 1, 2)
+    ShardedEMA(_toy_model(2), cfg, 1, 2).save(tmp_path)
+    ema.load(tmp_path)
+    expected = {k: v.clone() for k, v in ema.shards.items()}
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5).add_(0.25)
+        ema.update(step)
+        for name, p in model.named_parameters():
+            start, stop, _ = shard_bounds(p.numel(), 1, 2)
+            expected[name] = 0.5 * expected[name] + 0.5 * p.detach().view(-1)[start:stop]
+    for name in expected:
+        torch.testing.assert_close(ema.shards[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
 def test_ema_warmup_decay():
     ema = ShardedEMA(_toy_model(0), EMAConfig(decay=0.999, warmup=True), 0, 1)
     assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(90) == pytest.approx(0.91)
