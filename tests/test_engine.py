@@ -203,6 +203,24 @@ def test_missing_ema_shard_is_named(tmp_path):
         consolidate(tmp_path)
 
 
+def test_a_failed_universal_conversion_raises_on_rank_0_and_bounds_the_wait_of_the_others(tmp_path):
+    """Rank 0's conversion fails: it raises with the way out (the launcher then ends the job) and
+    leaves no universal directory; another rank stops waiting after train.convert_timeout_s."""
+    from mmtrain.components.checkpoint import checkpoint_root, make_universal, plan_resume
+
+    root = checkpoint_root(tmp_path)
+    (root / "step00000004").mkdir(parents=True)
+    (root / "step00000004" / "meta.json").write_text(json.dumps({"step": 4, "world_size": 2, "zero_stage": 3}))
+    (root / "latest").write_text("step00000004")
+    point = plan_resume(tmp_path, world_size=4, zero_stage=3)
+    assert point.universal and point.load_tag == "universal-step00000004" and point.world_size == 4
+    with pytest.raises(RuntimeError, match=r"(?s)universal checkpoint failed \(exit \d+\); resume on 2 ranks instead.*ds_to_universal"):
+        make_universal(tmp_path, point, rank=0, timeout_s=1)  # no DeepSpeed files in it
+    assert not (root / "universal-step00000004").exists()
+    with pytest.raises(TimeoutError, match=r"rank 0 to convert .*step00000004 .*train.convert_timeout_s=0.5"):
+        make_universal(tmp_path, point, rank=1, timeout_s=0.5)
+
+
 def test_train_config_defaults_are_valid():
     t = TrainConfig()
     assert t.offload == "none" and t.compile is False and t.zero_stage == 3
