@@ -186,7 +186,6 @@ class ShardedEMA:
             start = self.starts[name]
             shard.copy_(full[name].view(-1)[start:start + shard.numel()])
 
-
     def _load_own_shard(self, file: Path) -> bool:
         if not file.is_file():
             return False
