@@ -73,7 +73,23 @@ class TrainConfig:
         compile: ``torch.compile`` each transformer block (the repeated unit, so one
             compiled graph serves all of them). Default false.
         seed: global seed; rank r uses ``seed * 1000 + r`` for its noise. Default 0.
+        grad_accum_dtype: ``fp32`` or ``bf16``: what ZeRO accumulates gradients in (over the
+            micro-batches of a step, and ZeRO-2/3's gradient partitions) when ``precision`` is
+            bf16 (DeepSpeed's ``data_types.grad_accum_dtype``). ZeRO-3 and ZeRO-2 add each
+            micro-batch's reduced gradient into an fp32 partition; ZeRO-1 runs DeepSpeed's BF16
+            optimizer, which keeps a full fp32 gradient buffer on every rank (4 bytes x
+            parameters; ZeRO-2 partitions it). ZeRO-0 accumulates in bf16 whatever this says:
+            DeepSpeed refuses fp32 accumulation without ZeRO. An fp32 run accumulates in fp32.
+            Default ``fp32``.
+        communication_dtype: ``fp32`` or ``bf16``: the dtype of the gradient all-reduce /
+            reduce-scatter over the ranks when ``precision`` is bf16 (DeepSpeed's
+            ``communication_data_type``; bf16 halves the traffic and sums W ranks' gradients
+            with 8 mantissa bits). Every ZeRO stage honours it. Default ``fp32``.
         dist_timeout_s: collective timeout, so a dead rank ends the job. Default 600.
+        convert_timeout_s: resuming on another world size: how long the other ranks wait
+            (on the run directory's filesystem, before the process group exists, so no
+            collective timeout applies) for rank 0 to convert the checkpoint to a DeepSpeed
+            universal checkpoint; they then stop with an error naming this key. Default 7200.
         init_from: a model directory (``model.safetensors``, e.g. from ``mmtrain convert``)
             whose weights start a fresh run; ignored once the run has a checkpoint. Default "".
         stop_at: end this launch, with a checkpoint, once the run reaches this step; the
@@ -92,7 +108,10 @@ class TrainConfig:
     offload: str = "none"
     compile: bool = False
     seed: int = 0
+    grad_accum_dtype: str = "fp32"
+    communication_dtype: str = "fp32"
     dist_timeout_s: int = 600
+    convert_timeout_s: int = 7200
     init_from: str = ""
     stop_at: int = 0
 
@@ -103,13 +122,19 @@ class TrainConfig:
             raise ConfigError(f"train.precision: expected 'fp32' or 'bf16', got {self.precision!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage: expected 0..3, got {self.zero_stage!r}")
+        for name in ("grad_accum_dtype", "communication_dtype"):
+            value = getattr(self, name)
+            if value not in ("fp32", "bf16"):
+                raise ConfigError(f"train.{name}: expected 'fp32' or 'bf16', got {value!r}")
+            if value == "bf16" and self.precision != "bf16":
+                raise ConfigError(f"train.{name}=bf16 needs train.precision=bf16 (an fp32 run has fp32 gradients)")
         if self.offload not in ("none", "optimizer", "all"):
             raise ConfigError(f"train.offload: expected 'none', 'optimizer' or 'all', got {self.offload!r}")
         if self.offload == "optimizer" and self.zero_stage == 0:
             raise ConfigError("train.offload=optimizer needs train.zero_stage >= 1")
         if self.offload == "all" and self.zero_stage != 3:
             raise ConfigError("train.offload=all (parameters too) needs train.zero_stage=3")
-        for name in ("steps", "micro_batch_size", "grad_accum", "nproc_per_node"):
+        for name in ("steps", "micro_batch_size", "grad_accum", "nproc_per_node", "dist_timeout_s", "convert_timeout_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
 

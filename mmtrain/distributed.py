@@ -15,15 +15,26 @@ log step (metric sums, peak memory), never per micro-batch.
 
 Every function works without a process group (one process): it then answers for that
 process alone.
+
+Before the group exists ranks agree through the run directory, a filesystem every rank sees
+(in multi-node jobs a shared one, as checkpoints need): :func:`wait_for_path` waits for a
+file or directory that rank 0 creates by an atomic rename, with no collective and so no
+collective timeout involved (used while rank 0 converts a checkpoint, which can take longer
+than any sensible ``train.dist_timeout_s``).
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("mmtrain.distributed")
 
 _device: torch.device | None = None
 
@@ -78,6 +89,40 @@ def world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
+def launched_rank() -> int:
+    """This process's rank as its launcher set it (``RANK``: torchrun, ``mmtrain train --srun``,
+    ``mmtrain launch``), readable before :func:`init`; 0 for a lone process."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def launched_world_size() -> int:
+    """The number of ranks the launcher started (``WORLD_SIZE``), readable before :func:`init`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def wait_for_path(path: str | os.PathLike, timeout_s: float, what: str, poll_s: float = 1.0,
+                  log_every_s: float = 60.0) -> float:
+    """Block until ``path`` exists, i.e. until another rank has renamed it into place: no
+    collective, so no collective timeout. Logs how long it has waited every ``log_every_s``;
+    raises TimeoutError naming ``what`` (which should say which setting bounds the wait) after
+    ``timeout_s``. Returns the seconds waited."""
+    path = Path(path)
+    t0 = time.monotonic()
+    next_log = 0.0
+    while True:
+        waited = time.monotonic() - t0
+        if path.exists():
+            if waited >= log_every_s:
+                log.warning("rank %d: %s is there after %.0f s", launched_rank(), path, waited)
+            return waited
+        if waited >= timeout_s:
+            raise TimeoutError(f"rank {launched_rank()}: waited {waited:.0f} s for {what}, but {path} did not appear")
+        if waited >= next_log:
+            log.warning("rank %d: waiting for %s (%.0f s of at most %.0f s)", launched_rank(), what, waited, timeout_s)
+            next_log += log_every_s
+        time.sleep(min(poll_s, max(timeout_s - waited, 0.0)))
+
+
 def init(timeout_s: int, with_deepspeed: bool = False) -> tuple[int, int, torch.device]:
     """Join the ranks the launcher started (``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``):
     (rank, world size, device). ``with_deepspeed`` lets DeepSpeed create the group (it keeps
@@ -93,6 +138,11 @@ def init(timeout_s: int, with_deepspeed: bool = False) -> tuple[int, int, torch.
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group(backend_for(dev), timeout=timeout,
                                 **({"device_id": dev} if dev.type == "cuda" else {}))
+    if (rank(), world_size()) != (launched_rank(), launched_world_size()):
+        # what the ranks decided before joining (a universal conversion) assumed the launcher's numbers
+        raise RuntimeError(f"the process group says rank {rank()} of {world_size()}, the launcher's RANK/WORLD_SIZE "
+                           f"said {launched_rank()} of {launched_world_size()}: start the ranks with torchrun, "
+                           f"`mmtrain train --srun` or `mmtrain launch`, which set both")
     return rank(), world_size(), dev
 
 

@@ -225,16 +225,16 @@ def save_sample_grid(engine, cfg: Config, step: int, data: Batch, text_tok, imag
 def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
     """Train to ``train.steps`` (or ``train.stop_at``), or until ``watch`` reports a preemption signal: then every
     rank saves the current step and the result's ``stopped_by`` says ``requeue`` or ``stop``."""
-    rank, world, dev = distributed.init(cfg.train.dist_timeout_s, with_deepspeed=True)
+    rank, world = distributed.launched_rank(), distributed.launched_world_size()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
+    point = checkpoint.plan_resume(cfg.train.run_dir, world, cfg.train.zero_stage)
+    if point is not None and point.universal:
+        # before the process group exists: no collective timeout runs while rank 0 converts
+        checkpoint.make_universal(cfg.train.run_dir, point, rank, cfg.train.convert_timeout_s)
+    rank, world, dev = distributed.init(cfg.train.dist_timeout_s, with_deepspeed=True)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     text_tok = TextTokenizer.from_file(cfg.text_model_path) if cfg.model.condition == "text" else None
     run_dir = _prepare_run_dir(cfg, rank, text_tok)
-    point = checkpoint.plan_resume(run_dir, world, cfg.train.zero_stage)
-    if point is not None and point.universal:
-        if rank == 0:
-            checkpoint.make_universal(run_dir, point)
-        distributed.barrier()
 
     image_tok = build_image_tokenizer(cfg.tokenizer.image).to(dev)
     model = build_model(cfg.model, cfg.data.image_size, text_tok, image_tok)

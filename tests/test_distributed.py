@@ -72,6 +72,30 @@ def test_one_process_without_a_group_answers_for_itself():
             distributed.resolve_device("cuda")
 
 
+def test_wait_for_path_sees_a_renamed_directory_and_times_out_naming_what(tmp_path, caplog, monkeypatch):
+    """How ranks wait for rank 0 before the process group exists: on the filesystem, no collective."""
+    import threading
+    import time
+
+    target = tmp_path / "universal-step00000006"
+    (tmp_path / ".universal-step00000006").mkdir()
+    threading.Timer(0.5, lambda: (tmp_path / ".universal-step00000006").rename(target)).start()
+    with caplog.at_level("WARNING", logger="mmtrain.distributed"):
+        waited = distributed.wait_for_path(target, timeout_s=30, what="the conversion (a.key=30)", poll_s=0.05, log_every_s=0.2)
+    assert 0.4 < waited < 5 and target.is_dir()
+    assert "waiting for the conversion (a.key=30)" in caplog.text  # progress is logged while it waits
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"waited \d+ s for the conversion \(a.key=1\), but .*never did not appear"):
+        distributed.wait_for_path(tmp_path / "never", timeout_s=1, what="the conversion (a.key=1)", poll_s=0.05)
+    assert time.monotonic() - t0 < 3
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert (distributed.launched_rank(), distributed.launched_world_size()) == (3, 8)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert (distributed.launched_rank(), distributed.launched_world_size()) == (0, 1)  # a lone process
+
+
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "reduce_scatter",
                "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "gather", "gather_object", "scatter",
                "scatter_object_list", "reduce", "barrier", "all_to_all", "all_to_all_single", "send", "recv",

@@ -11,7 +11,8 @@ Layout of ``<run_dir>/checkpoints/``::
         config.yaml, tokenizer/    the resolved config and the run's tokenizer files
     latest                         names the newest complete checkpoint
     universal-step00000100/        DeepSpeed universal checkpoint, made when resuming on
-                                   another world size
+                                   another world size (by rank 0, before the ranks join the
+                                   process group; see make_universal)
 
 ``latest`` is written by rank 0 only after every rank finished writing (DeepSpeed's own
 ``latest`` can be written before other ranks are done) and is replaced atomically, so a
@@ -23,11 +24,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,12 +185,14 @@ def discard_incomplete(run_dir: str | os.PathLike) -> list[str]:
 @dataclass
 class ResumePoint:
     """Where a restart continues: ``tag`` is the checkpoint, ``load_tag`` what DeepSpeed
-    loads (the universal conversion of ``tag`` when the world size changed)."""
+    loads (the universal conversion of ``tag`` when the world size changed), ``world_size``
+    the number of ranks resuming."""
 
     tag: str
     meta: dict
     load_tag: str
     world_changed: bool
+    world_size: int
 
     @property
     def universal(self) -> bool:
@@ -200,7 +207,9 @@ def read_meta(ckpt_dir: Path) -> dict:
 
 
 def plan_resume(run_dir: str | os.PathLike, world_size: int, zero_stage: int) -> ResumePoint | None:
-    """Decide how to resume; raises with instructions when it cannot."""
+    """Decide how to resume; raises with instructions when it cannot. Reads only ``latest`` and
+    the checkpoint it names, so every rank can call it before the process group exists (a
+    save interrupted after ``latest`` was written cannot exist: ``latest`` comes last)."""
     tag = latest_tag(run_dir)
     if tag is None:
         return None
@@ -215,33 +224,70 @@ def plan_resume(run_dir: str | os.PathLike, world_size: int, zero_stage: int) ->
     world_changed = saved_world != world_size
     # ZeRO-0 keeps full optimizer state on every rank and loads on any world size as is
     universal = world_changed and zero_stage > 0
-    return ResumePoint(tag, meta, UNIVERSAL_PREFIX + tag if universal else tag, world_changed)
+    return ResumePoint(tag, meta, UNIVERSAL_PREFIX + tag if universal else tag, world_changed, world_size)
 
 
-def make_universal(run_dir: str | os.PathLike, point: ResumePoint) -> None:
-    """Rank 0 converts ``point.tag`` with DeepSpeed's ``ds_to_universal`` (other ranks wait at
-    the caller's barrier). The conversion is written under a temporary name, then renamed."""
+def make_universal(run_dir: str | os.PathLike, point: ResumePoint, rank: int, timeout_s: float) -> None:
+    """Every rank calls it before joining the process group: rank 0 converts ``point.tag`` with
+    DeepSpeed's ``ds_to_universal`` (written under a temporary name, then renamed), the others
+    wait for the renamed directory on the filesystem for up to ``timeout_s``
+    (``train.convert_timeout_s``). No collective is pending meanwhile, so a conversion longer
+    than ``train.dist_timeout_s`` (hours for a large model) cannot time the job out. If rank 0
+    fails it raises and the launcher ends the job (torchrun; srun and submitit with
+    ``--kill-on-bad-exit=1``)."""
     root = checkpoint_root(run_dir)
     final = root / point.load_tag
+    if rank != 0:
+        distributed.wait_for_path(final, timeout_s, f"rank 0 to convert {root / point.tag} to a universal checkpoint "
+                                                    f"(train.convert_timeout_s={timeout_s:g})")
+        return
     if final.is_dir():
         return
     tmp = root / f".{point.load_tag}"
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("world size changed (%d -> %d ranks): converting %s to a DeepSpeed universal checkpoint",
-             point.meta["world_size"], _rank_world()[1], point.tag)
+             point.meta["world_size"], point.world_size, point.tag)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / point.tag),
            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "2", "--num_merge_workers", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"converting {root / point.tag} to a universal checkpoint failed (exit {proc.returncode}); resume on "
-            f"{point.meta['world_size']} ranks instead, or convert by hand:\n  {' '.join(cmd)}\n"
-            f"then rename {tmp} to {final}.\n{proc.stderr[-2000:]}")
+    t0 = time.monotonic()
+    with tempfile.TemporaryFile() as output:  # a file, not a pipe: a long conversion's output never blocks it
+        proc = subprocess.Popen(cmd, stdout=output, stderr=subprocess.STDOUT, preexec_fn=_killed_with_parent())
+        try:
+            while True:
+                try:
+                    code = proc.wait(timeout=60)
+                    break
+                except subprocess.TimeoutExpired:
+                    log.info("still converting %s (%.0f s)", point.tag, time.monotonic() - t0)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        if code != 0:
+            output.seek(0)
+            tail = output.read()[-2000:].decode(errors="replace")
+            raise RuntimeError(
+                f"converting {root / point.tag} to a universal checkpoint failed (exit {code}); resume on "
+                f"{point.meta['world_size']} ranks instead, or convert by hand:\n  {' '.join(cmd)}\n"
+                f"then rename {tmp} to {final}.\n{tail}")
     # the universal folder loads with the original's client state; keep our extras next to it
     for extra in ("meta.json", "config.yaml"):
         if (root / point.tag / extra).is_file():
             shutil.copy2(root / point.tag / extra, tmp / extra)
     os.replace(tmp, final)
+    log.info("converted %s in %.0f s", point.tag, time.monotonic() - t0)
+
+
+def _killed_with_parent():
+    """``preexec_fn`` that has Linux SIGKILL the conversion when the rank that started it dies,
+    so a conversion orphaned by a killed job cannot go on writing into the temporary directory
+    that the next job's conversion of the same checkpoint uses. libc is looked up here, in the
+    parent: the child may not import after fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl, sigkill = ctypes.CDLL(None, use_errno=True).prctl, int(signal.SIGKILL)
+    return lambda: prctl(1, sigkill)  # 1 = PR_SET_PDEATHSIG
 
 
 def resume(engine, run_dir: str | os.PathLike, point: ResumePoint, ema=None) -> dict:
@@ -311,7 +357,9 @@ def load_model_state(run_dir: str | os.PathLike, tag: str | None = None) -> tupl
         raise ValueError(f"{ckpt_dir}: not an mmtrain checkpoint (no 'mmtrain' client state)")
     # ZeRO-3's module state holds placeholders: every weight comes from the partitions
     state = {} if zero3_files else {k: v.detach().float() for k, v in meta["module"].items()}
-    if zero3_files or zero12_optim:
+    if zero12_optim and _is_bf16_optimizer_file(zero12_optim[0]):
+        masters = _bf16_optimizer_masters(meta, zero12_optim)
+    elif zero3_files or zero12_optim:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(sys.stderr):  # its progress lines are not the caller's output
@@ -320,6 +368,38 @@ def load_model_state(run_dir: str | os.PathLike, tag: str | None = None) -> tupl
         masters = _zero0_fp32_masters(meta, ckpt_dir)
     state.update({k: v.detach().float() for k, v in masters.items()})
     return state, meta["mmtrain"]
+
+
+def _rank_of_optim_file(path: Path) -> int:
+    return int(path.name.split("zero_pp_rank_")[1].split("_")[0])
+
+
+def _is_bf16_optimizer_file(path: Path) -> bool:
+    """DeepSpeed's BF16_Optimizer (ZeRO-1 with bf16 weights and fp32 gradient accumulation)
+    saves its fp32 partitions without the ``zero_stage`` key that DeepSpeed's zero_to_fp32
+    requires ("... is not a zero checkpoint")."""
+    optim = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+    return "zero_stage" not in optim and "single_partition_of_fp32_groups" in optim
+
+
+def _bf16_optimizer_masters(meta: dict, optim_files: list[Path]) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a BF16_Optimizer checkpoint: per parameter group, rank r's
+    file holds piece r of equal pieces of one flat fp32 vector, the group's parameters one after
+    the other in the order of ``param_shapes`` (padding only at the end)."""
+    files = sorted(optim_files, key=_rank_of_optim_file)
+    pieces = [torch.load(f, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+              ["single_partition_of_fp32_groups"] for f in files]
+    masters = {}
+    for group, shapes in enumerate(meta["param_shapes"]):
+        flat = torch.cat([rank_pieces[group] for rank_pieces in pieces])
+        offset = 0
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            if offset + numel > flat.numel():
+                raise ValueError(f"{files[0].parent}: the fp32 partitions of group {group} end before parameter {name}")
+            masters[name] = flat[offset:offset + numel].view(tuple(shape)).clone()
+            offset += numel
+    return masters
 
 
 def _zero0_fp32_masters(meta: dict, ckpt_dir: Path) -> dict[str, torch.Tensor]:

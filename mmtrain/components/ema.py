@@ -16,10 +16,20 @@ local memory and never gathers a parameter:
 - otherwise (fp32 ZeRO-0, frozen parameters): the same slice of the module's own weights,
   which then are the fp32 values (frozen ones are never updated).
 
-So EMA memory per rank is about ``4 * n_params / world_size`` bytes at every stage. Shards
-are saved per rank into the checkpoint directory (``ema/rank00000.safetensors``) with the
-start of each slice, and :func:`consolidate` puts them back together on one process, so a
-resume with another world size or ZeRO stage re-slices them and export needs no DeepSpeed.
+So EMA memory per rank is about ``4 * n_params / world_size`` bytes at every stage, on the
+device of the fp32 values it follows (with optimizer offload, the CPU). Shards are saved per
+rank into the checkpoint directory (``ema/rank00000.safetensors``) with the start of each
+slice. A resume on the same world size reads only the rank's own file; otherwise
+:func:`consolidate` puts the shards back together and each rank re-slices them (export uses
+it too, without DeepSpeed).
+
+Per optimizer step the update is one ``torch._foreach_lerp_`` per device over views of those
+fp32 values, resolved once at the first update. That holds because DeepSpeed 0.19 updates
+its fp32 partitions in place, and loads checkpoints (also universal ones) into them with
+``.data.copy_``: ZeRO-3's ``fp32_partitioned_groups_flat``, ZeRO-1/2's
+``single_partition_of_fp32_groups``, the BF16 optimizer's ``fp32_groups_flat_partition`` and
+ZeRO-0's ``fp32_groups``. (``offload_states``/``reload_states`` would move them; mmtrain
+does not call them. NVMe offload, which swaps partitions out, is not offered.)
 """
 from __future__ import annotations
 
@@ -83,10 +93,12 @@ def local_slice(param: torch.Tensor, rank: int, world_size: int, master: torch.T
     if hasattr(param, "ds_tensor"):  # ZeRO-3: the partition DeepSpeed keeps on this rank
         start, stop, _ = shard_bounds(param.ds_numel, rank, world_size)
         local = param.ds_tensor.view(-1)
-        if local.dtype != torch.float32 and param.requires_grad:
-            from deepspeed.utils import safe_get_local_fp32_param
-
-            local = safe_get_local_fp32_param(param).view(-1)
+        optimizer = getattr(param, "_z3_optimizer", None)
+        if param.requires_grad and optimizer is not None:
+            # the optimizer's fp32 partition itself (in fp32 without offload: the same memory as
+            # ds_tensor). DeepSpeed's safe_get_local_fp32_param returns this view .to() the
+            # accelerator, which under optimizer offload is a fresh copy each call, not a view.
+            local, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
         return start, local[: stop - start]
     if hasattr(param, "_hp_mapping"):  # ZeRO-1/2 or the bf16 optimizer: this rank's fp32 master fragment
         mapping = param._hp_mapping
@@ -115,16 +127,41 @@ class ShardedEMA:
         for name, p in self.params.items():
             self.starts[name], values = local_slice(p, rank, world_size, self.masters.get(name))
             self.shards[name] = values.detach().float().clone()
+        # (shards, fp32 sources) per (device, source dtype), built at the first update: after any checkpoint load
+        self._update_groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None
 
     def decay_at(self, step: int) -> float:
         return min(self.cfg.decay, (1 + step) / (10 + step)) if self.cfg.warmup else self.cfg.decay
 
+    def _resolve_sources(self) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Views of the values each shard follows, grouped for ``_foreach_lerp_`` (one device
+        and dtype per call). Empty slices (a parameter wholly in other ranks' partitions) are left out."""
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
+        for name, p in self.params.items():
+            start, source = local_slice(p, self.rank, self.world_size, self.masters.get(name))
+            shard = self.shards[name]
+            if start != self.starts[name] or source.numel() != shard.numel():
+                raise RuntimeError(f"EMA of {name}: the optimizer's slice moved (start {self.starts[name]} -> {start}, "
+                                   f"{shard.numel()} -> {source.numel()} elements) after the EMA was built")
+            if shard.numel():
+                shards, sources = groups.setdefault((source.device, source.dtype), ([], []))
+                shards.append(shard)
+                sources.append(source.detach())
+        for (device, _), (shards, _) in groups.items():
+            if any(s.device != device for s in shards):
+                raise RuntimeError(f"EMA shards are not on {device}, the device of the weights they follow")
+        return list(groups.values())
+
     @torch.no_grad()
     def update(self, step: int) -> None:
         """Call after each optimizer step; ``step`` counts optimizer steps done before this one."""
-        d = self.decay_at(step)
-        for name, p in self.params.items():
-            self.shards[name].lerp_(local_slice(p, self.rank, self.world_size, self.masters.get(name))[1].float(), 1.0 - d)
+        if self._update_groups is None:
+            self._update_groups = self._resolve_sources()
+        weight = 1.0 - self.decay_at(step)
+        for shards, sources in self._update_groups:
+            if sources[0].dtype != torch.float32:  # frozen low-precision weights (no fp32 copy exists)
+                sources = [s.float() for s in sources]
+            torch._foreach_lerp_(shards, sources, weight)
 
     def save(self, ckpt_dir: str | os.PathLike) -> None:
         """Each rank writes its own file; the caller's barrier makes the set complete."""
@@ -137,7 +174,10 @@ class ShardedEMA:
         os.replace(tmp, out / f"rank{self.rank:05d}.safetensors")
 
     def load(self, ckpt_dir: str | os.PathLike) -> None:
-        """Re-slice the saved EMA for this rank, whatever world size saved it."""
+        """This rank's own shard file when it holds exactly this rank's slices (same world size,
+        same slice starts); otherwise re-slice the consolidated EMA, whatever world size saved it."""
+        if self._load_own_shard(Path(ckpt_dir) / EMA_DIR / f"rank{self.rank:05d}.safetensors"):
+            return
         full = consolidate(ckpt_dir)
         missing = sorted(set(self.shards) - set(full))
         if missing:
@@ -145,6 +185,20 @@ class ShardedEMA:
         for name, shard in self.shards.items():
             start = self.starts[name]
             shard.copy_(full[name].view(-1)[start:start + shard.numel()])
+
+    def _load_own_shard(self, file: Path) -> bool:
+        if not file.is_file():
+            return False
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata()
+            same_slices = (int(meta["world_size"]) == self.world_size and int(meta["rank"]) == self.rank
+                           and "starts" in meta and json.loads(meta["starts"]) == self.starts
+                           and json.loads(meta["shapes"]) == {k: list(v) for k, v in self.shapes.items()})
+            if not same_slices or any(f.get_slice(name).get_shape() != [shard.numel()] for name, shard in self.shards.items()):
+                return False
+            for name, shard in self.shards.items():
+                shard.copy_(f.get_tensor(name))
+        return True
 
 
 def has_ema(ckpt_dir: str | os.PathLike) -> bool:

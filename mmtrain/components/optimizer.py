@@ -1,10 +1,13 @@
 """AdamW with the papers' settings, its LR schedule, and the DeepSpeed config around it."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger("mmtrain.optimizer")
 
 
 @dataclass
@@ -102,6 +105,22 @@ def deepspeed_config(cfg: OptimizerConfig, train, hidden_size: int, load_univers
     so they do not appear in it. Communication buckets scale with the model width
     (``hidden_size``; the sizes HF Accelerate's "auto" picks): DeepSpeed's fixed defaults
     (5e8-element reduce buckets) would cost gigabytes per rank on a small model.
+
+    Gradient dtypes under bf16 (``train.grad_accum_dtype``, ``train.communication_dtype``;
+    DeepSpeed's own default for both is the model's bf16). What DeepSpeed 0.19 does with them:
+
+    - ZeRO-3: each micro-batch's bf16 gradients are copied into a bucket of the communication
+      dtype, reduce-scattered in it, and added into a flat gradient partition of the
+      accumulation dtype (``grad_partitions_flat_buffer``).
+    - ZeRO-2: bf16 gradients are reduced in the communication dtype and added into a compact
+      fp32 partition (``_use_compact_grad_partition_buffer``) when accumulating in fp32.
+    - ZeRO-1: fp32 accumulation makes DeepSpeed swap its ZeRO-1 optimizer for its
+      ``BF16_Optimizer`` (``engine._do_optimizer_sanity_check``; with CPU offload it keeps the
+      ZeRO-1 optimizer, which then accumulates in an fp32 ``grad_accum`` per parameter): a full
+      fp32 gradient buffer per rank, all-reduced in the communication dtype.
+    - ZeRO-0: DeepSpeed raises "unsupported mix" for bf16 weights with fp32 accumulation, so
+      no ``data_types`` is emitted: gradients accumulate in the bf16 ``.grad`` of the module;
+      the all-reduce runs in the communication dtype (upcast, reduced, rounded back).
     """
     D = hidden_size
     zero: dict = {"stage": train.zero_stage}
@@ -113,12 +132,21 @@ def deepspeed_config(cfg: OptimizerConfig, train, hidden_size: int, load_univers
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if train.offload == "all":
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    dtypes = {}
+    if train.zero_stage >= 1:
+        dtypes["data_types"] = {"grad_accum_dtype": train.grad_accum_dtype}
+    elif train.precision == "bf16" and train.grad_accum > 1 and train.grad_accum_dtype == "fp32":
+        log.warning("train.zero_stage=0 with bf16: DeepSpeed accumulates the %d micro-batches' gradients in bf16 "
+                    "(it has no fp32 accumulation without ZeRO); train.grad_accum_dtype=fp32 needs train.zero_stage >= 1",
+                    train.grad_accum)
     return {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
+        "communication_data_type": train.communication_dtype,
+        **dtypes,
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
