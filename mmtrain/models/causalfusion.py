@@ -675,10 +675,9 @@ def training_inputs(model: CausalFusion, latent_tokens: torch.Tensor, diffusion,
         if cfg.pack_length:  # host lengths for the packing plan: the loader's, after the drop
             lengths = [2 if d else n for d, n in zip(drop, text_len.tolist())]
         dropped = to_device(torch.tensor(drop), text.device)
-        empty = torch.full_like(text, model.ids["pad"])
-        empty[:, 0], empty[:, 1] = model.ids["bos"], model.ids["eos"]
-        text = torch.where(dropped[:, None], empty, text)
-        text_len = torch.where(dropped, 2, text_len)
+        null = null_condition(model, text=text, text_len=text_len)
+        text = torch.where(dropped[:, None], null["text"], text)
+        text_len = torch.where(dropped, null["text_len"], text_len)
         cond = {"text": to_device(text, dev), "text_len": to_device(text_len, dev),
                 "caption_rows": to_device(torch.tensor(caption), dev)}
     else:

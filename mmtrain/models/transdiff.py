@@ -451,10 +451,9 @@ def training_inputs(model: TransDiff, latent_tokens: torch.Tensor, diffusion, ge
     else:
         keys = [tuple(ids[:n].tolist()) for ids, n in zip(text, text_len.tolist())]
         dropped = to_device(torch.tensor(drop), text.device)
-        empty = torch.full_like(text, model.ids["pad"])
-        empty[:, 0], empty[:, 1] = model.ids["bos"], model.ids["eos"]
-        cond = {"text": to_device(torch.where(dropped[:, None], empty, text), dev),
-                "text_len": to_device(torch.where(dropped, 2, text_len), dev)}
+        null = null_condition(model, text=text, text_len=text_len)
+        cond = {"text": to_device(torch.where(dropped[:, None], null["text"], text), dev),
+                "text_len": to_device(torch.where(dropped, null["text_len"], text_len), dev)}
     index, length = mrar_chains(keys, model.max_images, rng)
     images = latent_tokens[to_device(index, dev)]  # B, n, L, P
     n, m = model.max_images, cfg.transdiff.diffusion_batch_mul
