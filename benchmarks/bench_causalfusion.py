@@ -20,21 +20,22 @@ import warnings
 import torch
 
 from mmtrain.config import load_config
+from mmtrain.models import model_class
 from mmtrain.models.causalfusion import CausalFusion, sample_image_tokens, training_inputs
 from mmtrain.models.diffusion import build_diffusion
 
 SPECIAL = {"pad": 0, "bos": 2, "eos": 3, "boi": 4, "eoi": 5}
 
 
-def build(cfg, attention: str, device: str) -> CausalFusion:
+def build(cfg, attention: str, device: str):
+    """Random weights of ``cfg.model.family`` (a 1024-piece text vocabulary in text mode) with a
+    non-zero output layer (an untrained one outputs zeros); TransDiff takes ``attention=sdpa`` only."""
     cfg.model.attention = attention
     latent_channels, downsample = (3, 1) if cfg.tokenizer.image.kind == "pixels" else (16, 16)
-    size = cfg.data.image_size // downsample
-    if cfg.model.condition == "class":
-        model = CausalFusion(cfg.model, latent_channels=latent_channels, latent_size=size)
-    else:
-        model = CausalFusion(cfg.model, latent_channels=latent_channels, latent_size=size, vocab_size=1024, special_ids=SPECIAL)
-    torch.nn.init.normal_(model.diffusion_head.weight, std=0.02)
+    kw = {} if cfg.model.condition == "class" else dict(vocab_size=1024, special_ids=SPECIAL)
+    model = model_class(cfg.model)(cfg.model, latent_channels=latent_channels, latent_size=cfg.data.image_size // downsample, **kw)
+    head = model.diffusion_head if isinstance(model, CausalFusion) else model.decoder.final_layer.linear
+    torch.nn.init.normal_(head.weight, std=0.02)
     return model.to(device)
 
 

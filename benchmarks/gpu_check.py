@@ -62,8 +62,8 @@ sys.path.insert(0, str(REPO))
 from mmtrain.components.metrics import LoggingConfig, peak_flops  # noqa: E402
 from mmtrain.config import load_config  # noqa: E402
 from mmtrain.distributed import to_device  # noqa: E402
-from mmtrain.models import family, model_class  # noqa: E402
-from mmtrain.models.causalfusion import (CausalFusion, ar_loss_weights, clean_slot_count, sample_image_tokens,  # noqa: E402
+from mmtrain.models import family  # noqa: E402
+from mmtrain.models.causalfusion import (ar_loss_weights, clean_slot_count, sample_image_tokens,  # noqa: E402
                                          split_inputs, training_flops)
 from mmtrain.models.diffusion import build_diffusion  # noqa: E402
 
@@ -75,8 +75,8 @@ from bench_causalfusion import SPECIAL, build  # noqa: E402
 # --------------------------------------------------------------------------- helpers
 
 
-def build_model(cfg, attention: str, seed: int = 0) -> CausalFusion:
-    """Random weights (seeded) with a non-zero diffusion head (an untrained head would output zeros)."""
+def build_model(cfg, attention: str, seed: int = 0):
+    """Random weights (seeded) of ``cfg.model.family`` with a non-zero output layer (an untrained one outputs zeros)."""
     torch.manual_seed(seed)
     return build(cfg, attention, "cpu")
 
@@ -177,17 +177,6 @@ SYNC_VARIANTS = [
 ]
 
 
-def build_family_model(cfg, seed: int = 0):
-    """Random weights of ``cfg.model.family`` (1024-piece text vocabulary), diffusion head / final layer non-zero."""
-    torch.manual_seed(seed)
-    latent_channels, downsample = (3, 1) if cfg.tokenizer.image.kind == "pixels" else (16, 16)
-    kw = {} if cfg.model.condition == "class" else dict(vocab_size=1024, special_ids=SPECIAL)
-    model = model_class(cfg.model)(cfg.model, latent_channels=latent_channels, latent_size=cfg.data.image_size // downsample, **kw)
-    head = model.diffusion_head if isinstance(model, CausalFusion) else model.decoder.final_layer.linear
-    torch.nn.init.normal_(head.weight, std=0.02)
-    return model
-
-
 def check_host_sync(args, device: torch.device) -> dict:
     """One micro-batch per variant under sync debug "error" (after a warm-up that moves tables
     and allocates), bf16 autocast as training; on CPU the same code runs without the check."""
@@ -196,7 +185,7 @@ def check_host_sync(args, device: torch.device) -> dict:
     checked, errors = [], {}
     for name, overrides in SYNC_VARIANTS:
         cfg = load_config(base, overrides)
-        model = build_family_model(cfg).to(device).train()
+        model = build_model(cfg, "sdpa").to(device).train()
         diffusion = build_diffusion(cfg.diffusion)  # built once: its tables move to the device at the warm-up
 
         def step(seed: int) -> None:
