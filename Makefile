@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmtrain-installed
 
-.PHONY: install demo test gpu-wheels clean
+.PHONY: install demo test slurm gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+# Slurm for tests/test_slurm.py (a one-node cluster the tests start): Debian's packages, installed
+# when missing and this runs as root with apt-get; otherwise those tests are skipped, saying why
+slurm:
+	@if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then \
+		echo "slurm: installed ($$(slurmctld -V))"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null \
+			|| { apt-get update -q >/dev/null && apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null; } \
+			&& echo "slurm: installed ($$(slurmctld -V))"; \
+	else \
+		echo "slurm: not installed (needs root and apt-get); tests/test_slurm.py will be skipped"; \
+	fi
 
 # wheels for the GPU machine (no registry there): what benchmarks/gpu_check.py needs beyond its image
 gpu-wheels: $(STAMP)

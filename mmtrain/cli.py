@@ -167,7 +167,7 @@ _LAUNCH_FLAGS = ("cluster", "nodes", "gpus_per_node", "tasks_per_node", "cpus_pe
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from mmtrain.launch.submit import render_sbatch, submit, tasks_per_node
+    from mmtrain.launch.submit import fit_to_cluster, outcome, render_sbatch, submit, tasks_per_node, wait
 
     # JSON-quoted: a YAML scalar like 12:00 would otherwise be read as a base-60 integer
     flags = [f"launch.{k}={json.dumps(v)}" for k in _LAUNCH_FLAGS if (v := getattr(args, k)) is not None]
@@ -177,6 +177,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     # on Slurm the ranks run on compute nodes: their disks, not this host's, bound the shard cache
     cfg = preflight(args.config, overrides, on_this_node=load_config(args.config, overrides).launch.cluster != "slurm")
     launch = cfg.launch
+    for note in fit_to_cluster(launch, cfg.train.nproc_per_node, cfg.data.num_workers):
+        log.info("%s", note)
     if args.dry_run:
         if launch.cluster == "slurm":
             print(render_sbatch(launch, cfg.train.run_dir, cfg.train.nproc_per_node, cfg.data.num_workers), end="")
@@ -187,18 +189,27 @@ def cmd_launch(args: argparse.Namespace) -> int:
     job = submit(cfg, args.config)
     run_dir = cfg.train.run_dir
     print(f"submitted job {job.job_id} ({launch.cluster}: {launch.nodes} node(s) x "
-          f"{tasks_per_node(launch, cfg.train.nproc_per_node)} ranks) for {run_dir}")
-    print(f"logs: {run_dir}/logs/{job.job_id}/   status: mmtrain jobs {run_dir}")
-    if launch.cluster == "debug" or args.wait:
+          f"{tasks_per_node(launch, cfg.train.nproc_per_node)} ranks, {launch.gpus} GPU(s) per node) for {run_dir}")
+    print(f"logs: {run_dir}/logs/{job.job_id}/   status: mmtrain jobs {run_dir}", flush=True)
+    if launch.cluster == "debug":  # runs here, now
         try:
-            result = job.result()
-        except Exception as exc:  # submitit's FailedJobError carries rank 0's traceback between dashed lines
+            result = job.results()[0]
+        except Exception as exc:  # submitit's FailedJobError carries the traceback between dashed lines
             parts = str(exc).split("----------------------")
             trace = [l for l in (parts[1] if len(parts) > 2 else str(exc)).splitlines() if l.strip()]
             print(f"job {job.job_id} failed: {trace[-1].strip() if trace else exc}", file=sys.stderr)
             return 1
         print(f"job {job.job_id} done at step {result['step']}" + (f" ({result['stopped_by']})" if result["stopped_by"] else ""))
+    elif args.wait:
+        finished, line = outcome(wait(run_dir, job.job_id, launch.cluster, poll_s=args.poll_s,
+                                      echo=lambda m: print(m, flush=True)))
+        print(line, file=sys.stdout if finished else sys.stderr, flush=True)
+        return 0 if finished else 1
     return 0
+
+
+def _count_or_auto(text: str):
+    return "auto" if text.strip().lower() == "auto" else int(text)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -562,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("overrides", nargs="*", help="key.sub=value")
     la.add_argument("--cluster", choices=["slurm", "local", "debug"])
     la.add_argument("--nodes", type=int)
-    la.add_argument("--gpus-per-node", type=int)
+    la.add_argument("--gpus-per-node", type=_count_or_auto,
+                    help="GPUs per node, 0 = none; default auto: what the partition's nodes have (sinfo)")
     la.add_argument("--tasks-per-node", type=int, help="ranks per node (default: GPUs per node, or train.nproc_per_node)")
     la.add_argument("--cpus-per-task", type=int)
     la.add_argument("--partition")
@@ -575,7 +587,10 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--max-timeouts", type=int, help="requeues after hitting the time limit (default 3)")
     la.add_argument("--job-name")
     la.add_argument("--dry-run", action="store_true", help="print the sbatch script (or the local plan); submit nothing")
-    la.add_argument("--wait", action="store_true", help="wait for the job to end (debug always runs in this process)")
+    la.add_argument("--wait", action="store_true",
+                    help="wait until the job runs no more, requeues included; exit 0 if it finished training "
+                         "(debug always runs in this process)")
+    la.add_argument("--poll-s", type=float, default=10.0, help="with --wait: seconds between looks at the job")
     la.set_defaults(func=cmd_launch)
 
     jo = sub.add_parser("jobs", help="a run's launched jobs: id, state, starts, last step; latest checkpoint")
@@ -684,12 +699,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from mmtrain.data.cache import CacheFullError
     from mmtrain.data.storage import TransientIOError
+    from mmtrain.launch.submit import SubmissionError
 
     try:
         return int(args.func(args) or 0)
     # TokenizerMismatchError is a ValueError; PermissionError / TransientIOError: a store refused or kept failing
     except (ConfigError, FileNotFoundError, FileExistsError, PermissionError, TransientIOError, CacheFullError,
-            ValueError) as exc:
+            SubmissionError, ValueError) as exc:
         print(f"mmtrain {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -26,7 +26,7 @@ from mmtrain.components.metrics import LoggingConfig
 from mmtrain.components.optimizer import OptimizerConfig
 from mmtrain.data.synthetic import SyntheticConfig
 from mmtrain.eval.config import EvalConfig
-from mmtrain.launch.submit import LaunchConfig
+from mmtrain.launch.config import LaunchConfig
 from mmtrain.models.config import ModelConfig
 from mmtrain.models.diffusion import FLOW_SAMPLERS, DiffusionConfig
 from mmtrain.tokenize.image import ImageTokenizerConfig

@@ -381,22 +381,35 @@ def quiet_library_warnings() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """One rank of ``mmtrain train`` (started by torchrun) or of ``slurm/train.sbatch`` (an srun task)."""
     quiet_library_warnings()
     from mmtrain.config import load_config
+    from mmtrain.launch import lifecycle
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = load_config(argv[0], argv[1:])
-    # under Slurm (slurm/train.sbatch), TERM announces a preemption; under torchrun alone it
-    # is torchrun ending the ranks after a failure
-    watch = PreemptionWatch(stop_on_term="SLURM_JOB_ID" in os.environ)
+    # inside a Slurm job TERM announces a preemption or a cancel; under torchrun alone it is
+    # torchrun ending the ranks after a failure
+    job_id = os.environ.get("SLURM_JOB_ID")
+    watch = PreemptionWatch(stop_on_term=job_id is not None)
+    # the ranks of a Slurm job record its runs in RUN_DIR/jobs.jsonl as `mmtrain launch` jobs do
+    rank0 = job_id is not None and distributed.launched_rank() == 0
+    run_dir = cfg.train.run_dir
+    if rank0:
+        lifecycle.record_start(run_dir, job_id, "slurm", distributed.launched_world_size(), launcher="mmtrain train")
     try:
         result = train(cfg, watch)
-        if result["stopped_by"] == "requeue" and distributed.rank() == 0:
-            from mmtrain.launch.job import requeue_slurm_job
-
-            requeue_slurm_job(cfg.launch.max_timeouts)
+    except Exception as exc:
+        if job_id is not None:  # any rank: the first failure of a run is its cause
+            lifecycle.record_failure(run_dir, job_id, exc, distributed.launched_rank(), watch.signal_name)
+        raise
     finally:
         distributed.destroy()
+    if rank0:
+        if result["stopped_by"] == "requeue":
+            lifecycle.requeue_after_time_limit(run_dir, job_id, cfg.launch.max_timeouts, result["step"], watch.signal_name)
+        else:
+            lifecycle.record_end(run_dir, job_id, "slurm", result["stopped_by"], result["step"], watch.signal_name)
     return 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+log = logging.getLogger("mmtrain.metrics")
 
 
 @dataclass
@@ -99,8 +102,7 @@ class MetricsLogger:
         record = {"step": step, "time": time.time(), **metrics}
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+        self._wandb(lambda run: run.log(metrics, step=step))
         # the data/* counters are all in metrics.jsonl and wandb; the console shows the ones that moved
         line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                         if k != "time" and not (k.startswith("data/") and not v))
@@ -114,7 +116,7 @@ class MetricsLogger:
         if self.enabled and self.wandb_run is not None:
             import wandb
 
-            self.wandb_run.log({"samples": wandb.Image(str(path), caption=caption)}, step=step)
+            self._wandb(lambda run: run.log({"samples": wandb.Image(str(path), caption=caption)}, step=step))
 
     def close(self) -> None:
         if not self.enabled:
@@ -122,6 +124,19 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.close()
         self.jsonl.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+        self._wandb(lambda run: run.finish())
+        self.wandb_run = None
         os.environ.pop("WANDB_MODE", None)
+
+    def _wandb(self, call) -> None:
+        """wandb runs a service process beside this one. Slurm's TERM at a preemption reaches every
+        process of the job, that service included, while training still has a checkpoint to save:
+        a wandb that stopped answering must not end the run. metrics.jsonl keeps every record."""
+        if self.wandb_run is None:
+            return
+        try:
+            call(self.wandb_run)
+        except Exception as exc:  # noqa: BLE001 - whatever broke in wandb, training goes on without it
+            log.warning("wandb stopped working (%s: %s): it logs no more in this run; %s has every record",
+                        type(exc).__name__, exc, self.run_dir / "metrics.jsonl")
+            self.wandb_run = None

@@ -1,6 +1,9 @@
 """Launching training jobs with submitit: Slurm, this machine (``local``) or in-process (``debug``).
 
-- :mod:`mmtrain.launch.submit`: ``LaunchConfig``, the sbatch options, submission.
-- :mod:`mmtrain.launch.job`: what runs in every rank of a job (rendezvous, requeue).
+- :mod:`mmtrain.launch.config`: ``LaunchConfig``, the ``launch`` section of a run config.
+- :mod:`mmtrain.launch.submit`: defaults fitted to the cluster, the sbatch options, submission, ``--wait``.
+- :mod:`mmtrain.launch.job`: what runs in every rank of a submitit job (rendezvous, requeue).
+- :mod:`mmtrain.launch.lifecycle`: what rank 0 records of each run (submitit and plain sbatch jobs alike).
+- :mod:`mmtrain.launch.slurm`: what mmtrain asks Slurm (job state, requeue, partitions, refusals).
 - :mod:`mmtrain.launch.registry`: a run's job history (``<run_dir>/jobs.jsonl``) for ``mmtrain jobs``.
 """

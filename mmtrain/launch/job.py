@@ -21,12 +21,11 @@ import hashlib
 import logging
 import os
 import signal
-import subprocess
 
 from submitit.core.utils import UncompletedJobError
 from submitit.helpers import Checkpointable
 
-from mmtrain.launch import registry
+from mmtrain.launch import lifecycle, registry
 
 log = logging.getLogger("mmtrain.launch")
 
@@ -57,13 +56,6 @@ def _configure_host(local_world_size: int) -> None:
         torch.set_num_threads(cores)
 
 
-def _latest_step(run_dir: str) -> int:
-    from mmtrain.components.checkpoint import latest_tag, step_of
-
-    tag = latest_tag(run_dir)
-    return step_of(tag) if tag else 0
-
-
 class TrainJob(Checkpointable):
     """A submitit job that trains one resolved config. Its inherited ``checkpoint`` (called by
     submitit's handler on rank 0 after our collective save) resubmits this same object,
@@ -91,24 +83,26 @@ class TrainJob(Checkpointable):
         run_dir, rank, job_id = cfg.train.run_dir, job_env.global_rank, job_env.job_id
         watch = PreemptionWatch(stop_on_term=True)
         if rank == 0:
-            registry.record(run_dir, "started", job_id, cluster=job_env.cluster, step=_latest_step(run_dir),
-                            world_size=job_env.num_tasks, host=job_env.hostname)
-        code = 1
+            lifecycle.record_start(run_dir, job_id, job_env.cluster, job_env.num_tasks)
+        code, requeuing = 1, False
         try:
             result = train(cfg, watch)
-            if result["stopped_by"] == "requeue":
+            requeuing = result["stopped_by"] == "requeue"
+            if requeuing:
                 self._requeue(watch, rank, run_dir, job_id, result["step"])
-            if rank == 0:
-                registry.record(run_dir, "stopped" if result["stopped_by"] else "finished", job_id, step=result["step"],
-                                signal=watch.signal_name or None)
+            elif rank == 0:
+                lifecycle.record_end(run_dir, job_id, job_env.cluster, result["stopped_by"], result["step"],
+                                     watch.signal_name)
             code = 0
             return {"step": result["step"], "stopped_by": result["stopped_by"]}
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
+            if requeuing and job_env.cluster == "slurm":
+                code = 0  # requeued: this run ended as it should (the local controller reads 144 as "requeue me")
             raise
-        except BaseException as exc:
-            if rank == 0 and not isinstance(exc, UncompletedJobError):
-                registry.record(run_dir, "failed", job_id, step=_latest_step(run_dir), error=f"{type(exc).__name__}: {exc}"[:500])
+        except Exception as exc:
+            if not isinstance(exc, UncompletedJobError):  # any rank: the first failure of a run is its cause
+                lifecycle.record_failure(run_dir, job_id, exc, rank=rank, signal=watch.signal_name)
             raise
         finally:
             watch.restore()
@@ -133,29 +127,9 @@ class TrainJob(Checkpointable):
                     registry.record(run_dir, "requeued", job_id, step=step, signal=watch.signal_name or "another rank's")
                     raise
                 except UncompletedJobError as exc:
-                    registry.record(run_dir, "not_requeued", job_id, step=step, reason=str(exc))
+                    registry.record(run_dir, "not_requeued", job_id, step=step,
+                                    signal=watch.signal_name or "another rank's", reason=str(exc))
                     raise
         finally:
             # the other ranks leave only once rank 0 has requeued: an early exit could end the job first
             distributed.barrier()
-
-
-def requeue_slurm_job(max_requeues: int) -> bool:
-    """Plain ``sbatch slurm/train.sbatch`` runs (no submitit): rank 0 requeues its own job
-    after the preemption save, at most ``max_requeues`` times (``SLURM_RESTART_COUNT``)."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id:
-        log.warning("preemption signal outside a Slurm job: saved, not requeued")
-        return False
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-    if restarts >= max_requeues:
-        log.warning("job %s was requeued %d times already (launch.max_timeouts=%d): not requeued", job_id, restarts,
-                    max_requeues)
-        return False
-    try:
-        subprocess.check_call(["scontrol", "requeue", job_id], timeout=60)
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.error("could not requeue job %s (%s); the checkpoint is saved, resubmit by hand", job_id, exc)
-        return False
-    log.warning("requeued job %s (restart %d of at most %d)", job_id, restarts + 1, max_requeues)
-    return True

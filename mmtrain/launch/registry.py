@@ -1,20 +1,34 @@
 """A run's job history: one JSON line per event in ``<run_dir>/jobs.jsonl``.
 
 Events: ``submitted`` (by ``mmtrain launch``), then per run of the job, by rank 0:
-``started`` (with the step it starts from), and one of ``finished``, ``requeued``,
-``stopped`` (saved on TERM, not requeued by us), ``not_requeued`` (too many timeouts) or
-``failed``. A Slurm job keeps its id across requeues, so one id collects several starts.
+``started`` (with the step it starts from), and one of (``failed``: by each rank that fails)
+
+- ``finished``: trained to the last step;
+- ``requeued``: time limit (USR2): saved and put back in the queue by mmtrain;
+- ``not_requeued``: time limit again after ``launch.max_timeouts`` requeues: saved, ended;
+- ``preempted``: TERM from Slurm (a preemption, ``scontrol requeue``): saved and ended cleanly;
+  Slurm requeues the job when its partition says so;
+- ``cancelled``: TERM from ``scancel``: saved and ended;
+- ``stopped``: TERM outside Slurm: saved and ended;
+- ``failed``: an error, recorded with it.
+
+Runs started by ``mmtrain launch`` (submitit) and by ``slurm/train.sbatch`` (plain sbatch +
+srun) record the same events. A Slurm job keeps its id across requeues, so one id collects
+several starts.
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
+from mmtrain.launch import slurm
+
 END_STATES = {"finished": "COMPLETED", "failed": "FAILED", "stopped": "STOPPED", "not_requeued": "TIMEOUT",
-              "requeued": "REQUEUED"}
+              "requeued": "REQUEUED", "preempted": "PREEMPTED", "cancelled": "CANCELLED"}
+# the job runs again after these (the scheduler requeued it)
+AGAIN = {"requeued", "preempted"}
 
 
 def registry_path(run_dir: str | os.PathLike) -> Path:
@@ -32,11 +46,13 @@ def record(run_dir: str | os.PathLike, event: str, job_id: str, **fields) -> Non
 
 
 def read_events(run_dir: str | os.PathLike) -> list[dict]:
+    """The events recorded so far; a last line still being written (no newline yet) is not one."""
     path = registry_path(run_dir)
     if not path.is_file():
         return []
+    text = path.read_text()
     events = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text[:text.rfind("\n") + 1].splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -44,16 +60,6 @@ def read_events(run_dir: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             raise ValueError(f"{path}, line {n}: not a JSON object: {line[:80]!r}") from None
     return events
-
-
-def _slurm_state(job_id: str) -> str | None:
-    try:
-        out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True, text=True,
-                             timeout=30)
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return None
-    lines = [l.strip() for l in out.stdout.splitlines() if l.strip()]
-    return lines[0].split()[0] if out.returncode == 0 and lines else None
 
 
 def _local_running(job_id: str) -> bool:
@@ -65,24 +71,35 @@ def _local_running(job_id: str) -> bool:
 
 
 def job_state(cluster: str, job_id: str, events: list[dict]) -> str:
-    """The scheduler's state when it can tell (sacct; a live local controller), else the last event's."""
-    if cluster == "slurm":
-        state = _slurm_state(job_id)
-        if state:
-            return state
-    elif cluster == "local" and _local_running(job_id):
-        return "RUNNING"
+    """The state of one job: the scheduler's while the job is queued or running; once it ended, that
+    of its last recorded end (more precise: a time limit not requeued, a cancel after the save), or
+    the scheduler's where the job recorded none (killed). ``ENDED``: the scheduler no longer knows
+    the job and it recorded no end; ``RUNNING?``: no Slurm answers here to tell."""
     last = events[-1]["event"] if events else "submitted"
-    if last == "started":
-        # a started run that recorded no end: still running (Slurm without sacct) or killed
-        return "RUNNING?" if cluster == "slurm" else "ENDED"
-    return END_STATES.get(last, "PENDING" if cluster == "slurm" else "ENDED")
+    recorded = END_STATES[last] if last in END_STATES and last not in AGAIN else None
+    if cluster == "slurm":
+        state = slurm.job_state(job_id)
+        if state:
+            return recorded if state in slurm.ENDED and recorded else state
+        if state == "":  # Slurm answered and no longer knows the job
+            return recorded or "ENDED"
+        return "RUNNING?" if last == "started" else END_STATES.get(last, "PENDING")
+    if cluster == "local" and _local_running(job_id):
+        return "RUNNING"
+    return recorded or "ENDED"
 
 
-def job_table(run_dir: str | os.PathLike) -> list[dict]:
-    """One row per job id, in submission order."""
+def ended(state: str) -> bool:
+    """Whether a :func:`job_state` means that the job will run no more."""
+    return state in slurm.ENDED or state in ("ENDED", "STOPPED")
+
+
+def job_table(run_dir: str | os.PathLike, job_id: str | None = None) -> list[dict]:
+    """One row per job id (or for ``job_id`` only), in submission order."""
     rows: dict[str, dict] = {}
     for ev in read_events(run_dir):
+        if job_id is not None and ev["job_id"] != str(job_id):
+            continue
         row = rows.setdefault(ev["job_id"], {"job_id": ev["job_id"], "cluster": ev.get("cluster", ""), "submitted": "",
                                              "starts": 0, "events": []})
         row["events"].append(ev)

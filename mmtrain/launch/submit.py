@@ -10,103 +10,53 @@ Everything of the job lands in the run directory::
 """
 from __future__ import annotations
 
-import re
+import contextlib
+import io
+import logging
 import shlex
 import sys
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 
-from mmtrain.launch import registry
+from mmtrain.launch import registry, slurm
+from mmtrain.launch.config import AUTO, LaunchConfig
 
-CLUSTERS = ("slurm", "local", "debug")
-
-
-@dataclass
-class LaunchConfig:
-    """Where and how ``mmtrain launch`` runs a job. The flags of ``mmtrain launch`` set these keys.
-
-    Args:
-        cluster: ``slurm`` (sbatch through submitit), ``local`` (this machine: one process
-            per rank, the same job code, signals and requeue included) or ``debug`` (one rank
-            inside the calling process, for pdb). Default ``slurm``.
-        nodes: nodes per job; ``local`` and ``debug`` run on one. Default 1.
-        gpus_per_node: GPUs per node, one rank each. Default 8.
-        tasks_per_node: ranks per node; 0 = ``gpus_per_node``, or ``train.nproc_per_node``
-            when ``gpus_per_node`` is 0 (CPU ranks). Default 0.
-        cpus_per_task: CPU cores per rank (``--cpus-per-task``); 0 = ``data.num_workers + 2``:
-            one per dataloader worker, one for the rank's own process and one for its threads
-            (shard prefetch, batch pinning, communication); Slurm's own default is usually one
-            core per task. Default 0.
-        partition: ``--partition``; "" = not set. Default "".
-        account: ``--account``; "" = not set. Default "".
-        qos: ``--qos``; "" = not set. Default "".
-        constraint: ``--constraint`` (node features, e.g. ``a100``); "" = not set. Default "".
-        mem: memory per node (``--mem``: ``400G``, ``512000M``; ``0`` = all of the node's memory);
-            ``auto`` = ``0`` when the job takes GPUs (``gpus_per_node`` > 0: its nodes are GPU nodes
-            whose memory serves their ranks), not set on CPU-only jobs; "" = not set (Slurm's
-            default). Default ``auto``.
-        exclusive: whole nodes only (``--exclusive``). Default false.
-        time: time limit of each run of the job: ``HH:MM`` (hours, minutes; note that plain
-            sbatch reads ``12:00`` as 12 minutes), ``HH:MM:SS``, ``D-HH:MM`` or minutes as an
-            integer. Default ``24:00``.
-        max_timeouts: how often a job that reached its time limit is requeued; preemptions
-            are always requeued. Default 3.
-        signal_delay_s: USR2 arrives this many seconds before the time limit: room for the
-            step in flight and one checkpoint save. Default 120.
-        setup: shell lines run before the ranks start (``module load cuda``,
-            ``source .venv/bin/activate``). Default none.
-        job_name: the Slurm job name. Default ``mmtrain``.
-    """
-
-    cluster: str = "slurm"
-    nodes: int = 1
-    gpus_per_node: int = 8
-    tasks_per_node: int = 0
-    cpus_per_task: int = 0
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    constraint: str = ""
-    mem: str = "auto"
-    exclusive: bool = False
-    time: str = "24:00"
-    max_timeouts: int = 3
-    signal_delay_s: int = 120
-    setup: list[str] = field(default_factory=list)
-    job_name: str = "mmtrain"
-
-    def __post_init__(self) -> None:
-        if self.cluster not in CLUSTERS:
-            raise ValueError(f"launch.cluster: expected one of {', '.join(CLUSTERS)}, got {self.cluster!r}")
-        if self.nodes < 1:
-            raise ValueError(f"launch.nodes: expected >= 1, got {self.nodes}")
-        for name in ("gpus_per_node", "tasks_per_node", "cpus_per_task", "max_timeouts", "signal_delay_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"launch.{name}: expected >= 0, got {getattr(self, name)}")
-        if self.cluster != "slurm" and self.nodes != 1:
-            raise ValueError(f"launch.nodes={self.nodes}: cluster {self.cluster!r} runs on this machine only (nodes=1)")
-        parse_time(self.time)  # a bad launch.time fails at load, not at submission
-        if not re.fullmatch(r"|auto|\d+[KMGT]?", str(self.mem).strip(), flags=re.IGNORECASE):
-            raise ValueError(f"launch.mem: expected auto, 0 (all of a node's memory), a size such as 400G or 512000M "
-                             f"(K, M, G, T; plain numbers are MB), or \"\" (not set), got {self.mem!r}")
-
-    @property
-    def timeout_min(self) -> int:
-        return parse_time(self.time)
+log = logging.getLogger("mmtrain.launch")
 
 
-def parse_time(text: str) -> int:
-    """``HH:MM`` / ``HH:MM:SS`` / ``D-HH:MM[:SS]`` / ``MINUTES`` -> whole minutes (seconds round up)."""
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d{1,2})(?::(\d{1,2}))?", str(text).strip())
-    if m:
-        days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
-        if minutes < 60 and seconds < 60:
-            total = (days * 24 + hours) * 60 + minutes + (seconds > 0)
-            if total > 0:
-                return total
-    elif str(text).strip().isdigit() and int(text) > 0:
-        return int(text)
-    raise ValueError(f"launch.time: expected HH:MM, HH:MM:SS, D-HH:MM or minutes (> 0), got {text!r}")
+class SubmissionError(RuntimeError):
+    """The scheduler refused the job; the message says what it said and which options decide it."""
+
+
+def fit_to_cluster(launch: LaunchConfig, nproc_per_node: int, num_workers: int) -> list[str]:
+    """Settle what defaults to the cluster, before the script is written: ``gpus_per_node=auto`` from
+    the partition's nodes (Slurm, ``sinfo``) or this machine's CUDA devices (local), and a default
+    ``--cpus-per-task`` (``data.num_workers + 2``) that the partition's nodes cannot give every rank
+    lowered to what they can. Returns what it decided, one line each, for the log."""
+    notes = []
+    node = slurm.partition_nodes(launch.partition) if launch.cluster == "slurm" else None
+    where = f"partition {launch.partition!r}" if launch.partition else "the default partition"
+    if launch.gpus_per_node == AUTO:
+        if launch.cluster == "slurm":
+            launch.gpus_per_node = node[0] if node else 0
+            notes.append(f"launch.gpus_per_node=auto: {launch.gpus_per_node} ({where}'s nodes, sinfo)" if node else
+                         "launch.gpus_per_node=auto: 0, sinfo did not answer here (set --gpus-per-node)")
+        else:
+            import torch
+
+            count = torch.cuda.device_count()
+            launch.gpus_per_node = count if launch.cluster == "local" else min(count, 1)
+            notes.append(f"launch.gpus_per_node=auto: {launch.gpus_per_node} (this machine's CUDA devices)")
+    if node and not launch.cpus_per_task:
+        ntasks, need = tasks_per_node(launch, nproc_per_node), cpus_per_task_for(num_workers)
+        if ntasks * need > node[1]:
+            launch.cpus_per_task = max(1, node[1] // ntasks)
+            notes.append(f"--cpus-per-task {launch.cpus_per_task}: {where}'s nodes have {node[1]} CPUs for {ntasks} "
+                         f"ranks, fewer than data.num_workers + 2 = {need} each (loader workers will share cores)")
+        if ntasks > node[1]:
+            notes.append(f"{ntasks} ranks per node but {where}'s nodes have {node[1]} CPUs: Slurm will not start "
+                         "this job (lower --tasks-per-node)")
+    return notes
 
 
 def tasks_per_node(launch: LaunchConfig, nproc_per_node: int) -> int:
@@ -118,7 +68,7 @@ def tasks_per_node(launch: LaunchConfig, nproc_per_node: int) -> int:
         return 1
     if launch.cluster == "local":
         return nproc_per_node
-    return launch.gpus_per_node or nproc_per_node
+    return launch.gpus or nproc_per_node
 
 
 CPUS_BESIDES_WORKERS = 2  # a rank's own process and its threads (prefetch, pinning, communication)
@@ -133,7 +83,7 @@ def mem_per_node(launch: LaunchConfig) -> str:
     """``--mem``: ``launch.mem``, with ``auto`` = ``0`` (all of the node's memory) on GPU nodes, "" (not set) otherwise."""
     mem = str(launch.mem).strip()
     if mem.lower() == "auto":
-        return "0" if launch.gpus_per_node > 0 else ""
+        return "0" if launch.gpus > 0 else ""
     return mem
 
 
@@ -150,7 +100,7 @@ def sbatch_parameters(launch: LaunchConfig, ntasks_per_node: int, num_workers: i
         "srun_args": ["--kill-on-bad-exit=1"],
         "additional_parameters": {"requeue": True},
     }
-    optional = {"gpus_per_node": launch.gpus_per_node, "cpus_per_task": launch.cpus_per_task or cpus_per_task_for(num_workers),
+    optional = {"gpus_per_node": launch.gpus, "cpus_per_task": launch.cpus_per_task or cpus_per_task_for(num_workers),
                 "partition": launch.partition, "account": launch.account, "qos": launch.qos,
                 "constraint": launch.constraint, "mem": mem_per_node(launch), "exclusive": launch.exclusive,
                 "setup": list(launch.setup)}
@@ -187,7 +137,7 @@ def build_executor(launch: LaunchConfig, run_dir: str | Path, nproc_per_node: in
         ex.update_parameters(**{f"slurm_{k}": v for k, v in sbatch_parameters(launch, ntasks, num_workers).items()})
     elif launch.cluster == "local":
         ex = submitit.AutoExecutor(folder=folder, cluster="local", local_max_num_timeout=launch.max_timeouts)
-        ex.update_parameters(name=launch.job_name, nodes=1, tasks_per_node=ntasks, gpus_per_node=min(launch.gpus_per_node, ntasks),
+        ex.update_parameters(name=launch.job_name, nodes=1, tasks_per_node=ntasks, gpus_per_node=min(launch.gpus, ntasks),
                              timeout_min=launch.timeout_min, **({"local_setup": list(launch.setup)} if launch.setup else {}))
         # LocalExecutor honours signal_delay_s but AutoExecutor does not pass it through
         ex._executor.parameters["signal_delay_s"] = launch.signal_delay_s
@@ -207,8 +157,71 @@ def submit(cfg, config_source: str = ""):
     launch = cfg.launch
     ntasks = tasks_per_node(launch, cfg.train.nproc_per_node)
     executor = build_executor(launch, cfg.train.run_dir, cfg.train.nproc_per_node, cfg.data.num_workers)
-    job = executor.submit(TrainJob(cfg.to_dict()))
+    options = {**vars(launch), "tasks_per_node": ntasks, "mem": mem_per_node(launch),
+               "cpus_per_task": launch.cpus_per_task or cpus_per_task_for(cfg.data.num_workers)}
+    try:
+        # submitit prints sbatch's refusal itself before raising it; it is reported once, below
+        with contextlib.redirect_stderr(io.StringIO()):
+            job = executor.submit(TrainJob(cfg.to_dict()))
+    except Exception as exc:
+        from submitit.core.utils import FailedJobError
+
+        if not isinstance(exc, FailedJobError):
+            raise
+        raise SubmissionError(slurm.explain_sbatch_error(str(exc), options)) from None
+    if launch.cluster == "slurm" and (reason := slurm.never_starts(job.job_id)):
+        job.cancel(check=False)
+        raise SubmissionError(slurm.explain_never_starts(job.job_id, reason, options) + "; cancelled it")
     registry.record(cfg.train.run_dir, "submitted", job.job_id, cluster=launch.cluster, nodes=launch.nodes,
                     tasks_per_node=ntasks, steps=cfg.train.steps, config=config_source,
                     logs=str(logs_folder(cfg.train.run_dir)).replace("%j", str(job.job_id)))
     return job
+
+
+def wait(run_dir: str | Path, job_id: str, cluster: str, poll_s: float = 5.0, echo=print) -> dict:
+    """Until the job runs no more (requeues included): its :func:`mmtrain.launch.registry.job_table` row.
+    Prints each change of state. Reads the job's state from the scheduler and its recorded events,
+    not from submitit's poll, which waits forever for a job that ended without writing its result
+    (killed, out of memory) where Slurm keeps no accounting."""
+    if cluster == "slurm" and not slurm.accounting_available(job_id):
+        echo("this cluster keeps no Slurm accounting (sacct): job states come from scontrol while the controller "
+             f"knows the job, then from {registry.registry_path(run_dir)}")
+    seen = None
+    while True:
+        row = registry.job_table(run_dir, job_id=job_id)[0]
+        state, reason = row["state"], ""
+        if state == "PENDING" and cluster == "slurm":
+            reason = slurm.pending_reason(job_id)
+            state = f"PENDING ({reason})" if reason else state
+        if state != seen:
+            seen = state
+            step = "" if row["last_step"] is None else f", last recorded step {row['last_step']}"
+            echo(f"job {job_id}: {seen} (run {max(row['starts'], 1)}{step})")
+            if reason in slurm.NEVER_STARTS:
+                echo(f"job {job_id} cannot start as submitted ({reason}): `scancel {job_id}`, then submit with "
+                     "fewer resources; `scontrol show job` says what it asks for")
+        if registry.ended(row["state"]):
+            return row
+        time.sleep(poll_s)
+
+
+def outcome(row: dict) -> tuple[bool, str]:
+    """(finished, one line) for a job that ended: how its last run ended, from its recorded events."""
+    events = row["events"]
+    starts = [i for i, e in enumerate(events) if e["event"] == "started"]
+    last_run = events[starts[-1] + 1:] if starts else []
+    by_event = {e["event"]: e for e in last_run}
+    failed = next((e for e in last_run if e["event"] == "failed"), None)  # the first: the cause
+    job = f"job {row['job_id']}"
+    if failed is not None:
+        after = f" after {failed['signal']}" if failed.get("signal") else ""
+        return False, (f"{job} failed{after} (rank {failed.get('rank', 0)}, latest checkpoint step {failed['step']}): "
+                       f"{failed['error'].strip()}")
+    if "finished" in by_event and row["state"] == "COMPLETED":
+        return True, f"{job} finished at step {by_event['finished']['step']} after {row['starts']} run(s)"
+    for event in ("not_requeued", "cancelled", "stopped", "preempted"):
+        if event in by_event:
+            e = by_event[event]
+            why = f": {e['reason']}" if e.get("reason") else ""
+            return False, f"{job} {event.replace('_', ' ')} after saving step {e['step']}{why} (state {row['state']})"
+    return False, f"{job} ended {row['state']} without recording how; see its logs: {row.get('logs') or '-'}"
