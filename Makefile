@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmtrain-installed
 
-.PHONY: install demo test slurm gpu-wheels clean
+.PHONY: install demo test java slurm gpu-wheels clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,23 @@ $(STAMP): pyproject.toml Makefile
 	# pinned for this machine: the CUDA build that runs on CPU, installed from local disk
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@$(MAKE) --no-print-directory java
 	touch $(STAMP)
+
+# caption metrics run Java (pycocoevalcap's PTB tokenizer and METEOR): a headless runtime from
+# Debian's packages when none is on PATH and this runs as root with apt-get; otherwise it says so
+java:
+	@if command -v java >/dev/null; then \
+		echo "java: $$(java -version 2>&1 | head -n 1)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q default-jre-headless >/dev/null \
+			|| { apt-get update -q >/dev/null && apt-get install -y -q default-jre-headless >/dev/null; } \
+			&& echo "java: installed $$(java -version 2>&1 | head -n 1)"; \
+	else \
+		echo "java: none on PATH: caption metrics (mmtrain eval caption) and their tests need a Java runtime," \
+			"e.g. apt-get install default-jre-headless"; \
+	fi
 
 install: $(STAMP)
 

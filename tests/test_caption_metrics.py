@@ -24,7 +24,9 @@ def test_hand_checked_single_caption():
     assert same["BLEU-4"] == pytest.approx(1.0, abs=1e-6)  # PTB tokenization lowercases and drops punctuation
 
 
-def test_equal_to_pycocoevalcap_called_directly():
+def pycocoevalcap_directly(refs: dict[str, list[str]], cands: dict[str, str]) -> dict[str, float]:
+    """The COCO caption evaluation code called as its own examples do, without mmtrain: the reference
+    that mmtrain's caption scores are checked against."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -32,12 +34,17 @@ def test_equal_to_pycocoevalcap_called_directly():
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     tok = PTBTokenizer()
-    gts = tok.tokenize({k: [{"caption": r} for r in v] for k, v in REFS.items()})
-    res = tok.tokenize({k: [{"caption": c}] for k, c in CANDS.items()})
+    gts = tok.tokenize({k: [{"caption": r} for r in v] for k, v in refs.items()})
+    res = tok.tokenize({k: [{"caption": c}] for k, c in cands.items()})
     direct = dict(zip(METRICS[:4], Bleu(4).compute_score(gts, res)[0]))
     direct["METEOR"] = Meteor().compute_score(gts, res)[0]
     direct["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
     direct["CIDEr"] = Cider().compute_score(gts, res)[0]
+    return direct
+
+
+def test_equal_to_pycocoevalcap_called_directly():
+    direct = pycocoevalcap_directly(REFS, CANDS)
     ours = score_captions(REFS, CANDS)
     assert list(ours) == list(METRICS)
     for k in METRICS:
@@ -58,3 +65,9 @@ def test_bad_inputs_are_named(tmp_path):
         ann.write_text(text)
         with pytest.raises(ValueError, match="captions_val.json: expected COCO captions JSON with an 'annotations' list"):
             load_coco_references(ann)
+
+
+def test_without_java_the_error_names_the_runtime_and_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH with no java on it
+    with pytest.raises(RuntimeError, match=r"need a Java runtime on PATH .*METEOR.*apt-get install default-jre-headless"):
+        score_captions({"1": ["a red circle"]}, {"1": "a red circle"})

@@ -19,8 +19,13 @@ def test_gpu_check_cpu_quick_smoke(tmp_path):
     report = json.loads(out.read_text())
     sections = report["sections"]
     assert set(sections) == {"parity", "host_sync", "train_resume", "inference", "throughput"}
-    assert all(s["pass"] for s in sections.values()) and report["pass"]
-    assert sections["parity"]["loss_abs_diff"] == 0 and sections["parity"]["grad_max_abs"] > 0
+    # host syncs exist only on CUDA: n/a on the CPU, which counts neither way; the others passed
+    assert sections["host_sync"]["pass"] is None and "n/a" in sections["host_sync"]["note"]
+    assert all(s["pass"] for name, s in sections.items() if name != "host_sync") and report["pass"]
+    assert "| host_sync | n/a |" in proc.stdout
+    # parity compared two computations (fp32 against float64): they differ, by fp32 rounding
+    parity = sections["parity"]
+    assert 0 < parity["loss_abs_diff"] <= 1e-5 * parity["loss_float64"] and 0 < parity["grad_max_abs_diff"]
     resume = sections["train_resume"]
     assert resume["resumed_at"] == 1 and resume["max_loss_diff"] == 0 and resume["data_hashes_equal"]
     assert len(sections["inference"]["captions"]) == 4 and sections["inference"]["eval_device"] == "cpu"

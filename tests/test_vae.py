@@ -234,7 +234,9 @@ def test_cli_convert_vae_names_the_mismatch(tmp_path, capsys):
 
     assert cli.main(["convert", "vae", str(GOLDEN), str(tmp_path / "out"), "--arch", "mar_kl16"]) == 2
     err = capsys.readouterr().err
-    assert "mar_kl16" in err or "shape" in err
+    # the file, and the first mismatching tensor with both shapes (base width 32 vs the released 128)
+    assert f"{GOLDEN}: checkpoint does not fit the configured AutoencoderKL" in err
+    assert "decoder.conv_in.weight: checkpoint (128, 16, 3, 3) vs model (512, 16, 3, 3)" in err
     assert not (tmp_path / "out" / "config.json").exists()
 
 
@@ -275,10 +277,20 @@ def test_train_vae_perceptual_term_from_local_vgg_weights(synthetic_data, tmp_pa
     dist = VGGFeatureDistance(str(tmp_path / "vgg16.pth"))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert float(dist(x, x)) == 0.0 and float(dist(x, x.flip(-1))) > 0
-    assert cli.main(["tokenizer", "train-vae", "--shards", synthetic_data["train"], "--out", str(tmp_path / "v"), "--steps", "2",
-                     "--perceptual-weights", str(tmp_path / "vgg16.pth"), "--quiet"]) == 0
+    # the same 2 steps (seed, data) with and without the term: it enters the loss and the gradient
+    for name, extra in (("v", ["--perceptual-weights", str(tmp_path / "vgg16.pth")]), ("plain", [])):
+        assert cli.main(["tokenizer", "train-vae", "--shards", synthetic_data["train"], "--out", str(tmp_path / name),
+                         "--steps", "2", "--quiet", *extra]) == 0
     assert (tmp_path / "v" / "tokenizer.yaml").is_file()
+    from safetensors.torch import load_file
+
+    with_term, without = (load_file(tmp_path / n / "vae" / "diffusion_pytorch_model.safetensors") for n in ("v", "plain"))
+    assert with_term.keys() == without.keys()
+    assert any(not torch.equal(with_term[k], without[k]) for k in with_term)
     torch.save({"weight": torch.zeros(1)}, tmp_path / "bad.pth")
     assert cli.main(["tokenizer", "train-vae", "--shards", synthetic_data["train"], "--out", str(tmp_path / "w"), "--steps", "2",
                      "--perceptual-weights", str(tmp_path / "bad.pth"), "--quiet"]) == 2
-    assert "bad.pth" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the file, what it is not, and the tensors: a vgg16 one it lacks, the one it has instead
+    assert f"perceptual_weights={tmp_path / 'bad.pth'}: not a torchvision vgg16 state_dict" in err
+    assert '"features.0.weight"' in err and 'Unexpected key(s) in state_dict: "weight"' in err

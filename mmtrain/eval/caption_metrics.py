@@ -29,7 +29,8 @@ def score_captions(references: dict[str, list[str]], candidates: dict[str, str],
     more per id). METEOR and the tokenizer run Java; ``meteor=False`` leaves METEOR out."""
     _check_inputs(references, candidates)
     if shutil.which("java") is None:
-        raise RuntimeError("caption metrics need Java on PATH (pycocoevalcap's PTB tokenizer and METEOR are Java)")
+        raise RuntimeError("caption metrics need a Java runtime on PATH (pycocoevalcap's PTB tokenizer and METEOR "
+                           "are Java): `make java` installs one as root, or e.g. apt-get install default-jre-headless")
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge

@@ -127,10 +127,12 @@ def train_vae(shards: str, out_dir: str | Path, cfg: VAETrainConfig, progress: b
     from mmtrain.tokenize.image import ImageTokenizerConfig, build_image_tokenizer
     from mmtrain.tokenize.vae import estimate_scale_factor
 
+    # built before the seed: VGG's own initialisation draws random numbers, and the VAE's
+    # initialisation and posterior samples must not depend on whether the term is on
+    perceptual = VGGFeatureDistance(cfg.perceptual_weights) if cfg.perceptual_weights else None
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(**cfg.arch)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
-    perceptual = VGGFeatureDistance(cfg.perceptual_weights) if cfg.perceptual_weights else None
     batches = _image_batches(shards, cfg.image_size, cfg.batch_size, cfg.seed)
     start, recent = time.perf_counter(), []
     bar = tqdm(range(cfg.steps), desc="train-vae", unit="step", disable=not progress)

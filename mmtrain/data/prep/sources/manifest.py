@@ -5,6 +5,13 @@ folder) and its caption, optionally a class label. Bad rows -- a missing column
 or value, an empty caption, a non-numeric label -- are dropped and counted by
 reason with their row number; only problems with the manifest as a whole (file
 missing, unknown format, a configured column absent from every row) raise.
+
+Sample keys: the image's path relative to the manifest's folder, its extension
+dropped, sanitized (``imgs/p00.png`` -> ``imgs_p00``). An absolute path is made
+relative first, so ``/data/imgs/p00.png`` in ``/data/manifest.csv`` gets the same
+key as ``imgs/p00.png``; one outside the folder keeps its other directories
+(``/other/p00.png`` -> ``other_p00``). Keys that collide get ``-1``, ``-2``, ... in
+manifest order, which is also the order samples are written in.
 """
 
 from __future__ import annotations
