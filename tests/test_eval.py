@@ -15,7 +15,7 @@ from conftest import REPO, tiny_overrides
 
 from mmtrain import cli
 from mmtrain.eval.features import InceptionFeatures, MetricUnavailable, TinyRandomFeatures, extract_features
-from mmtrain.eval.fidelity import fidelity_metrics, read_reference_stats, statistics, write_reference_stats
+from mmtrain.eval.fidelity import fidelity_metrics, read_reference_stats, write_reference_stats
 from mmtrain.data.shards import iter_shard_samples
 
 

@@ -86,6 +86,21 @@ def test_a_record_being_written_is_not_read_yet(tmp_path):
     assert [e["event"] for e in read_events(tmp_path)] == ["started"]
 
 
+def test_a_local_job_whose_controller_is_still_starting_is_pending_not_ended():
+    """Between fork and exec the controller's command line is its parent's: not yet submitit's. A
+    `--wait` that read that as "ended" returned at once (seen under load)."""
+    from mmtrain.launch.registry import job_state
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # alive, not submitit
+    try:
+        assert job_state("local", str(proc.pid), [{"event": "submitted"}]) == "PENDING"
+        assert job_state("local", str(proc.pid), [{"event": "submitted"}, {"event": "finished"}]) == "COMPLETED"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert job_state("local", str(proc.pid), [{"event": "submitted"}]) == "ENDED"
+
+
 def test_plain_sbatch_jobs_are_requeued_on_the_time_limit_at_most_max_timeouts_times(tmp_path):
     """slurm/train.sbatch's rank 0 counts the job's own time-limit requeues in its history: those of
     other jobs and preemptions (which Slurm requeues itself) do not count."""

@@ -70,6 +70,16 @@ def _local_running(job_id: str) -> bool:
         return False
 
 
+def _local_starting(job_id: str) -> bool:
+    """The controller's process exists but has not become submitit's controller yet (between fork and
+    exec its command line is still its parent's): a local job just submitted."""
+    try:
+        state = Path(f"/proc/{int(job_id)}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
+        return False
+    return state != "Z"
+
+
 def job_state(cluster: str, job_id: str, events: list[dict]) -> str:
     """The state of one job: the scheduler's while the job is queued or running; once it ended, that
     of its last recorded end (more precise: a time limit not requeued, a cancel after the save), or
@@ -84,8 +94,11 @@ def job_state(cluster: str, job_id: str, events: list[dict]) -> str:
         if state == "":  # Slurm answered and no longer knows the job
             return recorded or "ENDED"
         return "RUNNING?" if last == "started" else END_STATES.get(last, "PENDING")
-    if cluster == "local" and _local_running(job_id):
-        return "RUNNING"
+    if cluster == "local":
+        if _local_running(job_id):
+            return "RUNNING"
+        if last == "submitted" and _local_starting(job_id):
+            return "PENDING"
     return recorded or "ENDED"
 
 
