@@ -302,10 +302,11 @@ def test_train_sbatch_survives_time_limits_and_preemption_like_an_uninterrupted_
     assert jobs_table(run_dir, env)[job][1:5] == ["slurm", "COMPLETED", "3", str(UNINTERRUPTED_STEPS)]
 
 
-def test_a_job_that_fails_is_recorded_with_its_error(slurm_cluster, synthetic_data, tmp_path):
+def test_a_job_that_fails_or_is_cancelled_is_recorded_as_such(slurm_cluster, synthetic_data, tmp_path):
     """Shards whose images do not decode, with data.max_bad_samples=0: through `mmtrain launch --wait`
-    and through train.sbatch (one rank each, both at once), the job fails, and its history, `--wait`
-    and `mmtrain jobs` say so, with the error."""
+    and through train.sbatch, the job fails, and its history, `--wait` and `mmtrain jobs` say so, with
+    the error. Beside them, a job that `scancel` ends saves, and is recorded `cancelled`, not
+    `preempted`. One rank each, at once."""
     from test_loader import write_tar
 
     bad = tmp_path / "bad"
@@ -317,7 +318,11 @@ def test_a_job_that_fails_is_recorded_with_its_error(slurm_cluster, synthetic_da
         return tiny_overrides(synthetic_data, run_dir, f"data.train_shards={bad}", "data.max_bad_samples=0",
                               "train.nproc_per_node=1")
 
-    launched, sbatched = tmp_path / "launched", tmp_path / "sbatched"
+    launched, sbatched, cancelled = tmp_path / "launched", tmp_path / "sbatched", tmp_path / "cancelled"
+    to_cancel = subprocess.Popen(mmtrain_cmd("launch", CONFIG, "--cluster", "slurm", "--cpus-per-task", "1", "--wait",
+                                             "--poll-s", "0.5", *tiny_overrides(synthetic_data, cancelled, "train.steps=400",
+                                                                                "train.nproc_per_node=1", "logging.log_every=1")),
+                                 env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     waiting = subprocess.Popen(mmtrain_cmd("launch", CONFIG, "--cluster", "slurm", "--cpus-per-task", "1", "--wait",
                                            "--poll-s", "0.5", *overrides(launched)),
                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -338,3 +343,15 @@ def test_a_job_that_fails_is_recorded_with_its_error(slurm_cluster, synthetic_da
         failures = [e for e in job_events(run_dir, job_id) if e["event"] == "failed"]
         assert failures and "ShardDataError" in failures[0]["error"] and "bad-000000.tar" in failures[0]["error"]
         assert jobs_table(run_dir, env)[job_id][1:4] == ["slurm", "FAILED", "1"]
+
+    wait_until(lambda: (cancelled / "jobs.jsonl").is_file(), 120, "the submission to cancel")
+    job_c = read_events(cancelled)[0]["job_id"]
+    wait_until(lambda: trained_in_run(cancelled, job_c, 1, 3), 300, "3 steps of the job to cancel")
+    slurm_cluster.run("scancel", job_c)
+    stdout, stderr = to_cancel.communicate(timeout=300)
+    assert to_cancel.returncode == 1, stdout + stderr
+    ended = job_events(cancelled, job_c)[-1]
+    assert (ended["event"], ended["signal"]) == ("cancelled", "SIGTERM") and ended["step"] >= 3
+    assert (cancelled / "checkpoints" / f"step{ended['step']:08d}" / "meta.json").is_file()
+    assert stderr.strip().splitlines()[-1] == f"job {job_c} cancelled after saving step {ended['step']} (state CANCELLED)"
+    assert jobs_table(cancelled, env)[job_c][1:4] == ["slurm", "CANCELLED", "1"]

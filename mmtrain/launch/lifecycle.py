@@ -45,11 +45,10 @@ def record_failure(run_dir: str, job_id: str, exc: BaseException, rank: int, sig
 
 
 def stop_event(cluster: str, job_id: str) -> str:
-    """The event of a run that saved and stopped on TERM."""
-    if cluster != "slurm":
-        return "stopped"
-    # scancel marks the job CANCELLED before its tasks get TERM; a preemption or requeue does not
-    return "cancelled" if (slurm.job_state(job_id) or "").startswith("CANCELLED") else "preempted"
+    """The event of a run that saved and stopped on TERM: ``preempted`` when Slurm is requeueing the
+    job, ``cancelled`` when it is ending it, ``stopped`` where no Slurm says which."""
+    requeued = slurm.being_requeued(job_id) if cluster == "slurm" else None
+    return {True: "preempted", False: "cancelled", None: "stopped"}[requeued]
 
 
 def record_end(run_dir: str, job_id: str, cluster: str, stopped_by: str | None, step: int, signal: str) -> None:

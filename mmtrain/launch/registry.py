@@ -8,8 +8,8 @@ Events: ``submitted`` (by ``mmtrain launch``), then per run of the job, by rank 
 - ``not_requeued``: time limit again after ``launch.max_timeouts`` requeues: saved, ended;
 - ``preempted``: TERM from Slurm (a preemption, ``scontrol requeue``): saved and ended cleanly;
   Slurm requeues the job when its partition says so;
-- ``cancelled``: TERM from ``scancel``: saved and ended;
-- ``stopped``: TERM outside Slurm: saved and ended;
+- ``cancelled``: TERM from ``scancel`` (Slurm ends the job, does not requeue it): saved and ended;
+- ``stopped``: TERM where no Slurm tells which of the two: saved and ended;
 - ``failed``: an error, recorded with it.
 
 Runs started by ``mmtrain launch`` (submitit) and by ``slurm/train.sbatch`` (plain sbatch +

@@ -10,6 +10,7 @@ holds the job (``MinJobAge`` after it ended, 300 s by default).
 """
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -50,6 +51,18 @@ def job_state(job_id: str) -> str | None:
         return "" if "invalid job id" in out.stderr.lower() else None
     m = re.search(r"\bJobState=(\S+)", out.stdout)
     return m.group(1) if m else None
+
+
+def being_requeued(job_id: str) -> bool | None:
+    """Asked by a job's own rank after TERM: whether Slurm is putting this job back in the queue (a
+    preemption in REQUEUE mode, ``scontrol requeue``) rather than ending it (``scancel``). A requeue
+    counts the restart at once (``Restarts`` above this run's ``SLURM_RESTART_COUNT``); the job state
+    reads COMPLETING either way. None when scontrol does not answer."""
+    out = _run(["scontrol", "show", "job", "-o", str(job_id)])
+    m = re.search(r"\bRestarts=(\d+)", out.stdout) if out is not None and out.returncode == 0 else None
+    if m is None:
+        return None
+    return int(m.group(1)) > int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
 def requeue(job_id: str) -> None:
