@@ -59,7 +59,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mmtrain.components.metrics import LoggingConfig, peak_flops  # noqa: E402
+from mmtrain.components.metrics import LoggingConfig, graphs_compiled, peak_flops  # noqa: E402
 from mmtrain.config import load_config  # noqa: E402
 from mmtrain.distributed import to_device  # noqa: E402
 from mmtrain.models import family  # noqa: E402
@@ -112,13 +112,6 @@ def bucket_splits(num_tokens: int, buckets: int) -> list[list[int]]:
     """One AR split per sequence bucket: what a warm-up runs so that no timed step compiles."""
     edges = sorted({clean_slot_count(n, num_tokens, buckets) for n in range(num_tokens)})
     return [[num_tokens] if n == 0 else [n, num_tokens - n] for n in (min(e, num_tokens - 1) for e in edges)]
-
-
-def graphs_compiled() -> int:
-    """Graphs dynamo has compiled in this process so far."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
 
 
 def sync(device: torch.device) -> None:

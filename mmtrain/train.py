@@ -26,8 +26,9 @@ from mmtrain.atomic import atomic_write_bytes
 from mmtrain.components import checkpoint
 from mmtrain.components.data import Batch, build_train_loader
 from mmtrain.components.ema import ShardedEMA
-from mmtrain.components.metrics import MetricsLogger, peak_flops
+from mmtrain.components.metrics import MetricsLogger, graphs_compiled, peak_flops
 from mmtrain.components.optimizer import build_optimizer, deepspeed_config
+from mmtrain.components.optimizer import describe as describe_optimizer
 from mmtrain.components.preemption import PreemptionWatch
 from mmtrain.config import Config, save_config
 from mmtrain.models import build_model, family
@@ -270,9 +271,8 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
         log.info("resumed from %s: step %d, %d samples seen%s", point.tag, step, samples_seen,
                  f" (saved on {point.meta['world_size']} ranks, now {world})" if point.world_changed else "")
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    log.info("model: %.2fM parameters, %d ranks, ZeRO-%d, %s%s%s", n_params / 1e6, world, cfg.train.zero_stage,
-             cfg.train.precision, f", offload {cfg.train.offload}" if cfg.train.offload != "none" else "",
-             f", EMA {cfg.ema.decay}" if ema else "")
+    log.info("model: %.2fM parameters, %d ranks, ZeRO-%d, %s%s; optimizer: %s", n_params / 1e6, world,
+             cfg.train.zero_stage, cfg.train.precision, f", EMA {cfg.ema.decay}" if ema else "", describe_optimizer(engine))
 
     loader = build_train_loader(cfg.data, cfg.train.micro_batch_size, rank, world_size=world, seed=cfg.train.seed,
                                 start_sample=samples_seen, text_tokenizer=text_tok, max_text_len=cfg.model.max_text_len,
@@ -350,6 +350,8 @@ def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
                 record = {**window.record(cfg.train.micro_batch_size, peak), "lr": sched.get_last_lr()[0],
                           "grad_norm": float(grad_norm),
                           "samples_seen": samples_seen, "data_hash": window.data_hash.hexdigest()[:16], **peak_memory_mb()}
+                if cfg.train.compile:  # graphs compiled so far in this process: a count that keeps rising means recompiles
+                    record["compiled_graphs"] = graphs_compiled()
                 history.append({"step": step, **record})
                 metrics.log(step, record)
                 window = Window(dev)

@@ -30,6 +30,16 @@ def synthetic_data(tmp_path_factory) -> dict:
     return {"root": root, "train": str(root / "train"), "val": str(root / "val"), "tokenizer": str(tok.model_path)}
 
 
+@pytest.fixture(scope="session")
+def val_images(synthetic_data):
+    """The val shards' images in order, uint8 (32, 32, 32, 3): the eval commands' reference images."""
+    import numpy as np
+
+    from mmtrain.data.shards import iter_shard_samples
+
+    return np.stack([np.asarray(s["image"]) for s in iter_shard_samples(synthetic_data["val"])])
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (for servers and rendezvous the tests start)."""
     import socket
@@ -79,6 +89,35 @@ def uninterrupted_run(synthetic_data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
     assert cli.main(["train", str(REPO / "configs" / "tiny.yaml"), *uninterrupted_overrides(synthetic_data, run_dir)]) == 0
     return run_dir
+
+
+def assert_same_training(run_dir: Path, reference: Path, rtol: float = 1e-5) -> None:
+    """``run_dir`` (stopped, killed or preempted, then resumed) trained as ``reference`` did: every
+    logged step once, with the same samples (data hashes, counts) and losses, and its last
+    checkpoint holds the same weights and the same EMA (which no loss shows)."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from mmtrain.components.checkpoint import latest_tag, load_model_state
+    from mmtrain.components.ema import consolidate
+
+    def metrics(run: Path) -> list[dict]:
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = metrics(run_dir), metrics(reference)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert [(r["data_hash"], r["samples_seen"]) for r in a] == [(r["data_hash"], r["samples_seen"]) for r in b]
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=rtol)
+    tag = latest_tag(reference)
+    assert latest_tag(run_dir) == tag
+    weights, ema = load_model_state(run_dir, tag)[0], consolidate(run_dir / "checkpoints" / tag)
+    ref_weights, ref_ema = load_model_state(reference, tag)[0], consolidate(reference / "checkpoints" / tag)
+    assert weights.keys() == ref_weights.keys() and ema.keys() == ref_ema.keys()
+    for k in ref_weights:
+        torch.testing.assert_close(weights[k], ref_weights[k], rtol=rtol, atol=1e-7, msg=lambda m: f"weights {k}: {m}")
+        torch.testing.assert_close(ema[k], ref_ema[k], rtol=rtol, atol=1e-7, msg=lambda m: f"EMA {k}: {m}")
 
 
 def uninterrupted_overrides(data: dict, run_dir: Path, *extra: str) -> list[str]:

@@ -188,10 +188,3 @@ class SlurmCluster:
             if item.startswith("JobState="):
                 return item.split("=", 1)[1]
         return ""
-
-    def job_field(self, job_id: str, key: str) -> str:
-        out = self.run("scontrol", "show", "job", "-o", str(job_id), check=False)
-        for item in out.stdout.split():
-            if item.startswith(f"{key}="):
-                return item.split("=", 1)[1]
-        return ""

@@ -36,7 +36,8 @@ def test_learning_curve_table_and_plot_on_a_tiny_run_and_resume(synthetic_data, 
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| step")]
     assert [r.split(" | ")[0] for r in rows] == ["| 3", "| 6"]
     assert "image S=2 exact" in table and "caption count" in table and rows[1] in out
-    assert "image S=2 kind small / large" in table and curve["points"][1]["generate"]["2"]["attr_kind_large"] >= 0
+    large = curve["points"][1]["generate"]["2"]["attr_kind_large"]
+    assert "image S=2 kind small / large" in table and 0 <= large <= 1 and f"{large:.2f}" in rows[1]
     assert (run / "learning" / "curve.png").stat().st_size > 10_000
     commands = (run / "learning" / "log.txt").read_text().splitlines()
     assert [c.split()[2:4] for c in commands] == [["train", str(REPO / "configs" / "tiny.yaml")], ["eval", "caption"],

@@ -8,7 +8,7 @@ from mmtrain.config import Config, ConfigError, load_config, save_config
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("name", ["demo", "tiny", "small", "causalfusion_l", "causalfusion_xl", "causalfusion_h"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.yaml")))
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert isinstance(cfg, Config)

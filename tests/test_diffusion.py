@@ -81,8 +81,9 @@ def _toy_eps(x: np.ndarray, t: np.ndarray) -> np.ndarray:
     return 0.7 * np.tanh(x) + 1e-3 * t.reshape(-1, 1, 1) * np.cos(x)
 
 
-def _reference_sample(steps, variance: str, noise: np.ndarray, gen: torch.Generator) -> tuple[np.ndarray, list]:
-    """The official p_sample_loop in float64 numpy: respaced betas, posterior mean, fixed variance."""
+def _reference_sample(steps, variance: str, noise: np.ndarray, gen: torch.Generator, prediction: str = "eps") -> tuple[np.ndarray, list]:
+    """The official p_sample_loop in float64 numpy: respaced betas, posterior mean, fixed variance;
+    the network's output read as the noise (eps) or as the data (x0)."""
     T = 1000
     betas = np.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=np.float64)
     acp_full = np.cumprod(1.0 - betas)
@@ -107,20 +108,21 @@ def _reference_sample(steps, variance: str, noise: np.ndarray, gen: torch.Genera
     for i in reversed(range(len(b))):
         t_orig = np.full(x.shape[0], use[i])
         seen.append(use[i])
-        eps = _toy_eps(x, t_orig)
-        x0 = np.sqrt(1.0 / acp[i]) * x - np.sqrt(1.0 / acp[i] - 1.0) * eps
+        out = _toy_eps(x, t_orig)
+        x0 = out if prediction == "x0" else np.sqrt(1.0 / acp[i]) * x - np.sqrt(1.0 / acp[i] - 1.0) * out
         mean = coef1[i] * x0 + coef2[i] * x
         z = torch.randn(x.shape, generator=gen, dtype=torch.float64).numpy()
         x = mean + float(i != 0) * np.exp(0.5 * log_var[i]) * z
     return x, seen
 
 
-@pytest.mark.parametrize(("steps", "variance"), [(25, "fixed_large"), ("4,3,5", "fixed_large"), ("ddim10", "fixed_small")])
-def test_ddpm_sampler_matches_official_chain(steps, variance):
+@pytest.mark.parametrize(("steps", "variance", "prediction"), [(25, "fixed_large", "eps"), ("4,3,5", "fixed_large", "eps"),
+                                                                ("ddim10", "fixed_small", "eps"), (25, "fixed_large", "x0")])
+def test_ddpm_sampler_matches_official_chain(steps, variance, prediction):
     noise = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    ref, ref_seen = _reference_sample(steps, variance, noise.numpy(), g_ref := torch.Generator().manual_seed(11))
+    ref, ref_seen = _reference_sample(steps, variance, noise.numpy(), g_ref := torch.Generator().manual_seed(11), prediction)
 
-    diffusion = build_diffusion(DiffusionConfig(variance=variance), sample_steps=steps)
+    diffusion = build_diffusion(DiffusionConfig(variance=variance, prediction=prediction), sample_steps=steps)
     assert isinstance(diffusion, GaussianDiffusion)
     seen = []
 
@@ -131,7 +133,7 @@ def test_ddpm_sampler_matches_official_chain(steps, variance):
 
     out = diffusion.sample(model_fn, noise, generator=(g := torch.Generator().manual_seed(11)))
     assert out.dtype == torch.float64
-    np.testing.assert_allclose(out.numpy(), ref, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(out.numpy(), ref, atol=1e-9, rtol=0)  # measured: 1e-13 apart
     assert seen == ref_seen  # the network sees the original timesteps, 999 first
     # one normal drawn per step, the last (unused) one included, as the official loop
     torch.testing.assert_close(torch.randn(4, generator=g), torch.randn(4, generator=g_ref))
@@ -193,20 +195,25 @@ def test_flow_sampler_recovers_data_from_an_oracle(steps, shift):
     """With the exact velocity toward a fixed x0, Euler lands on x0 (the path is straight)."""
     flow = build_diffusion(DiffusionConfig(process="rectified_flow", flow_shift=shift), sample_steps=steps)
     x0 = torch.rand(3, 8, 12, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(3, 8, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     times = []
+    n = int(steps)
+    grid = [shift * s / (1 + (shift - 1) * s) for s in (1 - i / n for i in range(n))]  # the shifted time grid
 
     def oracle(x, t_model):
         assert t_model.dtype == torch.float32 and t_model.shape == (3,)
-        t = float(t_model[0]) / 1000
-        times.append(t)
+        times.append(float(t_model[0]) / 1000)
+        # every Euler iterate lies on the straight line from the noise to x0, at its own time of the
+        # grid (float64; the network sees it rounded to float32): a wrong step size on any step, not
+        # only the last, leaves the line
+        t = grid[len(times) - 1]
+        torch.testing.assert_close(x, (1 - t) * x0 + t * noise, atol=1e-9, rtol=0)
         return (x - x0) / t
 
-    out = flow.sample(oracle, torch.randn(3, 8, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    out = flow.sample(oracle, noise)
     assert out.dtype == torch.float64
-    torch.testing.assert_close(out, x0, atol=1e-5, rtol=0)
-    n = int(steps)
-    grid = [1 - i / n for i in range(n)]
-    assert times == pytest.approx([shift * s / (1 + (shift - 1) * s) for s in grid], abs=1e-6)
+    torch.testing.assert_close(out, x0, atol=1e-9, rtol=0)
+    assert times == pytest.approx(grid, abs=1e-6)
 
 
 def test_flow_clip_clamps_the_implied_data():

@@ -19,9 +19,20 @@ from mmtrain.eval.fidelity import fidelity_metrics, read_reference_stats, write_
 from mmtrain.data.shards import iter_shard_samples
 
 
-@pytest.fixture(scope="module")
-def val_images(synthetic_data) -> np.ndarray:
-    return np.stack([np.asarray(s["image"]) for s in iter_shard_samples(synthetic_data["val"])])  # 32, 32, 32, 3
+def fid_directly(generated: np.ndarray, real: np.ndarray) -> float:
+    """FID of two uint8 image sets (N, H, W, 3) by torch-fidelity's own functions on the
+    tiny_random features: what an eval command run with eval.feature_extractor=tiny_random on
+    these images must report, whatever path its images and reference statistics took."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    net = TinyRandomFeatures()
+    stats = [fid_features_to_statistics(extract_features(net, images)["pool"].double()) for images in (generated, real)]
+    return fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID]
+
+
+def saved_samples(out: Path, tag: str) -> np.ndarray:
+    """The images an eval generate run with eval.save_samples=true scored for one setting."""
+    return np.load(out / "samples" / f"{tag}.npz")["arr_0"]
 
 
 def shifted(images: np.ndarray, amount: int) -> np.ndarray:
@@ -160,14 +171,16 @@ def model_dir(synthetic_data, tmp_path_factory):
     return untrained_model_dir(synthetic_data, tmp_path_factory.mktemp("model"))
 
 
-def test_eval_generate_class_conditional(synthetic_data, tmp_path):
+def test_eval_generate_class_conditional(synthetic_data, val_images, tmp_path):
     """Class labels from the shards' cls field; prompt-based metrics are reported as not applicable."""
     model = untrained_model_dir(synthetic_data, tmp_path / "model", "model.condition=class", "model.num_classes=18")
     out = tmp_path / "gen"
     assert cli.main(["eval", "generate", str(model), "--num", "4", "--out", str(out), "--set", "eval.feature_extractor=tiny_random",
-                     "--set", f"eval.stats_cache={tmp_path / 'cache'}"]) == 0
+                     "--set", f"eval.stats_cache={tmp_path / 'cache'}", "--set", "eval.save_samples=true"]) == 0
     report = json.loads((out / "metrics.json").read_text())
-    assert report["settings"][0]["fid"] >= 0
+    (row,) = report["settings"]
+    # the first 4 val images are the reference (eval.ref_images 0 = --num)
+    assert row["fid"] == pytest.approx(fid_directly(saved_samples(out, row["tag"]), val_images[:4]), rel=1e-6)
     assert report["unavailable"]["clip"].startswith("class-conditional model") and "attributes" in report["unavailable"]
     labels = [str(s["label"]) for _, s in zip(range(4), iter_shard_samples(synthetic_data["val"]))]
     assert all(f"<figcaption>{label}</figcaption>" in (out / "report.html").read_text() for label in labels)
@@ -264,7 +277,7 @@ def test_eval_caption_on_coco_annotations(model_dir, val_images, tmp_path):
                      "--coco-images", str(images), "--out", str(out)]) == 2
 
 
-def test_inference_on_an_explicit_device_in_bf16_stays_close_to_fp32(synthetic_data, tmp_path, capsys):
+def test_inference_on_an_explicit_device_in_bf16_stays_close_to_fp32(synthetic_data, val_images, tmp_path, capsys):
     """`--device cpu --dtype bf16`: the same sampler and captioner under bf16 autocast; tokens
     stay within 1% of fp32, greedy captions start the same, reports say where they ran."""
     from safetensors.torch import load_file, save_file
@@ -293,9 +306,12 @@ def test_inference_on_an_explicit_device_in_bf16_stays_close_to_fp32(synthetic_d
     assert cli.main(["caption", str(model), "--shards", synthetic_data["val"], "--num", "2", "--device", "cpu", "--dtype", "bf16"]) == 0
     out = tmp_path / "gen"
     assert cli.main(["eval", "generate", str(model), "--num", "4", "--out", str(out), "--device", "cpu", "--dtype", "bf16",
-                     "--set", "eval.feature_extractor=tiny_random", "--set", f"eval.stats_cache={tmp_path / 'cache'}"]) == 0
+                     "--set", "eval.feature_extractor=tiny_random", "--set", f"eval.stats_cache={tmp_path / 'cache'}",
+                     "--set", "eval.save_samples=true"]) == 0
     report = json.loads((out / "metrics.json").read_text())
-    assert (report["device"], report["dtype"]) == ("cpu", "bf16") and report["settings"][0]["fid"] >= 0
+    (row,) = report["settings"]
+    assert (report["device"], report["dtype"]) == ("cpu", "bf16")
+    assert row["fid"] == pytest.approx(fid_directly(saved_samples(out, row["tag"]), val_images[:4]), rel=1e-6)
     if not torch.cuda.is_available():
         capsys.readouterr()
         assert cli.main(["sample", str(model), "--prompt", "x", "--device", "cuda", "--out", str(tmp_path / "c.png")]) == 2

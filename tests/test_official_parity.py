@@ -77,6 +77,11 @@ def test_training_forward_matches_official(converted, golden):
     residual = noise_ar - out["pred"]
     gap = (residual ** 2 - tensors["out.loss_elementwise"]).abs()
     assert bool((gap <= 1e-5 * (1 + 2 * residual.abs())).all()), float(gap.max())
+    # and the model's own loss, not one rebuilt here from pred: with unit loss weights, the
+    # official elementwise loss's mean (a wrong target gather, weighting or reduction fails it)
+    official_loss = tensors["out.loss_elementwise"].double().mean()
+    torch.testing.assert_close(out["diffusion_loss"].double(), official_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out["loss"].double(), official_loss, rtol=1e-5, atol=0)  # class-conditional: no text loss
 
 
 def test_cached_cfg_inference_matches_official(converted, golden):

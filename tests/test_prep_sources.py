@@ -26,7 +26,6 @@ from test_prep import (
 )
 
 from mmtrain.data.prep import (
-    MissingDependencyError,
     precompute_latents,
     prep_coco,
     prep_folder,
@@ -125,23 +124,38 @@ def test_jsonl_manifest_to_mds_with_cls_column(tmp_path):
         assert np.array_equal(pixels(row["image"]).shape, (SIZES[i % 5][1], SIZES[i % 5][0], 3))
 
 
-def test_parquet_manifest_needs_pyarrow(tmp_path):
-    paths = _manifest_images(tmp_path / "data", 4)
+def test_parquet_manifest_read_with_pyarrow(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = _manifest_images(tmp_path / "data", 6)
     manifest = tmp_path / "data" / "m.parquet"
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        manifest.write_bytes(b"PAR1 not really")
-        with pytest.raises(MissingDependencyError, match="'pyarrow'") as excinfo:
-            prep_manifest(manifest, tmp_path / "out", cfg())
-        assert isinstance(excinfo.value, ValueError)  # the CLI reports it as bad input (exit 2)
-        return
-    table = pa.table({"image": [f"imgs/{p.name}" for p in paths], "caption": [f"pq {i}" for i in range(4)],
-                      "label": [0, 1, 2, None]})
-    pq.write_table(table, manifest)
+    table = pa.table({
+        "image": [f"imgs/{p.name}" for p in paths] + ["imgs/missing.png"],
+        "caption": [f"pq caption {i}" for i in range(6)] + ["gone"],
+        "label": [0, 1, 2, 3, None, 5, 1],          # a null label is a bad label, not label 0
+        "score": [0.5, float("nan"), 1.5, 2.5, 3.5, 4.5, 0.0],  # NaN is not JSON: stored as null
+        "tags": [["a", "b"], [], ["c"], ["d"], ["e"], ["f"], []],
+    })
+    pq.write_table(table, manifest, row_group_size=4)
+
     stats = prep_manifest(manifest, tmp_path / "out", cfg())
-    assert stats["kept"] == 3 and _nonzero(stats) == {"bad_label": 1}
+
+    assert stats["kept"] == 5 and _nonzero(stats) == {"bad_label": 1, "missing_file": 1}
+    assert "m.parquet row 5: " in " ".join(stats["drop_examples"]["bad_label"])  # rows count from 1
+    samples = wds_samples(tmp_path / "out" / "train")
+    assert list(samples) == [f"imgs_p{i:02d}" for i in (0, 1, 2, 3, 5)]
+    for key, members in samples.items():
+        i = int(key[-2:])
+        assert members["txt"].decode() == f"pq caption {i}" and members["cls"] == str(i).encode()
+        meta = json.loads(members["json"])
+        assert meta["manifest_row"] == i + 1 and meta["tags"] == table["tags"][i].as_py()
+        assert meta["score"] == (None if i == 1 else table["score"][i].as_py())
+        assert pixels(members["jpg"]).shape[:2] == (SIZES[i % len(SIZES)][1], SIZES[i % len(SIZES)][0])
+
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=r"bad\.parquet.*cannot read parquet"):
+        prep_manifest(tmp_path / "bad.parquet", tmp_path / "out2", cfg())
 
 
 # --------------------------------------------------------------------------- (c) COCO

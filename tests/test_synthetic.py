@@ -317,6 +317,17 @@ def test_hold_out_keeps_combinations_out_of_training_and_writes_only_them_to_the
     train = [s["attributes"]["shapes"] for s in train_samples]
     held = [s["attributes"]["shapes"] for s in held_samples]
     assert held and not any(is_held_out(s, combos) for s in train) and all(is_held_out(s, combos) for s in held)
+
+    # the same rules written out here, not through is_held_out: one shape carrying all of a combination
+    def literal(shape: dict) -> bool:
+        return ((shape["color"] == "red" and shape["kind"] == "triangle")
+                or (shape["size"] == "large" and shape["color"] == "blue" and shape["kind"] == "circle")
+                or (shape["position"] == "top left" and shape["color"] == "yellow"))
+
+    assert not any(literal(shape) for scene in train for shape in scene)
+    assert all(any(literal(shape) for shape in scene) for scene in held)
+    # a combination split across two shapes of one scene is no hold-out: such scenes stay in training
+    assert any(any(s["color"] == "red" for s in scene) and any(s["kind"] == "triangle" for s in scene) for scene in train)
     # every generated sample is in exactly one split
     assert sorted(s["key"] for s in train_samples + held_samples) == [f"{i:08d}" for i in range(400)]
     stats = json.loads((out / "stats.json").read_text())

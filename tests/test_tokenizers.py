@@ -324,6 +324,11 @@ def test_cli_trains_unigram_from_mds_shards_and_text_files(tmp_path: Path, capsy
     tok = TextTokenizer.from_file(out.with_suffix(".model"))
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["special_token_ids"]["boi"] == tok.boi_id and side["config"]["model_type"] == "unigram"
+    # every caption of the MDS train split and both lines of the text file were read (byte
+    # fallback would round-trip any text below even if the shards had been skipped)
+    index = json.loads((tmp_path / "mds" / "train" / "index.json").read_text())
+    in_shards = sum(shard["samples"] for shard in index["shards"])
+    assert in_shards >= 6 and side["num_training_sentences"] == in_shards + 2
     for text in ("red circle top left", "ünïcödé", "零"):  # the last one was never seen: byte fallback
         assert tok.decode(tok.encode(text)) == text
     assert cli.main(["tokenizer", "train", "--out", str(out)]) == 2

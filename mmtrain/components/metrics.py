@@ -54,6 +54,13 @@ PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 67.0}, "H200": {"bf16": 989.0, "f
                "A100": {"bf16": 312.0, "fp32": 19.5}}
 
 
+def graphs_compiled() -> int:
+    """Graphs torch.compile (dynamo) has compiled in this process so far: a host counter, no sync."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def peak_flops(cfg: LoggingConfig, precision: str) -> float | None:
     """FLOP/s the MFU metric divides by, or None when unknown (CPU, an unlisted GPU)."""
     if cfg.peak_tflops > 0:

@@ -98,6 +98,20 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, total_steps: i
     return opt, sched
 
 
+def describe(engine) -> str:
+    """What DeepSpeed actually built, read from the engine's objects rather than from the
+    config that asked for it: the inner optimizer's class and where ZeRO keeps its states."""
+    zero = engine.optimizer  # DeepSpeed's ZeRO wrapper (at ZeRO-0, the optimizer itself)
+    inner = getattr(zero, "optimizer", zero)
+    placed = []
+    if getattr(zero, "offload_optimizer", False) or getattr(zero, "cpu_offload", False):  # ZeRO-3 / ZeRO-1,2 names
+        placed.append("optimizer states on the CPU")
+    if getattr(zero, "offload_param", False):
+        placed.append("parameters on the CPU")
+    wrapper = f" in {type(zero).__name__}" if zero is not inner else ""
+    return f"{type(inner).__name__}{wrapper}" + (f", {', '.join(placed)}" if placed else "")
+
+
 def deepspeed_config(cfg: OptimizerConfig, train, hidden_size: int, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON config for ``train`` (a :class:`mmtrain.config.TrainConfig`).
 

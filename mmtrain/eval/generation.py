@@ -12,7 +12,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from mmtrain.atomic import atomic_write_text

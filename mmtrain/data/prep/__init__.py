@@ -28,7 +28,6 @@ _EXPORTS = {
     "list_manifest": "sources.manifest",
     "list_coco": "sources.coco",
     "list_wds": "sources.wds",
-    "MissingDependencyError": "sources.manifest",
     "OutSample": "sample",
     "precompute_latents": "latents",
     "iter_dataset": "readers",
@@ -37,7 +36,7 @@ _EXPORTS = {
 __all__ = [  # noqa: RUF022 -- grouped by module, like _EXPORTS
     "PrepConfig", "DROP_REASONS", "Candidate", "Source", "run_prep",
     "prep_folder", "prep_manifest", "prep_coco", "prep_wds",
-    "list_folder", "list_manifest", "list_coco", "list_wds", "MissingDependencyError",
+    "list_folder", "list_manifest", "list_coco", "list_wds",
     "OutSample", "precompute_latents", "iter_dataset",
 ]
 

@@ -205,7 +205,7 @@ def add_prep_subcommands(prep_subparsers: Any) -> None:
     ma.add_argument("--label-column", default=None,
                     help="integer class label column (default: 'label' if present; '' = no labels)")
     ma.add_argument("--manifest-format", default="auto", choices=["auto", "csv", "tsv", "jsonl", "json", "parquet"],
-                    help="table format (default auto: by extension; parquet needs pyarrow)")
+                    help="table format (default auto: by extension)")
     _add_common(ma)
     ma.set_defaults(func=staged(cmd_manifest))
 

@@ -34,13 +34,6 @@ MANIFEST_FORMATS: dict[str, str] = {
 DEFAULT_LABEL_COLUMN = "label"
 
 
-class MissingDependencyError(ImportError, ValueError):
-    """An optional package needed for this input is not installed.
-
-    Also a ValueError, so the CLI reports it like any other bad-input error.
-    """
-
-
 _BAD = object()  # marks a row that could not be parsed at all
 
 
@@ -106,13 +99,8 @@ def _rows_json(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _rows_parquet(path: Path) -> tuple[list[str], Iterator[tuple[int, Any]]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"manifest {str(path)!r}: reading parquet needs the 'pyarrow' package, which is not installed "
-            "(pip install pyarrow), or convert the manifest to CSV/JSONL"
-        ) from exc
+    import pyarrow.parquet as pq  # a dependency; imported here so CSV users do not pay its import time
+
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:
@@ -164,7 +152,7 @@ def list_manifest(
             ``"label"`` column when the manifest has one; ``""`` disables labels; a
             name given explicitly must exist.
         manifest_format: ``"auto"`` (default: by extension), ``"csv"``, ``"tsv"``,
-            ``"jsonl"``, ``"json"`` (array of objects) or ``"parquet"`` (needs pyarrow).
+            ``"jsonl"``, ``"json"`` (array of objects) or ``"parquet"`` (read with pyarrow).
 
     Other columns are copied into each sample's ``json`` metadata (with
     ``manifest_row``, the 1-based line/row number). Keys derive from the image
@@ -173,7 +161,6 @@ def list_manifest(
     Raises:
         FileNotFoundError: the manifest does not exist.
         ValueError: unknown format, or a configured column is in no row.
-        MissingDependencyError: parquet without pyarrow installed.
     """
     path = Path(manifest)
     if not path.is_file():
