@@ -214,13 +214,14 @@ def check_host_sync(args, device: torch.device) -> dict:
 
 
 def make_data(root: Path, image_size: int, num: int) -> dict:
-    from mmtrain.data.shards import iter_shard_samples, write_synthetic_shards
+    from mmtrain.data.shards import write_synthetic_shards
+    from mmtrain.data.sources import iter_samples
     from mmtrain.data.synthetic import SyntheticConfig
     from mmtrain.tokenize.text import TextTokenizerConfig, train_text_tokenizer
 
     write_synthetic_shards(root / "train", num, SyntheticConfig(seed=0, image_size=image_size), samples_per_shard=256, progress=False)
     write_synthetic_shards(root / "val", 32, SyntheticConfig(seed=1, image_size=image_size), samples_per_shard=256, progress=False)
-    captions = [s["caption"] for s in iter_shard_samples(root / "train")]
+    captions = [s["caption"] for s in iter_samples(root / "train", want_image=False)]
     tok = train_text_tokenizer(captions, root / "tok" / "text", TextTokenizerConfig(), progress=False)
     return {"train": str(root / "train"), "val": str(root / "val"), "tokenizer": str(tok.model_path)}
 

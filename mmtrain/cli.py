@@ -305,7 +305,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from mmtrain.models.convert import convert_causalfusion_official, convert_transdiff_official
+    from mmtrain.convert import convert_causalfusion_official, convert_transdiff_official
 
     common = dict(image_downsample=args.image_downsample, image_tokenizer=args.image_tokenizer, scale_factor=args.scale_factor)
     if args.source == "transdiff-official":
@@ -331,8 +331,9 @@ def cmd_tokenizer_estimate_scale(args: argparse.Namespace) -> int:
     import yaml
 
     from mmtrain.config import build_dataclass
-    from mmtrain.data.shards import iter_shard_samples
-    from mmtrain.tokenize.image import ImageTokenizerConfig, build_image_tokenizer, pil_to_tensor
+    from mmtrain.data.sources import iter_samples
+    from mmtrain.tokenize.build import build_image_tokenizer
+    from mmtrain.tokenize.image import ImageTokenizerConfig, pil_to_tensor
     from mmtrain.tokenize.vae import estimate_scale_factor
 
     with open(args.tokenizer_yaml) as fh:
@@ -342,9 +343,10 @@ def cmd_tokenizer_estimate_scale(args: argparse.Namespace) -> int:
     size = args.image_size
 
     def batches():
-        samples = itertools.islice(iter_shard_samples(args.shards), args.num)
+        # the pixels training sees: decoded and made square as the loader does (center crop)
+        samples = itertools.islice(iter_samples(args.shards, image_size=size), args.num)
         while chunk := list(itertools.islice(samples, 32)):
-            yield pil_to_tensor([s["image"].resize((size, size), resample=3) for s in chunk])
+            yield pil_to_tensor([s["image"] for s in chunk])
 
     est = estimate_scale_factor(tok, batches(), num_samples=args.num, with_shift=args.shift)
     print(json.dumps(est, indent=2))
@@ -374,13 +376,13 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
     from PIL import Image
 
-    from mmtrain.data.shards import iter_shard_samples
+    from mmtrain.data.sources import iter_samples
     from mmtrain.inference import caption_images, load_run
 
     run = load_run(args.run_dir, weights=args.weights, device=args.device, dtype=args.dtype)
     sample = _sample_cfg(run, args.overrides)
     if args.shards:
-        items = [(s["key"], s["image"]) for s in itertools.islice(iter_shard_samples(args.shards), args.num)]
+        items = [(s["key"], s["image"]) for s in itertools.islice(iter_samples(args.shards), args.num)]
     else:
         items = []
         for path in args.images:
@@ -462,7 +464,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmtrain.demo import run_demo
 
-    return run_demo(args.out, args.overrides)
+    return run_demo(args.out, args.overrides, main)
 
 
 # --------------------------------------------------------------------------- parser

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from mmtrain import cli
 from mmtrain.atomic import atomic_write_text
 from mmtrain.config import load_config
 
@@ -42,7 +42,9 @@ def _stage(name: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(out: str, overrides: list[str]) -> int:
+def run_demo(out: str, overrides: list[str], mmtrain: Callable[[list[str]], int]) -> int:
+    """Every stage, each one ``mmtrain`` command (``mmtrain``: the CLI's entry point, so the
+    demo runs exactly what a user types)."""
     out_dir = Path(out).resolve()
     data, run_dir = out_dir / "data", out_dir / "run"
     config = str(DEMO_CONFIG) if DEMO_CONFIG.is_file() else "configs/demo.yaml"
@@ -51,35 +53,35 @@ def run_demo(out: str, overrides: list[str]) -> int:
     t = _stage("1/5 data: synthetic shapes -> webdataset shards")
     for split, num, seed in (("train", 6000, 0), ("val", 256, 1)):
         if not (data / split / "stats.json").is_file():
-            cli.main(["prep", "synthetic", "--out", str(data / split), "--num", str(num), "--seed", str(seed), "--samples-per-shard", "1000"])
+            mmtrain(["prep", "synthetic", "--out", str(data / split), "--num", str(num), "--seed", str(seed), "--samples-per-shard", "1000"])
     timings["data"] = time.perf_counter() - t
 
     t = _stage("2/5 tokenizer: sentencepiece on the captions")
     tok = data / "tokenizer" / "text"
     if not tok.with_suffix(".model").is_file():
-        cli.main(["tokenizer", "train", "--shards", str(data / "train"), "--out", str(tok)])
+        mmtrain(["tokenizer", "train", "--shards", str(data / "train"), "--out", str(tok)])
     timings["tokenizer"] = time.perf_counter() - t
 
     run_overrides = [f"data.train_shards={data / 'train'}", f"data.val_shards={data / 'val'}",
                      f"tokenizer.text_model={tok.with_suffix('.model')}", f"train.run_dir={run_dir}", *overrides]
     train_cfg = load_config(config, run_overrides).train
     t = _stage(f"3/5 train: DeepSpeed ZeRO-{train_cfg.zero_stage} on {train_cfg.nproc_per_node} CPU ranks")
-    rc = cli.main(["train", config, *run_overrides])
+    rc = mmtrain(["train", config, *run_overrides])
     if rc != 0:
         print(f"training failed (exit {rc})")
         return rc
     timings["train"] = time.perf_counter() - t
 
     t = _stage("4/5 sample + caption")
-    cli.main(["sample", str(run_dir), *sum((["--prompt", p] for p in PROMPTS), []), "--num-per-prompt", "4",
+    mmtrain(["sample", str(run_dir), *sum((["--prompt", p] for p in PROMPTS), []), "--num-per-prompt", "4",
               "--out", str(out_dir / "samples.png")])
-    cli.main(["caption", str(run_dir), "--shards", str(data / "val"), "--num", "8"])
+    mmtrain(["caption", str(run_dir), "--shards", str(data / "val"), "--num", "8"])
     timings["sample_caption"] = time.perf_counter() - t
 
     t = _stage("5/5 eval: caption metrics and a CFG sweep, scored against the generator's ground truth")
-    cli.main(["eval", "caption", str(run_dir), "--num", str(EVAL_NUM), "--out", str(out_dir / "eval" / "caption")])
+    mmtrain(["eval", "caption", str(run_dir), "--num", str(EVAL_NUM), "--out", str(out_dir / "eval" / "caption")])
     # no Inception weights can be assumed here: FID uses the seeded random feature extractor
-    cli.main(["eval", "generate", str(run_dir), "--num", str(EVAL_NUM), "--cfg", "1,3", "--ar-steps", "1,4",
+    mmtrain(["eval", "generate", str(run_dir), "--num", str(EVAL_NUM), "--cfg", "1,3", "--ar-steps", "1,4",
               "--out", str(out_dir / "eval" / "generate"),
               "--set", "eval.feature_extractor=tiny_random", "--set", f"eval.stats_cache={out_dir / 'eval' / 'ref_stats'}"])
     timings["eval"] = time.perf_counter() - t

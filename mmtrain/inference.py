@@ -18,10 +18,12 @@ from mmtrain.components.checkpoint import checkpoint_root, latest_tag, load_mode
 from mmtrain.components.ema import consolidate as consolidate_ema
 from mmtrain.components.ema import has_ema
 from mmtrain.config import Config, SampleConfig, load_config
+from mmtrain.data.images import decode_image
 from mmtrain.models import Model, build_model, family, model_class
 from mmtrain.models.causalfusion import generate_caption_ids
 from mmtrain.models.diffusion import build_diffusion
-from mmtrain.tokenize.image import ImageTokenizer, build_image_tokenizer, patchify, pil_to_tensor, tensor_to_pil, unpatchify
+from mmtrain.tokenize.build import build_image_tokenizer
+from mmtrain.tokenize.image import ImageTokenizer, patchify, pil_to_tensor, tensor_to_pil, unpatchify
 from mmtrain.tokenize.text import TextTokenizer
 
 
@@ -208,7 +210,8 @@ def tokens_to_images(run: LoadedRun, tokens: torch.Tensor) -> list[Image.Image]:
 def images_to_tokens(run: LoadedRun, images: list[Image.Image]) -> torch.Tensor:
     image_tok = run.require_image_tokenizer()
     size = run.cfg.data.image_size
-    images = [im.convert("RGB").resize((size, size), resample=3) if im.size != (size, size) else im.convert("RGB") for im in images]
+    # the pixels training saw: square by the run's data.resize_mode, as the loader makes them
+    images = [Image.fromarray(decode_image(im, size, run.cfg.data.resize_mode, where="input image")) for im in images]
     with torch.no_grad(), run.autocast():
         return patchify(image_tok.encode(pil_to_tensor(images).to(run.device)).float(), run.cfg.model.patch_size)
 

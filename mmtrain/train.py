@@ -33,7 +33,8 @@ from mmtrain.components.preemption import PreemptionWatch
 from mmtrain.config import Config, save_config
 from mmtrain.models import build_model, family
 from mmtrain.models.diffusion import build_diffusion
-from mmtrain.tokenize.image import build_image_tokenizer, patchify
+from mmtrain.tokenize.build import build_image_tokenizer
+from mmtrain.tokenize.image import patchify
 from mmtrain.tokenize.text import TextTokenizer
 
 log = logging.getLogger("mmtrain.train")

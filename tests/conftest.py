@@ -23,9 +23,9 @@ def synthetic_data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("synthetic")
     write_synthetic_shards(root / "train", 400, SyntheticConfig(seed=0), samples_per_shard=100, progress=False)
     write_synthetic_shards(root / "val", 32, SyntheticConfig(seed=1), samples_per_shard=100, progress=False)
-    from mmtrain.data.shards import iter_shard_samples
+    from mmtrain.data.sources import iter_samples
 
-    captions = [s["caption"] for s in iter_shard_samples(root / "train")]
+    captions = [s["caption"] for s in iter_samples(root / "train", want_image=False)]
     tok = train_text_tokenizer(captions, root / "tok" / "text", TextTokenizerConfig(), progress=False)
     return {"root": root, "train": str(root / "train"), "val": str(root / "val"), "tokenizer": str(tok.model_path)}
 
@@ -35,9 +35,9 @@ def val_images(synthetic_data):
     """The val shards' images in order, uint8 (32, 32, 32, 3): the eval commands' reference images."""
     import numpy as np
 
-    from mmtrain.data.shards import iter_shard_samples
+    from mmtrain.data.sources import iter_samples
 
-    return np.stack([np.asarray(s["image"]) for s in iter_shard_samples(synthetic_data["val"])])
+    return np.stack([np.asarray(s["image"]) for s in iter_samples(synthetic_data["val"])])
 
 
 def free_port() -> int:

@@ -25,7 +25,7 @@ from mmtrain import distributed
 from mmtrain.components.optimizer import build_optimizer, deepspeed_config
 from mmtrain.config import load_config
 from mmtrain.models.causalfusion import CausalFusion, ar_loss_weights, split_inputs
-from mmtrain.models.convert import convert_official_state, official_model_config
+from mmtrain.convert import convert_official_state, official_model_config
 from mmtrain.models.diffusion import build_diffusion
 from mmtrain.tokenize.image import patchify
 

@@ -74,3 +74,27 @@ def test_stop_at_ends_a_launch_early_but_not_beyond_the_run():
     assert load_config(REPO / "configs" / "tiny.yaml", ["train.steps=20"]).train.last_step == 20
     with pytest.raises(ConfigError, match=r"train\.stop_at.*up to train\.steps \(20\).*got 21"):
         load_config(REPO / "configs" / "tiny.yaml", ["train.steps=20", "train.stop_at=21"])
+
+
+def test_one_byte_size_rule_for_every_option():
+    """mmtrain.units.parse_bytes: K/M/G/T[B] are powers of 1000, KiB/MiB/GiB/TiB of 1024, for
+    data.cache_limit and prep --shard-size alike; errors name the option."""
+    import argparse
+
+    from mmtrain.data.prep.cli import parse_shard_size
+    from mmtrain.units import parse_bytes
+
+    for text, expected in (("0", 0), ("123456", 123456), ("500MB", 500 * 10**6), ("500 mb", 500 * 10**6), ("500M", 500 * 10**6),
+                           ("500MiB", 500 * 2**20), ("16KiB", 16384), ("16K", 16000), ("1.5GB", 1_500_000_000),
+                           ("2TiB", 2 * 2**40), ("7B", 7)):
+        assert parse_bytes(text, "x") == expected, text
+        assert parse_shard_size(text) == expected, text
+    assert parse_bytes(4096, "x") == 4096
+    for bad in ("lots", "-5MB", "5 XB", "", "MB"):
+        with pytest.raises(ValueError, match=r"data\.cache_limit: expected a byte count"):
+            parse_bytes(bad, "data.cache_limit")
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a byte count"):
+            parse_shard_size(bad)
+    with pytest.raises(ValueError, match=r"tiny\.yaml: data: cache_limit: expected auto .*a byte count"):
+        load_config(REPO / "configs" / "tiny.yaml", ["data.cache_limit=12 parsecs"])
+    assert load_config(REPO / "configs" / "tiny.yaml", ["data.cache_limit=2GiB"]).data.cache_limit_bytes == 2 * 2**30

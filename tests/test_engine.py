@@ -235,7 +235,8 @@ from mmtrain.components.optimizer import build_optimizer, deepspeed_config
 from mmtrain.config import load_config
 from mmtrain.models import build_model, family
 from mmtrain.models.diffusion import build_diffusion
-from mmtrain.tokenize.image import build_image_tokenizer, patchify
+from mmtrain.tokenize.build import build_image_tokenizer
+from mmtrain.tokenize.image import patchify
 
 def holds_finer_than_bf16(tensors):
     # a sum of two bf16 micro-batch gradients that bf16 cannot hold survives only in fp32

@@ -30,7 +30,7 @@ def initial_weights(run_dir: Path) -> dict:
     """The weights every rank starts from: the model built under the run's seed."""
     from mmtrain.config import load_config
     from mmtrain.models import build_model
-    from mmtrain.tokenize.image import build_image_tokenizer
+    from mmtrain.tokenize.build import build_image_tokenizer
     from mmtrain.tokenize.text import TextTokenizer
 
     cfg = load_config(run_dir / "config.yaml")

@@ -16,7 +16,7 @@ from conftest import REPO, tiny_overrides
 from mmtrain import cli
 from mmtrain.eval.features import InceptionFeatures, MetricUnavailable, TinyRandomFeatures, extract_features
 from mmtrain.eval.fidelity import fidelity_metrics, read_reference_stats, write_reference_stats
-from mmtrain.data.shards import iter_shard_samples
+from mmtrain.data.sources import iter_samples
 
 
 def fid_directly(generated: np.ndarray, real: np.ndarray) -> float:
@@ -150,7 +150,7 @@ def untrained_model_dir(synthetic_data, out: Path, *overrides: str) -> Path:
 
     from mmtrain.config import load_config, save_config
     from mmtrain.models import build_model
-    from mmtrain.tokenize.image import build_image_tokenizer
+    from mmtrain.tokenize.build import build_image_tokenizer
     from mmtrain.tokenize.text import TextTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,7 @@ def test_eval_generate_class_conditional(synthetic_data, val_images, tmp_path):
     # the first 4 val images are the reference (eval.ref_images 0 = --num)
     assert row["fid"] == pytest.approx(fid_directly(saved_samples(out, row["tag"]), val_images[:4]), rel=1e-6)
     assert report["unavailable"]["clip"].startswith("class-conditional model") and "attributes" in report["unavailable"]
-    labels = [str(s["label"]) for _, s in zip(range(4), iter_shard_samples(synthetic_data["val"]))]
+    labels = [str(s["label"]) for _, s in zip(range(4), iter_samples(synthetic_data["val"]))]
     assert all(f"<figcaption>{label}</figcaption>" in (out / "report.html").read_text() for label in labels)
     assert cli.main(["eval", "caption", str(model), "--num", "2", "--out", str(tmp_path / "cap")]) == 2
 
@@ -208,7 +208,7 @@ def test_eval_generate_sweep_reports_missing_weights(model_dir, tmp_path, monkey
     assert report["reference_image_accuracy"]["exact"] == 1.0
     assert (out / "metrics_vs_cfg.png").is_file() and not list((tmp_path / "cache").glob("*.npz"))
     html = (out / "report.html").read_text()
-    prompt = next(iter_shard_samples(report["eval_set"]))["caption"]
+    prompt = next(iter_samples(report["eval_set"]))["caption"]
     assert "images/cfg3_S2/000000.png" in html and prompt in html and "Inception weights not found" in html
     assert str(model_dir / "model.safetensors") in html and "hidden_size: 64" in html  # checkpoint and config
     assert len(list((out / "images" / "cfg3_S2").glob("*.png"))) == 6

@@ -372,7 +372,7 @@ def test_bad_input_errors_name_the_culprit(data, tmp_path):
     # a sample without its caption member
     write_tar(tmp_path / "nocaption" / "a.tar", [("k0.png", _png(Image.new("RGB", (8, 8)))), ("k0.txt", b"c"),
                                                 ("k1.png", _png(Image.new("RGB", (8, 8))))])
-    with pytest.raises(ShardDataError, match=r"a\.tar, sample k1: has no a caption member"):
+    with pytest.raises(ShardDataError, match=r"a\.tar, sample k1: has no caption member"):
         build_train_loader(DataConfig(train_shards=str(tmp_path / "nocaption"), index_cache=""), 2, 0, world_size=1,
                            seed=0, start_sample=0)
     # a compressed tar

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from mmtrain.inference import load_model_dir
 from mmtrain.models.causalfusion import ARContext, condition_prefix, guided, sincos_2d, split_inputs
-from mmtrain.models.convert import CheckpointFormatError, read_official_checkpoint
+from mmtrain.convert import CheckpointFormatError, read_official_checkpoint
 from mmtrain.tokenize.image import patchify
 
 FIXTURE = Path(__file__).parent / "fixtures" / "causalfusion_official_tiny.safetensors"
@@ -127,7 +127,7 @@ def test_sampling_a_converted_model_without_its_vae(golden, tmp_path):
     """Tokens sample fine; decoding to pixels stops with an error naming the missing image tokenizer."""
     from mmtrain.config import SampleConfig
     from mmtrain.inference import generate_tokens
-    from mmtrain.models.convert import convert_causalfusion_official
+    from mmtrain.convert import convert_causalfusion_official
 
     tensors, _ = golden
     torch.save({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}, tmp_path / "official.pt")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import REPO, free_port
 
 from mmtrain.config import load_config
-from mmtrain.models.convert import convert_official_state
+from mmtrain.convert import convert_official_state
 
 FIXTURE = Path(__file__).parent / "fixtures" / "causalfusion_official_train_trace.safetensors"
 RECIPE = REPO / "configs" / "causalfusion_l.yaml"  # the official ImageNet recipe; its optimizer is the one under test

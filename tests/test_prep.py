@@ -28,7 +28,8 @@ from mmtrain.data.prep import (
 )
 from mmtrain.data.prep.readers import iter_dataset
 from mmtrain.data.prep.split import split_of
-from mmtrain.data.shards import iter_shard_samples, list_shards
+from mmtrain.data.shards import list_shards
+from mmtrain.data.sources import iter_samples
 
 # --------------------------------------------------------------------------- data
 
@@ -183,7 +184,7 @@ def test_folder_to_wds_schema_and_bad_files_counted(tmp_path):
         with Image.open(io.BytesIO(members["jpg"])) as im:
             assert im.format == "JPEG" and im.size == (16, 16)
     # The existing shard reader (used by training) reads prep output unchanged.
-    decoded = list(iter_shard_samples(tmp_path / "out" / "train"))
+    decoded = list(iter_samples(tmp_path / "out" / "train"))
     assert sorted(s["key"] for s in decoded) == sorted(info)
     assert all(s["image"].size == (16, 16) and s["attributes"]["source"] for s in decoded)
 

@@ -360,7 +360,7 @@ def test_cli_subcommands(tmp_path, capsys):
 
     _img2dataset(tmp_path / "w", n=12)
     assert _run(["prep", "wds", str(tmp_path / "w" / "{00000..00001}.tar"), "--out", str(tmp_path / "wo"),
-                 "--shard-size", "16K", "--min-caption-words", "3", "--quiet"]) == 0
+                 "--shard-size", "16KiB", "--min-caption-words", "3", "--quiet"]) == 0
     wo = json.loads((tmp_path / "wo" / "stats.json").read_text())
     assert wo["kept"] == 12 and wo["options"]["shard_size"] == 16384
     assert all(os.path.getsize(tmp_path / "wo" / "train" / n) <= 16384 for n in wo["splits"]["train"]["shard_files"])

@@ -13,12 +13,11 @@ import pytest
 
 from mmtrain.data.shards import (
     ShardDataError,
-    decode_sample,
-    iter_shard_samples,
     list_shards,
     write_shards,
     write_synthetic_shards,
 )
+from mmtrain.data.sources import iter_samples
 from mmtrain.data.synthetic import SyntheticConfig, generate_sample
 
 CFG = SyntheticConfig(image_size=32, min_shapes=1, max_shapes=4, seed=9)
@@ -59,9 +58,9 @@ def test_png_round_trip_is_exact_and_ordered(tmp_path):
     paths = write_shards(samples, tmp_path, samples_per_shard=10, progress=False)
     assert [os.path.basename(p) for p in paths] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     assert list_shards(tmp_path) == paths
-    read = list(iter_shard_samples(tmp_path))
+    read = list(iter_samples(tmp_path))
     _assert_same(read, samples)
-    assert [r["url"] for r in read] == [paths[0]] * 10 + [paths[1]] * 10 + [paths[2]] * 5
+    assert [r["where"].split(",")[0] for r in read] == [f"shard {p}" for p in [paths[0]] * 10 + [paths[1]] * 10 + [paths[2]] * 5]
     with tarfile.open(paths[2]) as tar:
         assert tar.getnames()[:3] == ["00000020.json", "00000020.png", "00000020.txt"]
 
@@ -72,7 +71,7 @@ def test_jpg_round_trip(tmp_path):
     assert [os.path.basename(p) for p in paths] == ["part-000000.tar"]
     with tarfile.open(paths[0]) as tar:
         assert "00000000.jpg" in tar.getnames()
-    read = list(iter_shard_samples(tmp_path))
+    read = list(iter_samples(tmp_path))
     assert [r["caption"] for r in read] == [s["caption"] for s in samples]
     for r, s in zip(read, samples):
         diff = np.abs(np.asarray(r["image"]).astype(int) - np.asarray(s["image"]).astype(int))
@@ -92,7 +91,7 @@ def test_rewrite_with_fewer_samples_removes_stale_shards(tmp_path):
     write_shards(_samples(30), tmp_path, samples_per_shard=10, progress=False)
     paths = write_shards(_samples(12), tmp_path, samples_per_shard=10, progress=False)
     assert list_shards(tmp_path) == paths and len(paths) == 2
-    assert len(list(iter_shard_samples(tmp_path))) == 12
+    assert len(list(iter_samples(tmp_path))) == 12
     # An empty input writes nothing and deletes nothing.
     assert write_shards([], tmp_path, progress=False) == []
     assert list_shards(tmp_path) == paths
@@ -151,7 +150,7 @@ def test_failure_mid_shard_leaves_no_partial_shard(tmp_path):
     # Completed shards are in place and intact; the third one never appeared.
     assert sorted(os.listdir(tmp_path)) == ["shard-000000.tar", "shard-000000.tar.index.json",
                                             "shard-000001.tar", "shard-000001.tar.index.json"]
-    _assert_same(list(iter_shard_samples(tmp_path)), samples[:20])
+    _assert_same(list(iter_samples(tmp_path)), samples[:20])
 
 
 def test_bad_sample_mid_shard_leaves_no_partial_shard(tmp_path):
@@ -171,7 +170,7 @@ def test_list_shards_sources(tmp_path):
     assert list_shards(str(tmp_path)) == paths
     assert list_shards(paths[1]) == [paths[1]]
     assert list_shards(str(tmp_path / "shard-{000001..000002}.tar")) == paths[1:3]
-    keys = [s["key"] for s in iter_shard_samples(str(tmp_path / "shard-{000002..000003}.tar"))]
+    keys = [s["key"] for s in iter_samples(str(tmp_path / "shard-{000002..000003}.tar"))]
     assert keys == ["00000004", "00000005", "00000006", "00000007"]
 
 
@@ -180,7 +179,7 @@ def test_list_shards_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(missing)):
         list_shards(missing)
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        list(iter_shard_samples(missing))
+        list(iter_samples(missing))
 
 
 def test_list_shards_empty_directory(tmp_path):
@@ -211,33 +210,30 @@ def test_corrupt_image_names_shard_and_key(tmp_path):
             "00000003.json": b"{}",
         },
     )
-    samples = iter_shard_samples(tmp_path)
+    samples = iter_samples(tmp_path)
     assert next(samples)["key"] == "00000000"
     with pytest.raises(ShardDataError) as info:
         next(samples)
     message = str(info.value)
-    assert str(shard) in message and "00000003" in message and "'png'" in message
+    assert str(shard) in message and "00000003" in message and "cannot decode image" in message
 
 
 def test_missing_field_and_bad_json(tmp_path):
     shard = tmp_path / "shard-000000.tar"
     _tar_with(shard, {"00000005.png": _png(_samples(1)[0]), "00000005.json": b"{}"})
-    with pytest.raises(ShardDataError, match=r"shard .*shard-000000\.tar, sample 00000005: missing field 'txt'"):
-        list(iter_shard_samples(tmp_path))
+    with pytest.raises(ShardDataError, match=r"shard .*shard-000000\.tar, sample 00000005: has no caption member KEY\.txt"):
+        list(iter_samples(tmp_path))
 
-    raw = {
-        "__key__": "k1",
-        "__url__": "/x/shard-000000.tar",
-        "png": _png(_samples(1)[0]),
-        "txt": b"hi",
-        "json": b"{oops",
-    }
-    with pytest.raises(ShardDataError, match=r"/x/shard-000000\.tar, sample k1: cannot decode field 'json'"):
-        decode_sample(raw)
-    with pytest.raises(ShardDataError, match="expected a JSON object"):
-        decode_sample(dict(raw, json=b"[1, 2]"))
-    with pytest.raises(ShardDataError, match="sample k1: missing field 'png'"):
-        decode_sample({k: v for k, v in raw.items() if k != "png"})
+    image = _png(_samples(1)[0])
+    for name, members, error in (
+            ("json", {"k1.png": image, "k1.txt": b"hi", "k1.json": b"{oops"}, r"sample k1: cannot decode field 'json'"),
+            ("list", {"k1.png": image, "k1.txt": b"hi", "k1.json": b"[1, 2]"}, "expected a JSON object"),
+            ("noimage", {"k1.txt": b"hi", "k1.json": b"{}"}, r"sample k1: has no image member KEY\.jpg\|jpeg\|png\|webp")):
+        (tmp_path / name).mkdir()
+        _tar_with(tmp_path / name / "shard-000000.tar", members)
+        with pytest.raises(ShardDataError, match=error):
+            list(iter_samples(tmp_path / name))
+    assert [s["caption"] for s in iter_samples(tmp_path / "noimage", want_image=False)] == ["hi"]
 
 
 def test_truncated_shard_names_shard(tmp_path):
@@ -246,7 +242,7 @@ def test_truncated_shard_names_shard(tmp_path):
     with open(paths[0], "wb") as f:
         f.write(data[: len(data) // 2 + 100])
     with pytest.raises(ShardDataError, match="shard-000000.tar"):
-        list(iter_shard_samples(tmp_path))
+        list(iter_samples(tmp_path))
 
 
 # --- synthetic shards + stats ------------------------------------------------------
@@ -262,7 +258,7 @@ def test_write_synthetic_shards_and_stats(tmp_path, caplog):
         assert json.load(f) == stats
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
-    read = list(iter_shard_samples(tmp_path))
+    read = list(iter_samples(tmp_path))
     _assert_same(read, _samples(45, cfg))
 
     assert stats["num_samples"] == 45 and stats["num_shards"] == 3
@@ -293,7 +289,7 @@ def test_write_synthetic_shards_rejects_bad_num(tmp_path):
 
 
 def test_every_tar_reader_groups_members_by_the_same_rule(tmp_path):
-    """Loader index, prep source, prepared-dataset reader (latent precompute) and iter_shard_samples all
+    """Loader index, prep source, prepared-dataset reader (latent precompute) and iter_samples all
     read tars through mmtrain.data.tar: consecutive members share a sample, a key that comes back is an
     error naming it."""
     from mmtrain.data.index import scan_tar
@@ -312,7 +308,7 @@ def test_every_tar_reader_groups_members_by_the_same_rule(tmp_path):
         ("00000000", ["json", "png", "txt"]), ("sub/00000001", ["json", "png", "txt"])]
     assert scan_tar(str(good)).keys == ["00000000", "sub/00000001"]
     assert [s.key for _, samples in iter_dataset(good) for s in samples] == ["00000000", "sub/00000001"]
-    assert [s["key"] for s in iter_shard_samples(good.parent)] == ["00000000", "sub/00000001"]
+    assert [s["key"] for s in iter_samples(good.parent)] == ["00000000", "sub/00000001"]
     assert [c.group for c in list_wds(good).candidates] == ["00000000", "sub/00000001"]
 
     broken = tmp_path / "broken" / "shard-000000.tar"
@@ -321,7 +317,7 @@ def test_every_tar_reader_groups_members_by_the_same_rule(tmp_path):
                        "00000001.txt": b"two", "00000001.json": b"{}", "00000000.cls": b"3"})  # 00000000 comes back
     rule = "sample key '00000000' appears in two separate runs of members"
     for read in (lambda: scan_tar(str(broken)), lambda: list(iter_dataset(broken)),
-                 lambda: list(iter_shard_samples(broken.parent)), lambda: open_source(str(broken.parent), cache_dir="")):
+                 lambda: list(iter_samples(broken.parent)), lambda: open_source(str(broken.parent), cache_dir="")):
         with pytest.raises(ShardDataError, match=rule) as info:
             read()
         assert str(broken) in str(info.value)

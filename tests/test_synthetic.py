@@ -300,7 +300,7 @@ def test_estimate_shapes_empty_and_bad_input():
 
 def test_hold_out_keeps_combinations_out_of_training_and_writes_only_them_to_the_held_out_split(tmp_path):
     from mmtrain import cli
-    from mmtrain.data.shards import iter_shard_samples
+    from mmtrain.data.sources import iter_samples
     from mmtrain.data.synthetic import is_held_out, parse_hold_out
     from mmtrain.eval.samples import seen_unseen_scores
 
@@ -313,7 +313,7 @@ def test_hold_out_keeps_combinations_out_of_training_and_writes_only_them_to_the
     out = tmp_path / "syn"
     assert cli.main(["prep", "synthetic", "--out", str(out), "--num", "400", "--samples-per-shard", "100", "--quiet",
                      "--hold-out", "red triangle,large blue circle,top left yellow"]) == 0
-    train_samples, held_samples = list(iter_shard_samples(out)), list(iter_shard_samples(out / "holdout"))
+    train_samples, held_samples = list(iter_samples(out)), list(iter_samples(out / "holdout"))
     train = [s["attributes"]["shapes"] for s in train_samples]
     held = [s["attributes"]["shapes"] for s in held_samples]
     assert held and not any(is_held_out(s, combos) for s in train) and all(is_held_out(s, combos) for s in held)

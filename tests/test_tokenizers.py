@@ -16,11 +16,11 @@ import torch
 import yaml
 from PIL import Image
 
+from mmtrain.tokenize.build import build_image_tokenizer
 from mmtrain.tokenize.image import (
     ImageTokenizer,
     ImageTokenizerConfig,
     PixelTokenizer,
-    build_image_tokenizer,
     patchify,
     pil_to_tensor,
     tensor_to_pil,

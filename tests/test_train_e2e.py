@@ -102,10 +102,10 @@ def test_train_resume_sample_caption_eval(synthetic_data, val_images, tmp_path, 
     assert (out / "generate" / "report.html").is_file() and (out / "caption" / "report.html").is_file()
 
     # zero-shot editing: the right half is regenerated, the left half is kept as context
-    from mmtrain.data.shards import iter_shard_samples
+    from mmtrain.data.sources import iter_samples
     from mmtrain.inference import edit_image, load_run, region_token_mask
 
-    source = next(iter_shard_samples(synthetic_data["val"]))["image"]
+    source = next(iter_samples(synthetic_data["val"]))["image"]
     source.save(tmp_path / "source.png")
     assert cli.main(["edit", str(run_dir), str(tmp_path / "source.png"), "--region", "0.5,0,1,1", "--prompt", "a small blue square",
                      "--num", "2", "--out", str(tmp_path / "edit.png")]) == 0

@@ -18,7 +18,7 @@ from mmtrain import cli
 from mmtrain.config import ConfigError, load_config
 from mmtrain.inference import load_model_dir
 from mmtrain.models.config import ModelConfig, TransDiffConfig
-from mmtrain.models.convert import convert_transdiff_state, transdiff_model_config
+from mmtrain.convert import convert_transdiff_state, transdiff_model_config
 from mmtrain.models.diffusion import DiffusionConfig, build_diffusion
 from mmtrain.models.transdiff import (TransDiff, encoder_mask, mrar_chains, reference_tokens, sample_image_tokens,
                                       training_inputs)

@@ -20,7 +20,8 @@ from mmtrain.tokenize.convert_vae import (
     load_ldm_vae,
     save_diffusers,
 )
-from mmtrain.tokenize.image import ImageTokenizerConfig, build_image_tokenizer
+from mmtrain.tokenize.build import build_image_tokenizer
+from mmtrain.tokenize.image import ImageTokenizerConfig
 from mmtrain.tokenize.vae import VAETokenizer, estimate_scale_factor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -212,8 +213,9 @@ def test_cli_estimate_scale_writes_a_normalised_tokenizer_config(synthetic_data,
 
     from mmtrain import cli
     from mmtrain.config import build_dataclass
-    from mmtrain.data.shards import iter_shard_samples
-    from mmtrain.tokenize.image import ImageTokenizerConfig, build_image_tokenizer, pil_to_tensor
+    from mmtrain.data.sources import iter_samples
+    from mmtrain.tokenize.build import build_image_tokenizer
+    from mmtrain.tokenize.image import ImageTokenizerConfig, pil_to_tensor
 
     src = Path(__file__).parent.parent / "tokenizers" / "small_vae.yaml"
     out = tmp_path / "small_vae_scaled.yaml"
@@ -222,7 +224,7 @@ def test_cli_estimate_scale_writes_a_normalised_tokenizer_config(synthetic_data,
     tree = yaml.safe_load(out.read_text())
     assert tree["scale_factor"] != 1.0 and tree["arch"] == yaml.safe_load(src.read_text())["arch"]
     tok = build_image_tokenizer(build_dataclass(ImageTokenizerConfig, tree, "tokenizer.image"))
-    images = [s["image"] for _, s in zip(range(64), iter_shard_samples(synthetic_data["train"]))]
+    images = [s["image"] for _, s in zip(range(64), iter_samples(synthetic_data["train"]))]
     with torch.no_grad():
         z = tok.encode(pil_to_tensor(images))
     assert abs(float(z.std()) - 1.0) < 1e-2 and abs(float(z.mean())) < 1e-2
@@ -247,7 +249,7 @@ def test_train_vae_reconstructs_held_out_synthetic_images(synthetic_data, tmp_pa
     """
     from mmtrain import cli
     from mmtrain.config import build_dataclass
-    from mmtrain.data.shards import iter_shard_samples
+    from mmtrain.data.sources import iter_samples
     from mmtrain.tokenize.image import pil_to_tensor
     from mmtrain.tokenize.train_vae import VAETrainConfig
 
@@ -256,7 +258,7 @@ def test_train_vae_reconstructs_held_out_synthetic_images(synthetic_data, tmp_pa
     tree = yaml.safe_load((out / "tokenizer.yaml").read_text())
     trained = build_image_tokenizer(build_dataclass(ImageTokenizerConfig, tree, "tokenizer.image"))
     untrained = build_image_tokenizer(ImageTokenizerConfig(kind="vae", allow_random=True, arch=VAETrainConfig().arch))
-    x = pil_to_tensor([s["image"] for s in iter_shard_samples(synthetic_data["val"])])
+    x = pil_to_tensor([s["image"] for s in iter_samples(synthetic_data["val"])])
     with torch.no_grad():
         mse = float(((trained.decode(trained.encode(x)) - x) ** 2).mean())
         base = float(((untrained.decode(untrained.encode(x)) - x) ** 2).mean())

@@ -24,7 +24,6 @@ the next window fetched in the background (:class:`ShardPrefetcher`). Images lea
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -35,13 +34,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmtrain import distributed
 from mmtrain.data import storage
-from mmtrain.data.cache import CorruptShardError, ShardCache, parse_bytes
+from mmtrain.data.cache import CorruptShardError, ShardCache
+from mmtrain.units import parse_bytes
 from mmtrain.data.errors import ShardDataError
+from mmtrain.data.images import RESIZE_MODES, decode_image
 from mmtrain.data.node_local import AUTO, AUTO_CACHE_SHARE, auto_cache_limit, cache_dir_warning, resolve_cache_dir, share_on_node
 from mmtrain.data.order import MODES, StreamOrder
 from mmtrain.data.prefetch import ShardPrefetcher
@@ -49,7 +49,6 @@ from mmtrain.data.sources import FORMATS, RawSample, Source, open_source
 
 logger = logging.getLogger("mmtrain.data")
 
-RESIZE_MODES: tuple[str, ...] = ("center_crop", "resize")
 MAX_SUBSTITUTE_TRIES = 64  # stream positions tried after a bad sample before giving up
 
 
@@ -113,8 +112,8 @@ class DataConfig:
             ``auto`` (or "") = ``$SLURM_TMPDIR``, else ``$TMPDIR``, else ``/tmp``, then
             ``mmtrain-USER/shards``, resolved on each node when the loader starts
             (:func:`mmtrain.data.node_local.resolve_cache_dir`). Default ``auto``.
-        cache_limit: the most bytes of shard copies in ``cache_dir`` (``500MB``, ``20GiB``, a
-            byte count; 0 = no limit); least recently used shards not in the current or
+        cache_limit: the most bytes of shard copies in ``cache_dir`` (``500MB`` = 500 x 10^6,
+            ``20GiB`` = 20 x 2^30: :mod:`mmtrain.units`; 0 = no limit); least recently used shards not in the current or
             the next window are deleted. It must hold two windows of the largest shards
             (checked when the loader starts), and with ``shuffle_window: 0`` the whole
             remote dataset. ``auto`` (or "") = half of what ``cache_dir``'s disk has free
@@ -200,7 +199,7 @@ class DataConfig:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
         # None = auto: measured on the node (shard_cache_for), not where the config is loaded
         try:
-            self.cache_limit_bytes = None if str(self.cache_limit).strip() in AUTO else parse_bytes(self.cache_limit)
+            self.cache_limit_bytes = None if str(self.cache_limit).strip() in AUTO else parse_bytes(self.cache_limit, "data.cache_limit")
         except ValueError:
             raise ValueError(f"cache_limit: expected auto (a share of the cache disk's free space), a byte count "
                              f"such as 20GiB or 500MB, or 0 (no limit), got {self.cache_limit!r}") from None
@@ -284,37 +283,6 @@ def pixels_to_images(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_image(data: Any, size: int, resize_mode: str = "center_crop", fast_jpeg: bool = True,
-                 where: str = "") -> np.ndarray:
-    """Encoded image bytes (or a PIL image) -> ``size, size, 3`` uint8 RGB (bicubic resize).
-
-    Raises ShardDataError naming ``where`` when the bytes are not a decodable image.
-    """
-    try:
-        image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
-        w, h = image.size
-        side = min(w, h) if resize_mode == "center_crop" else None
-        if fast_jpeg and image.format == "JPEG" and min(w, h) >= 2 * size:
-            # the decoded size stays >= the request, so the crop still covers size x size
-            scale = size / min(w, h)
-            image.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-            sw, sh = image.size
-            if (sw, sh) != (w, h):
-                w, h = sw, sh
-                side = min(w, h) if side else None
-        image = image.convert("RGB") if image.mode != "RGB" else image
-        image.load()
-        if side is not None and w != h:
-            left, top = (w - side) // 2, (h - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            w = h = side
-        if (w, h) != (size, size):
-            image = image.resize((size, size), resample=Image.Resampling.BICUBIC)
-        return np.asarray(image, dtype=np.uint8)
-    except ShardDataError:
-        raise
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise ShardDataError(f"{where}: cannot decode image (expected a JPEG/PNG/WebP image file): {exc}") from exc
 
 
 # --------------------------------------------------------------------------- the stream

@@ -38,9 +38,6 @@ from mmtrain.data.storage import basename, count, store_for
 
 logger = logging.getLogger("mmtrain.data")
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
-
 
 class CorruptShardError(ShardDataError):
     """A shard whose bytes did not match its index twice in a row."""
@@ -48,26 +45,6 @@ class CorruptShardError(ShardDataError):
 
 class CacheFullError(OSError):
     """The cache cannot hold what the loader needs (limit too small or the disk is full)."""
-
-
-def parse_bytes(value: int | str, name: str = "data.cache_limit") -> int:
-    """``0``, ``123456``, ``"500MB"``, ``"20GiB"`` -> bytes (0 = no limit)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name}: expected a byte count such as 20GiB or 500MB, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"{name}: expected >= 0, got {value}")
-        return value
-    text = str(value).strip().lower().replace(" ", "")
-    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = text[len(number):]
-    try:
-        amount = float(number) if number else float("nan")
-    except ValueError:
-        amount = float("nan")
-    if unit not in _UNITS or not amount >= 0:
-        raise ValueError(f"{name}: expected a byte count such as 20GiB, 500MB or 0 (no limit), got {value!r}")
-    return int(amount * _UNITS[unit])
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,13 @@ import numpy as np
 
 from mmtrain.atomic import atomic_write_text
 from mmtrain.data.errors import ShardDataError
+from mmtrain.data.images import IMAGE_EXTENSIONS
 from mmtrain.data.tar import iter_tar_samples
 
 logger = logging.getLogger("mmtrain.data")
 
 INDEX_VERSION = 1
 SIDECAR_SUFFIX = ".index.json"
-IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 # Field name in the index -> member extensions that fill it (first one present wins).
 FIELDS: dict[str, tuple[str, ...]] = {
     "image": IMAGE_EXTENSIONS,

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -30,10 +29,10 @@ from tqdm import tqdm
 
 from mmtrain.atomic import atomic_write_text
 from mmtrain.data import storage
-from mmtrain.data.storage import is_url, store_for
 from mmtrain.data.errors import ShardDataError  # noqa: F401 -- re-exported: the name readers catch
+from mmtrain.data.images import IMAGE_FORMATS
 from mmtrain.data.index import SIDECAR_SUFFIX, write_sidecar
-from mmtrain.data.tar import read_tar_samples
+from mmtrain.data.storage import is_url, store_for
 from mmtrain.data.synthetic import (
     COLORS,
     KINDS,
@@ -48,7 +47,6 @@ from mmtrain.data.synthetic import (
 
 logger = logging.getLogger("mmtrain.data")
 
-IMAGE_FORMATS: tuple[str, ...] = ("png", "jpg")
 # High enough that palette colours survive JPEG's chroma subsampling well
 # enough for attribute estimation at >= 32 px.
 JPEG_QUALITY = 95
@@ -298,86 +296,6 @@ def list_remote_shards(source: str, sizes: Callable[[str], dict[str, int] | None
     if not found:
         raise FileNotFoundError(f"shard source {source!r} holds no .tar shards")
     return found
-
-
-def _field(raw: Mapping[str, Any], name: str, where: str, expected: str) -> bytes:
-    if name not in raw:
-        present = sorted(k for k in raw if not k.startswith("__"))
-        raise ShardDataError(f"{where}: missing field {name!r} (expected {expected}); fields present: {present}")
-    value = raw[name]
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise ShardDataError(f"{where}: field {name!r} is {type(value).__name__}, expected raw bytes of {expected}")
-    return bytes(value)
-
-
-def decode_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Decode a raw WebDataset sample into ``{"key", "url", "image", "caption", "attributes"}``.
-
-    ``raw`` holds "__key__", "__url__" and the undecoded bytes of "png" or
-    "jpg", "txt" and "json". ``image`` is a fully loaded PIL RGB image,
-    ``caption`` a str and ``attributes`` a dict. Raises ShardDataError naming
-    the shard, the key, the field and what was expected on any missing or
-    undecodable field.
-    """
-    url = raw.get("__url__", "<unknown shard>")
-    key = raw.get("__key__", "<unknown key>")
-    where = f"shard {url}, sample {key}"
-    if "__key__" not in raw:
-        raise ShardDataError(f"{where}: missing '__key__' (expected a WebDataset sample)")
-
-    image_field = next((f for f in ("png", "jpg", "jpeg") if f in raw), "png")
-    image_bytes = _field(raw, image_field, where, "a PNG/JPEG image ('png' or 'jpg')")
-    try:
-        with Image.open(io.BytesIO(image_bytes)) as opened:
-            opened.load()  # PIL decodes lazily; force it so corrupt data fails here
-            image = opened.convert("RGB")
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
-        raise ShardDataError(
-            f"{where}: cannot decode image field {image_field!r} (expected a PNG/JPEG image): {exc}"
-        ) from exc
-
-    caption_bytes = _field(raw, "txt", where, "a UTF-8 caption")
-    try:
-        caption = caption_bytes.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ShardDataError(f"{where}: cannot decode field 'txt' (expected UTF-8 text): {exc}") from exc
-
-    json_bytes = _field(raw, "json", where, "a JSON object of attributes")
-    try:
-        attributes = json.loads(json_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShardDataError(f"{where}: cannot decode field 'json' (expected a JSON object): {exc}") from exc
-    if not isinstance(attributes, dict):
-        raise ShardDataError(
-            f"{where}: field 'json' holds a {type(attributes).__name__}, expected a JSON object"
-        )
-    label = None
-    if "cls" in raw:
-        try:
-            label = int(_field(raw, "cls", where, "an integer class label").decode())
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ShardDataError(f"{where}: cannot decode field 'cls' (expected an integer class label): {exc}") from exc
-    return {"key": key, "url": url, "image": image, "caption": caption, "attributes": attributes, "label": label}
-
-
-def iter_shard_samples(source: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Yield every sample of ``list_shards(source)`` (local or a URL), in shard and file order, decoded.
-
-    Reads all shards in this process (a remote shard is downloaded to a temporary file
-    first): no node or worker splitting and no shuffling. Decoding errors raise
-    ShardDataError; an unreadable tar raises ShardDataError naming the shard.
-    """
-    source = os.fspath(source)
-    for url in list_shards(source):
-        if not is_url(url):
-            for key, members in read_tar_samples(url):
-                yield decode_sample({"__key__": key, "__url__": url, **members})
-            continue
-        with tempfile.TemporaryDirectory(prefix="mmtrain-shard-") as tmp:
-            local = os.path.join(tmp, storage.basename(url))
-            store_for(url).download(url, local)
-            for key, members in read_tar_samples(local, url):
-                yield decode_sample({"__key__": key, "__url__": url, **members})
 
 
 def _histogram(values: Iterable[int]) -> dict[str, int]:

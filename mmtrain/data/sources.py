@@ -30,13 +30,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from mmtrain.data import storage
 from mmtrain.data.cache import CacheFullError, CorruptShardError, RemoteFile, ShardCache
 from mmtrain.data.errors import ShardDataError
+from mmtrain.data.images import decode_image
 from mmtrain.data.index import FIELDS, TarIndex, load_remote_tar_indexes, load_tar_indexes
 from mmtrain.data.node_local import resolve_cache_dir
 from mmtrain.data.shards import list_remote_shards, list_shards
@@ -262,11 +263,11 @@ class WdsSource:
 
     def validate(self, need_image: bool, need_latent: bool) -> None:
         """Every sample must have a caption, and an image (or a latent with ``need_latent``)."""
-        required = [("txt", "a caption member KEY.txt")]
+        required = [("txt", "caption member KEY.txt")]
         if need_image:
-            required.append(("image", "an image member KEY.jpg|jpeg|png|webp"))
+            required.append(("image", "image member KEY.jpg|jpeg|png|webp"))
         if need_latent:
-            required.append(("latent", "a latent member KEY.latent.npy (data.use_latents is on)"))
+            required.append(("latent", "latent member KEY.latent.npy (data.use_latents is on)"))
         for field, what in required:
             missing = np.flatnonzero(~self.has_field(field))
             if len(missing):
@@ -564,6 +565,36 @@ def open_source(path: str, fmt: str = "auto", cache_dir: str = "", shard_cache: 
     if fmt == "auto":
         fmt = detect_format(path, sizes)
     return WdsSource(path, cache_dir, shard_cache, sizes) if fmt == "wds" else MdsSource(path, shard_cache, sizes)
+
+
+def iter_samples(path: str | os.PathLike, fmt: str = "auto", image_size: int = 0, resize_mode: str = "center_crop",
+                 want_image: bool = True, shard_cache: ShardCache | None = None) -> Iterator[dict[str, Any]]:
+    """Every sample of the source at ``path`` (local or URL, webdataset or MDS: :func:`open_source`),
+    in order, as ``{"key", "where", "image", "caption", "label", "attributes"}``.
+
+    ``image``: a PIL RGB image through :func:`mmtrain.data.images.decode_image` (``image_size``
+    square by ``resize_mode``, or as stored with 0), None without ``want_image``;
+    ``attributes``: the sample's JSON metadata or None. One process reads everything (no rank or
+    worker split, no shuffle): the reader of the commands that go through a dataset once
+    (captioning, tokenizer training, VAE training, scale estimation).
+    """
+    from PIL import Image
+
+    source = open_source(os.fspath(path), fmt, shard_cache=shard_cache)
+    try:
+        source.validate(need_image=want_image, need_latent=False)  # a missing member fails before any work
+        for i in range(len(source)):
+            raw = source.read(i, want_image=want_image)
+            image = None
+            if want_image:
+                if raw.image is None:
+                    raise ShardDataError(f"{raw.where}: has no image (expected a member KEY.jpg|jpeg|png|webp or an "
+                                         "MDS image column)")
+                image = Image.fromarray(decode_image(raw.image, image_size, resize_mode, where=raw.where))
+            yield {"key": raw.key, "where": raw.where, "image": image, "caption": raw.caption, "label": raw.label,
+                   "attributes": source.read_metadata(i)}
+    finally:
+        source.close()
 
 
 def _listing_once() -> Callable[[str], dict[str, int] | None]:

@@ -1,8 +1,9 @@
 """The one webdataset tar reader: member headers grouped into samples, member bytes read by offset.
 
-Every part of mmtrain that reads a tar shard goes through here: the training loader's
-member index (:mod:`mmtrain.data.index`), the re-sharding prep source, the latent
-precompute, ``iter_shard_samples`` (tokenizer training, captioning, eval).
+Every part of mmtrain that reads a tar shard goes through here: the member index
+(:mod:`mmtrain.data.index`) behind every webdataset source of :mod:`mmtrain.data.sources`
+(the training loader, eval, ``iter_samples`` for captioning, tokenizer and VAE training),
+the re-sharding prep source, the latent precompute.
 
 Grouping rule (webdataset's, made strict): a member's sample key is its path up to the
 first dot of its basename and the rest is its extension (``webdataset.tariterators.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmtrain.components.data import decode_image
+from mmtrain.data.images import decode_image
 
 
 @dataclass

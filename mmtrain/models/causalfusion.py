@@ -19,7 +19,7 @@ steps <= i; noisy tokens of step i see the condition, clean tokens of steps < i 
 noisy tokens of step i.
 
 Parameter names follow the official code (``x_proj``, ``t_embedder``, ``pos_embed``,
-``cond_pos_embed``, ``blocks.N.attn.qkv`` ...), so :mod:`mmtrain.models.convert` is a
+``cond_pos_embed``, ``blocks.N.attn.qkv`` ...), so :mod:`mmtrain.convert` is a
 short key map.
 
 Shapes: B batch, T text slots, L image tokens, N sequence, D width, P = p*p*C token dim.

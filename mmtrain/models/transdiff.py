@@ -22,7 +22,7 @@ back its own images, then returns the last.
 
 Parameter names follow the official code (``class_emb``, ``fake_latent``, ``z_proj``,
 ``encoder_blocks.N``, ``diffusion_pos_embed_learned``; the decoder ``diffdecoder.net.*``
-is ``decoder.*`` here), so :mod:`mmtrain.models.convert` is a short key map.
+is ``decoder.*`` here), so :mod:`mmtrain.convert` is a short key map.
 
 Shapes: B batch, L image tokens, P token dim, C condition slots, Q queries, R tokens
 per reference, K references, D encoder width, W decoder width.

@@ -17,16 +17,15 @@ writing a subclass whose ``_encode_raw`` returns ``vae.encode(x).latent_dist.mod
 (or ``.sample()``) and whose ``_decode_raw`` returns ``vae.decode(z).sample``,
 with ``latent_channels=vae.config.latent_channels``, ``downsample=8`` and the
 VAE's published ``scaling_factor``/``shift_factor`` (SD: 0.18215 / 0.0;
-FLUX: 0.3611 / 0.1159), then registering it with
-:func:`register_image_tokenizer`. Nothing downstream changes, because every
-consumer only uses ``latent_channels``, ``downsample`` and encode/decode.
+FLUX: 0.3611 / 0.1159), then adding its kind to
+:func:`mmtrain.tokenize.build.build_image_tokenizer`. Nothing downstream changes,
+because every consumer only uses ``latent_channels``, ``downsample`` and encode/decode.
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,7 +142,7 @@ class ImageTokenizerConfig:
     """Which image tokenizer to build (see ``tokenizers/*.yaml``).
 
     Attributes:
-        kind: Registered tokenizer name. Default ``"pixels"``. The VAE kinds
+        kind: Tokenizer name (:mod:`mmtrain.tokenize.build`). Default ``"pixels"``. The VAE kinds
             ``mar_kl16``, ``sd_vae`` and ``vae`` live in
             :mod:`mmtrain.tokenize.vae`.
         scale_factor: Latent scale, > 0. Default 1.0.
@@ -167,44 +166,6 @@ class ImageTokenizerConfig:
     allow_random: bool = False
     sample_posterior: bool = False
     arch: dict[str, Any] = field(default_factory=dict)
-
-
-_BUILDERS: dict[str, Callable[[ImageTokenizerConfig], ImageTokenizer]] = {
-    "pixels": lambda cfg: PixelTokenizer(scale_factor=cfg.scale_factor, shift_factor=cfg.shift_factor),
-}
-
-
-def register_image_tokenizer(kind: str, builder: Callable[[ImageTokenizerConfig], ImageTokenizer]) -> None:
-    """Make ``build_image_tokenizer`` accept ``kind`` (e.g. a VAE wrapper)."""
-    if kind in _BUILDERS:
-        raise ValueError(f"image tokenizer kind {kind!r} is already registered")
-    _BUILDERS[kind] = builder
-
-
-_VAE_KINDS = ("mar_kl16", "sd_vae", "vae")
-
-
-def _load_vae_kinds(kind: str) -> None:
-    try:
-        import mmtrain.tokenize.vae  # noqa: F401  (registers mar_kl16, sd_vae, vae)
-    except ImportError as exc:
-        # Only a VAE kind needs diffusers; a typo'd kind should still get the
-        # "unknown kind" error below.
-        if kind in _VAE_KINDS:
-            raise ImportError(f"image_tokenizer.kind={kind!r} needs diffusers, which failed to import: {exc}") from exc
-
-
-def build_image_tokenizer(cfg: ImageTokenizerConfig) -> ImageTokenizer:
-    """Instantiate the tokenizer named by ``cfg.kind``."""
-    builder = _BUILDERS.get(cfg.kind)
-    if builder is None:
-        # VAE kinds register themselves when mmtrain.tokenize.vae is imported;
-        # import it lazily so pixel-only users never pay for diffusers.
-        _load_vae_kinds(cfg.kind)
-        builder = _BUILDERS.get(cfg.kind)
-    if builder is None:
-        raise ValueError(f"image_tokenizer.kind: unknown kind {cfg.kind!r}; known kinds: {sorted(_BUILDERS)}")
-    return builder(cfg)
 
 
 # ------------------------------------------------------------------ patches

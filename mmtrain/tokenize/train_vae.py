@@ -92,7 +92,7 @@ def _image_batches(shards: str, size: int, batch_size: int, seed: int, buffer: i
     seeded shuffle buffer, so memory stays bounded whatever the dataset size."""
     import random
 
-    from mmtrain.data.shards import iter_shard_samples
+    from mmtrain.data.sources import iter_samples
     from mmtrain.tokenize.image import pil_to_tensor
 
     rng = random.Random(seed)
@@ -100,9 +100,9 @@ def _image_batches(shards: str, size: int, batch_size: int, seed: int, buffer: i
     batch: list = []
     while True:
         seen = 0
-        for sample in iter_shard_samples(shards):
+        for sample in iter_samples(shards, image_size=size):  # center-cropped as the training loader does
             seen += 1
-            pool.append(sample["image"].convert("RGB").resize((size, size), resample=3))
+            pool.append(sample["image"])
             if len(pool) < buffer:
                 continue
             batch.append(pool.pop(rng.randrange(len(pool))))
@@ -124,7 +124,8 @@ def train_vae(shards: str, out_dir: str | Path, cfg: VAETrainConfig, progress: b
     from diffusers import AutoencoderKL
 
     from mmtrain.atomic import atomic_write_text
-    from mmtrain.tokenize.image import ImageTokenizerConfig, build_image_tokenizer
+    from mmtrain.tokenize.build import build_image_tokenizer
+    from mmtrain.tokenize.image import ImageTokenizerConfig
     from mmtrain.tokenize.vae import estimate_scale_factor
 
     # built before the seed: VGG's own initialisation draws random numbers, and the VAE's

@@ -1,7 +1,7 @@
 """KL-VAE image tokenizers backed by diffusers ``AutoencoderKL``.
 
-Importing this module registers three ``image_tokenizer.kind`` values
-(:func:`mmtrain.tokenize.image.build_image_tokenizer` imports it on demand):
+Three ``image_tokenizer.kind`` values (:func:`mmtrain.tokenize.build.build_image_tokenizer`
+imports this module on demand):
 
 * ``mar_kl16``: MAR's KL-16 VAE (f16, 16 channels; ``tokenizers/mar_kl16.yaml``).
 * ``sd_vae``: the Stable Diffusion KL-f8 VAE (f8, 4 channels; ``tokenizers/sd_vae.yaml``).
@@ -28,11 +28,7 @@ from mmtrain.tokenize.convert_vae import (
     ldm_vae_config,
     load_ldm_vae,
 )
-from mmtrain.tokenize.image import (
-    ImageTokenizer,
-    ImageTokenizerConfig,
-    register_image_tokenizer,
-)
+from mmtrain.tokenize.image import ImageTokenizer, ImageTokenizerConfig
 
 _CKPT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -173,13 +169,9 @@ def _as_list(x: Any) -> list:
 
 
 def build_vae_tokenizer(cfg: ImageTokenizerConfig) -> VAETokenizer:
-    """Builder registered for ``mar_kl16``, ``sd_vae`` and ``vae``."""
+    """The tokenizer of kinds ``mar_kl16``, ``sd_vae`` and ``vae``."""
     return VAETokenizer(load_vae(cfg), scale_factor=cfg.scale_factor, shift_factor=cfg.shift_factor,
                         sample_posterior=cfg.sample_posterior)
-
-
-for _kind in ("mar_kl16", "sd_vae", "vae"):
-    register_image_tokenizer(_kind, build_vae_tokenizer)
 
 
 # ------------------------------------------------------------ normalization

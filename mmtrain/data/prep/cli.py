@@ -10,26 +10,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+from mmtrain.data.images import IMAGE_FORMATS
 from mmtrain.data.prep.config import (
-    IMAGE_FORMATS,
     OUTPUT_FORMATS,
     RESIZE_MODES,
     PrepConfig,
 )
+from mmtrain.units import parse_bytes
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``"0"``, ``"1000000"``, ``"512K"``, ``"64MB"``, ``"1G"`` (binary units)."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)i?b?\s*", text.lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected a byte count like 0, 1000000, 512K, 64M or 1G, got {text!r}")
-    return int(match.group(1)) * _UNITS[match.group(2)]
+def parse_shard_size(text: str) -> int:
+    """``--shard-size``: a byte count by :func:`mmtrain.units.parse_bytes` (``512MB``, ``512MiB``)."""
+    try:
+        return parse_bytes(text, "--shard-size")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--shard-size: ")) from exc
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -40,8 +37,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help=f"shard format: webdataset tars or mosaicml-streaming MDS (default {d.output_format})")
     p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard,
                    help=f"input samples per chunk/shard (default {d.samples_per_shard})")
-    p.add_argument("--shard-size", type=parse_size, default=d.shard_size,
-                   help="byte limit per shard, e.g. 512M (default 0 = none)")
+    p.add_argument("--shard-size", type=parse_shard_size, default=d.shard_size,
+                   help="byte limit per shard, e.g. 500MB (10^6) or 512MiB (2^20) (default 0 = none)")
     p.add_argument("--image-format", choices=IMAGE_FORMATS, default=d.image_format,
                    help=f"stored image encoding (default {d.image_format})")
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help=f"JPEG quality 1-95 (default {d.jpeg_quality})")

@@ -12,8 +12,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from mmtrain.data.images import IMAGE_FORMATS
+
 OUTPUT_FORMATS: tuple[str, ...] = ("wds", "mds")
-IMAGE_FORMATS: tuple[str, ...] = ("jpg", "png")
 RESIZE_MODES: tuple[str, ...] = ("center_crop", "keep_aspect", "none")
 
 # Every reason a candidate can be dropped, in the order the checks run. stats.json

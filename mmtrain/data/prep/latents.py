@@ -29,11 +29,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmtrain.atomic import atomic_write_text
+from mmtrain.data.images import IMAGE_EXTENSIONS
 from mmtrain.data.prep.config import fingerprint
 from mmtrain.data.prep.mds_writer import MdsChunkWriter
 from mmtrain.data.prep.progress import STATS, ProgressStore
 from mmtrain.data.prep.readers import (
-    IMAGE_MEMBERS,
     dataset_format,
     iter_mds_shard,
     mds_shards,
@@ -52,7 +52,8 @@ LATENT_DTYPES: tuple[str, ...] = ("float16", "float32")
 
 def _tokenizer(image_tokenizer: Any) -> tuple[Any, dict[str, Any]]:
     """Build/accept the tokenizer; return it and a description for the fingerprint."""
-    from mmtrain.tokenize.image import ImageTokenizerConfig, build_image_tokenizer
+    from mmtrain.tokenize.build import build_image_tokenizer
+    from mmtrain.tokenize.image import ImageTokenizerConfig
 
     if isinstance(image_tokenizer, str):
         image_tokenizer = ImageTokenizerConfig(kind=image_tokenizer)
@@ -292,7 +293,7 @@ def _do_shard(fmt_in: str, fmt_out: str, name: str, path: str, entry: dict[str, 
     kept: list[int] = []
     for i, key in enumerate(keys):
         if fmt_in == "wds":
-            ext = next((e for e in IMAGE_MEMBERS if e in raw[i][1]), None)
+            ext = next((e for e in IMAGE_EXTENSIONS if e in raw[i][1]), None)
             data = raw[i][1][ext] if ext else None
         else:
             data = samples[i].image

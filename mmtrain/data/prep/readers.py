@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from mmtrain.data.images import IMAGE_EXTENSIONS
 from mmtrain.data.prep.sample import NO_LABEL, OutSample
 from mmtrain.data.shards import ShardDataError, list_shards
 from mmtrain.data.tar import read_tar_samples
 
 MDS_INDEX = "index.json"
-IMAGE_MEMBERS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 
 
 def dataset_format(source: str | os.PathLike[str]) -> str:
@@ -30,9 +30,9 @@ def dataset_format(source: str | os.PathLike[str]) -> str:
 
 def wds_to_sample(key: str, members: dict[str, bytes], where: str) -> OutSample:
     """An OutSample from raw members; extra members go to ``extras``."""
-    image_ext = next((e for e in IMAGE_MEMBERS if e in members), None)
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
     if image_ext is None:
-        raise ShardDataError(f"{where}, sample {key}: no image member ({'/'.join(IMAGE_MEMBERS)}); members: {sorted(members)}")
+        raise ShardDataError(f"{where}, sample {key}: no image member ({'/'.join(IMAGE_EXTENSIONS)}); members: {sorted(members)}")
     try:
         caption = members.get("txt", b"").decode("utf-8")
         meta = json.loads(members["json"].decode("utf-8")) if "json" in members else {}

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mmtrain.data.images import IMAGE_EXTENSIONS
 from mmtrain.data.prep.candidate import Candidate, KeyAllocator, Source
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
+SUFFIXES: tuple[str, ...] = tuple(f".{e}" for e in IMAGE_EXTENSIONS)
 
 
-def list_folder(folder: str | os.PathLike[str], extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Source:
+def list_folder(folder: str | os.PathLike[str], extensions: tuple[str, ...] = SUFFIXES) -> Source:
     """List every image under ``folder`` (recursively) with its caption file.
 
     Args:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
+from mmtrain.data.images import IMAGE_EXTENSIONS
 from mmtrain.data.prep.candidate import ByteRef, Candidate, Drop, KeyAllocator, Source
-from mmtrain.data.prep.readers import IMAGE_MEMBERS
 from mmtrain.data.shards import ShardDataError, list_shards
 from mmtrain.data.tar import iter_tar_samples
 
@@ -58,9 +58,9 @@ def list_wds(shards: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) 
     for tar in paths:
         for prefix, members in _scan(tar, drops).items():
             where = f"{tar}#{prefix}"
-            image_ext = next((e for e in IMAGE_MEMBERS if e in members), None)
+            image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
             if image_ext is None:
-                drops.append(Drop("missing_image", where, f"no image member ({'/'.join(IMAGE_MEMBERS)}); members: {sorted(members)}"))
+                drops.append(Drop("missing_image", where, f"no image member ({'/'.join(IMAGE_EXTENSIONS)}); members: {sorted(members)}"))
                 continue
             if "txt" not in members:
                 drops.append(Drop("missing_caption", where, f"no txt member; members: {sorted(members)}"))
