@@ -39,13 +39,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mmtrain import distributed
 from mmtrain.data import storage
 from mmtrain.data.cache import CorruptShardError, ShardCache
-from mmtrain.units import parse_bytes
 from mmtrain.data.errors import ShardDataError
 from mmtrain.data.images import RESIZE_MODES, decode_image
 from mmtrain.data.node_local import AUTO, AUTO_CACHE_SHARE, auto_cache_limit, cache_dir_warning, resolve_cache_dir, share_on_node
 from mmtrain.data.order import MODES, StreamOrder
 from mmtrain.data.prefetch import ShardPrefetcher
 from mmtrain.data.sources import FORMATS, RawSample, Source, open_source
+from mmtrain.units import parse_bytes
 
 logger = logging.getLogger("mmtrain.data")
 
