@@ -39,7 +39,7 @@ VARIANTS = {
 
 
 def make_data(root: Path, image_size: int, num: int) -> dict:
-    from mmtrain.data.shards import write_synthetic_shards
+    from mmtrain.data.synthetic import write_synthetic_shards
     from mmtrain.data.sources import iter_samples
     from mmtrain.data.synthetic import SyntheticConfig
     from mmtrain.tokenize.text import TextTokenizerConfig, train_text_tokenizer

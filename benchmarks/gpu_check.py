@@ -63,6 +63,7 @@ from mmtrain.components.metrics import LoggingConfig, graphs_compiled, peak_flop
 from mmtrain.config import load_config  # noqa: E402
 from mmtrain.distributed import to_device  # noqa: E402
 from mmtrain.models import family  # noqa: E402
+from mmtrain.models.base import Condition  # noqa: E402
 from mmtrain.models.causalfusion import (ar_loss_weights, clean_slot_count, sample_image_tokens,  # noqa: E402
                                          split_inputs, training_flops)
 from mmtrain.models.diffusion import build_diffusion  # noqa: E402
@@ -99,8 +100,8 @@ def micro_batch(model, cfg, diffusion, B: int, device: torch.device, seed: int, 
     forces the AR split (to warm up one sequence bucket)."""
     dev_gen = torch.Generator(device=device).manual_seed(seed)
     tokens = torch.randn(B, model.num_image_tokens, model.token_dim, generator=dev_gen, device=device)
-    batch = family(model).training_inputs(model, tokens, diffusion, dev_gen, random.Random(seed),
-                                          **condition(cfg, B, torch.Generator().manual_seed(seed)))
+    cond = Condition(**condition(cfg, B, torch.Generator().manual_seed(seed)))
+    batch = family(model).training_inputs(model, tokens, cond, diffusion, dev_gen, random.Random(seed))
     if split is not None:
         m = cfg.model
         batch.update(split_inputs(split, m.seq_buckets, device),
@@ -214,7 +215,7 @@ def check_host_sync(args, device: torch.device) -> dict:
 
 
 def make_data(root: Path, image_size: int, num: int) -> dict:
-    from mmtrain.data.shards import write_synthetic_shards
+    from mmtrain.data.synthetic import write_synthetic_shards
     from mmtrain.data.sources import iter_samples
     from mmtrain.data.synthetic import SyntheticConfig
     from mmtrain.tokenize.text import TextTokenizerConfig, train_text_tokenizer

@@ -1,32 +1,29 @@
-"""The ``mmtrain`` command: prep, tokenizer, train, launch, jobs, sample, caption, edit, eval, convert, export, demo."""
+"""The ``mmtrain`` command: prep, tokenizer, train, launch, jobs, sample, caption, edit, eval, convert, export, demo.
+
+Argument parsing and dispatch only: each ``cmd_*`` turns its arguments into calls of the library
+module that owns the work and prints what it returns.
+"""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
-import socket
-import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from mmtrain.config import ConfigError, load_config
+from mmtrain.config import load_config
+from mmtrain.errors import ConfigError
 
 log = logging.getLogger("mmtrain.cli")
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- prep
 
 
 def cmd_prep(args: argparse.Namespace) -> int:
-    from mmtrain.data.shards import HOLD_OUT_DIR, write_synthetic_shards
+    from mmtrain.data.synthetic import HOLD_OUT_DIR, write_synthetic_shards
     from mmtrain.data.synthetic import SyntheticConfig, parse_hold_out
 
     cfg = SyntheticConfig(image_size=args.image_size, seed=args.seed, min_shapes=args.min_shapes, max_shapes=args.max_shapes)
@@ -43,81 +40,43 @@ def cmd_prep(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- tokenizer
 
 
-def _training_captions(shards: list[str], text_files: list[str]):
-    """Captions of webdataset / MDS sources, local or URLs (images are neither read nor decoded), then lines of text files."""
-    from mmtrain.data.sources import open_source
-
-    for path in shards:
-        source = open_source(path)
-        yield from (source.read(i, want_image=False).caption for i in range(len(source)))
-        source.close()
-    for path in text_files:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"--text {path}: no such file")
-        with open(path, encoding="utf-8") as fh:
-            yield from (line.rstrip("\n") for line in fh)
-
-
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from mmtrain.tokenize.text import TextTokenizerConfig, train_text_tokenizer
+    from mmtrain.tokenize.text import TextTokenizerConfig, train_text_tokenizer, training_texts
 
     if not args.shards and not args.text:
         raise ValueError("give --shards (webdataset or MDS) and/or --text FILE (one caption per line)")
     cfg = TextTokenizerConfig(vocab_size=args.vocab_size, model_type=args.model_type, max_sentences=args.max_sentences,
                               byte_fallback=args.byte_fallback, character_coverage=args.character_coverage, seed=args.seed)
-    tok = train_text_tokenizer(_training_captions(args.shards, args.text), args.out, cfg, progress=not args.quiet)
+    tok = train_text_tokenizer(training_texts(args.shards, args.text), args.out, cfg, progress=not args.quiet)
     print(f"tokenizer: {args.out}.model ({tok.vocab_size} pieces; specials {json.dumps(tok.state()['special_token_ids'])})")
     return 0
 
 
+def cmd_tokenizer_estimate_scale(args: argparse.Namespace) -> int:
+    """Latent scale (and shift) of an image tokenizer measured on shard images; optionally written into a YAML copy."""
+    from mmtrain.tokenize.scale import estimate_scale_on_shards
+
+    est = estimate_scale_on_shards(args.tokenizer_yaml, args.shards, num=args.num, image_size=args.image_size,
+                                   with_shift=args.shift, write=args.write)
+    print(json.dumps(est, indent=2))
+    if args.write:
+        print(f"wrote {args.write}")
+    return 0
+
+
+def cmd_tokenizer_train_vae(args: argparse.Namespace) -> int:
+    from mmtrain.tokenize.train_vae import VAETrainConfig, train_vae
+
+    cfg = VAETrainConfig(image_size=args.image_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         kl_weight=args.kl_weight, seed=args.seed, perceptual_weights=args.perceptual_weights,
+                         perceptual_weight=args.perceptual_weight)
+    report = train_vae(args.shards, args.out, cfg, progress=not args.quiet)
+    print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in report.items()}))
+    print(f"tokenizer: {Path(args.out) / 'tokenizer.yaml'} (diffusers AutoencoderKL in {Path(args.out) / 'vae'})")
+    return 0
+
+
 # --------------------------------------------------------------------------- train
-
-
-def preflight(config_path: str, overrides: list[str], on_this_node: bool = True):
-    """Fail fast, before any rank starts, on a bad config, missing shards or tokenizer. Run once per
-    start: by ``mmtrain train`` before it starts the ranks, by ``mmtrain launch`` before it submits,
-    by ``slurm/train.sbatch`` before ``srun`` (``--preflight-only``).
-
-    ``on_this_node`` False: the ranks run on other machines (``mmtrain launch`` to Slurm), so the
-    ``auto`` shard cache limit is not measured on this one's disk (each node measures its own)."""
-    from mmtrain.components.data import check_cache_limit, open_sources
-
-    cfg = load_config(config_path, overrides)
-    # every training source exists and is well-formed (remote: every shard is there with its index's size,
-    # and the credentials work) and fits data.cache_limit; fills the tar index cache for the ranks
-    sources = open_sources(cfg.data, on_this_node=on_this_node)
-    check_cache_limit(cfg.data, sources)
-    if cfg.train.init_from and not (Path(cfg.train.init_from) / "model.safetensors").is_file() and not Path(cfg.train.init_from).is_file():
-        raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no model.safetensors there")
-    if cfg.model.attention == "flex" and not _cuda_available():
-        raise ValueError("model.attention=flex: FlexAttention cannot train on CPU (no backward there); "
-                         "set model.attention=sdpa, which gives the same numbers")
-    if cfg.model.condition != "class":
-        if not Path(cfg.text_model_path).is_file():
-            raise FileNotFoundError(f"text tokenizer {cfg.text_model_path} not found (set tokenizer.text_model, or run `mmtrain tokenizer train`)")
-        from mmtrain.tokenize.text import TextTokenizer
-        from mmtrain.train import check_run_tokenizer
-
-        check_run_tokenizer(cfg, TextTokenizer.from_file(cfg.text_model_path))
-    if on_this_node:
-        _warn_about_cpus_per_task(cfg.data.num_workers)
-    log.info("preflight passed: %s: %d source(s), %d samples%s", config_path, len(sources), sum(len(s) for s in sources),
-             "" if cfg.model.condition == "class" else ", text tokenizer matches")
-    return cfg
-
-
-def _warn_about_cpus_per_task(num_workers: int) -> None:
-    """Inside a Slurm job: each rank needs the cores ``mmtrain launch`` asks for (``--cpus-per-task``)."""
-    from mmtrain.launch.submit import cpus_per_task_for
-
-    if "SLURM_JOB_ID" not in os.environ:
-        return
-    need, have = cpus_per_task_for(num_workers), os.environ.get("SLURM_CPUS_PER_TASK")
-    if have is None or int(have) < need:
-        log.warning("%s, but each rank runs data.num_workers=%d loader workers besides itself: submit with "
-                    "--cpus-per-task=%d (data.num_workers + 2) or more",
-                    f"this job has --cpus-per-task={have}" if have else "this job was submitted without --cpus-per-task "
-                    "(Slurm's default is often 1 CPU per task)", num_workers, need)
 
 
 def runs_preflight(args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> bool:
@@ -131,6 +90,8 @@ def runs_preflight(args: argparse.Namespace, env: Mapping[str, str] = os.environ
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from mmtrain.launch.preflight import preflight
+
     if args.preflight_only:
         preflight(args.config, args.overrides)
         return 0
@@ -145,35 +106,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         from mmtrain.train import exit_rank, main as train_main
 
         exit_rank(train_main([args.config, *args.overrides]))
-    return _torchrun(cfg.train.nproc_per_node, ["mmtrain.train", args.config, *args.overrides])
+    from mmtrain.launch.local import torchrun
 
-
-def _torchrun(nproc: int, module_args: list[str], extra_env: dict[str, str] | None = None) -> int:
-    """``python -m MODULE_ARGS`` as ``nproc`` ranks on this machine, the cores shared between them."""
-    env = dict(os.environ, **(extra_env or {}))
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    if not _cuda_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}",
-           "-m", *module_args]
-    return subprocess.call(cmd, env=env)
+    return torchrun(cfg.train.nproc_per_node, ["mmtrain.train", args.config, *args.overrides])
 
 
 # --------------------------------------------------------------------------- launch
 
-# flag of `mmtrain launch` -> key of the launch section (mmtrain.launch.submit.LaunchConfig)
+# flag of `mmtrain launch` -> key of the launch section (mmtrain.launch.config.LaunchConfig)
 _LAUNCH_FLAGS = ("cluster", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "partition", "account", "qos",
                  "constraint", "mem", "time", "max_timeouts", "job_name")
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from mmtrain.launch.submit import fit_to_cluster, outcome, render_sbatch, submit, tasks_per_node, wait
+    from mmtrain.launch.preflight import preflight
+    from mmtrain.launch.submit import fit_to_cluster, outcome, render_sbatch, run_debug, submit, tasks_per_node, wait
+    from mmtrain.schema import option_overrides
 
-    # JSON-quoted: a YAML scalar like 12:00 would otherwise be read as a base-60 integer
-    flags = [f"launch.{k}={json.dumps(v)}" for k in _LAUNCH_FLAGS if (v := getattr(args, k)) is not None]
-    if args.exclusive:
-        flags.append("launch.exclusive=true")
-    overrides = [*args.overrides, *flags]
+    flags = {k: getattr(args, k) for k in _LAUNCH_FLAGS} | {"exclusive": True if args.exclusive else None}
+    overrides = [*args.overrides, *option_overrides("launch", flags)]
     # on Slurm the ranks run on compute nodes: their disks, not this host's, bound the shard cache
     cfg = preflight(args.config, overrides, on_this_node=load_config(args.config, overrides).launch.cluster != "slurm")
     launch = cfg.launch
@@ -192,24 +143,14 @@ def cmd_launch(args: argparse.Namespace) -> int:
           f"{tasks_per_node(launch, cfg.train.nproc_per_node)} ranks, {launch.gpus} GPU(s) per node) for {run_dir}")
     print(f"logs: {run_dir}/logs/{job.job_id}/   status: mmtrain jobs {run_dir}", flush=True)
     if launch.cluster == "debug":  # runs here, now
-        try:
-            result = job.results()[0]
-        except Exception as exc:  # submitit's FailedJobError carries the traceback between dashed lines
-            parts = str(exc).split("----------------------")
-            trace = [l for l in (parts[1] if len(parts) > 2 else str(exc)).splitlines() if l.strip()]
-            print(f"job {job.job_id} failed: {trace[-1].strip() if trace else exc}", file=sys.stderr)
-            return 1
-        print(f"job {job.job_id} done at step {result['step']}" + (f" ({result['stopped_by']})" if result["stopped_by"] else ""))
+        finished, line = run_debug(job)
     elif args.wait:
         finished, line = outcome(wait(run_dir, job.job_id, launch.cluster, poll_s=args.poll_s,
                                       echo=lambda m: print(m, flush=True)))
-        print(line, file=sys.stdout if finished else sys.stderr, flush=True)
-        return 0 if finished else 1
-    return 0
-
-
-def _count_or_auto(text: str):
-    return "auto" if text.strip().lower() == "auto" else int(text)
+    else:
+        return 0
+    print(line, file=sys.stdout if finished else sys.stderr, flush=True)
+    return 0 if finished else 1
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -234,20 +175,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 # --------------------------------------------------------------------------- inference
 
 
 def _sample_cfg(run, overrides: list[str]):
-    from mmtrain.config import SampleConfig, apply_overrides, build_dataclass
+    """The run's sample section with ``--set`` overrides (``ar_steps=8`` or ``sample.ar_steps=8``)."""
+    from mmtrain.schema import override_section
 
-    tree = apply_overrides(dict(vars(run.cfg.sample)), [o.removeprefix("sample.") for o in overrides])
-    return build_dataclass(SampleConfig, tree, "sample")
+    return override_section(run.cfg.sample, "sample", overrides)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -304,73 +239,6 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    from mmtrain.convert import convert_causalfusion_official, convert_transdiff_official
-
-    common = dict(image_downsample=args.image_downsample, image_tokenizer=args.image_tokenizer, scale_factor=args.scale_factor)
-    if args.source == "transdiff-official":
-        out = convert_transdiff_official(args.checkpoint, args.out, num_heads=args.num_heads, buffer_size=args.buffer_size, **common)
-    else:
-        out = convert_causalfusion_official(args.checkpoint, args.out, patch_size=args.patch_size, **common)
-    print(f"converted {args.checkpoint} -> {out}/model.safetensors + config.yaml")
-    return 0
-
-
-def cmd_convert_vae(args: argparse.Namespace) -> int:
-    from mmtrain.tokenize.convert_vae import KNOWN_ARCHES, load_ldm_vae, save_diffusers
-
-    vae = load_ldm_vae(args.checkpoint, KNOWN_ARCHES[args.arch], trust_pickle=args.trust_pickle)
-    print(f"converted {args.checkpoint} ({args.arch}) -> diffusers AutoencoderKL in {save_diffusers(vae, args.out)}")
-    return 0
-
-
-def cmd_tokenizer_estimate_scale(args: argparse.Namespace) -> int:
-    """Latent scale (and shift) of an image tokenizer measured on shard images; optionally written into a YAML copy."""
-    import itertools
-
-    import yaml
-
-    from mmtrain.config import build_dataclass
-    from mmtrain.data.sources import iter_samples
-    from mmtrain.tokenize.build import build_image_tokenizer
-    from mmtrain.tokenize.image import ImageTokenizerConfig, pil_to_tensor
-    from mmtrain.tokenize.vae import estimate_scale_factor
-
-    with open(args.tokenizer_yaml) as fh:
-        tree = yaml.safe_load(fh) or {}
-    cfg = build_dataclass(ImageTokenizerConfig, {**tree, "scale_factor": 1.0, "shift_factor": 0.0}, args.tokenizer_yaml)
-    tok = build_image_tokenizer(cfg)
-    size = args.image_size
-
-    def batches():
-        # the pixels training sees: decoded and made square as the loader does (center crop)
-        samples = itertools.islice(iter_samples(args.shards, image_size=size), args.num)
-        while chunk := list(itertools.islice(samples, 32)):
-            yield pil_to_tensor([s["image"] for s in chunk])
-
-    est = estimate_scale_factor(tok, batches(), num_samples=args.num, with_shift=args.shift)
-    print(json.dumps(est, indent=2))
-    if args.write:
-        from mmtrain.atomic import atomic_write_text
-
-        atomic_write_text(args.write, yaml.safe_dump({**tree, "scale_factor": est["scale_factor"], "shift_factor": est["shift_factor"]},
-                                                     sort_keys=False))
-        print(f"wrote {args.write}")
-    return 0
-
-
-def cmd_tokenizer_train_vae(args: argparse.Namespace) -> int:
-    from mmtrain.tokenize.train_vae import VAETrainConfig, train_vae
-
-    cfg = VAETrainConfig(image_size=args.image_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         kl_weight=args.kl_weight, seed=args.seed, perceptual_weights=args.perceptual_weights,
-                         perceptual_weight=args.perceptual_weight)
-    report = train_vae(args.shards, args.out, cfg, progress=not args.quiet)
-    print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in report.items()}))
-    print(f"tokenizer: {Path(args.out) / 'tokenizer.yaml'} (diffusers AutoencoderKL in {Path(args.out) / 'vae'})")
-    return 0
-
-
 def cmd_caption(args: argparse.Namespace) -> int:
     import itertools
 
@@ -398,6 +266,29 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from mmtrain.convert import convert_causalfusion_official, convert_transdiff_official
+
+    common = dict(image_downsample=args.image_downsample, image_tokenizer=args.image_tokenizer, scale_factor=args.scale_factor)
+    if args.source == "transdiff-official":
+        out = convert_transdiff_official(args.checkpoint, args.out, num_heads=args.num_heads, buffer_size=args.buffer_size, **common)
+    else:
+        out = convert_causalfusion_official(args.checkpoint, args.out, patch_size=args.patch_size, **common)
+    print(f"converted {args.checkpoint} -> {out}/model.safetensors + config.yaml")
+    return 0
+
+
+def cmd_convert_vae(args: argparse.Namespace) -> int:
+    from mmtrain.tokenize.convert_vae import KNOWN_ARCHES, load_ldm_vae, save_diffusers
+
+    vae = load_ldm_vae(args.checkpoint, KNOWN_ARCHES[args.arch], trust_pickle=args.trust_pickle)
+    print(f"converted {args.checkpoint} ({args.arch}) -> diffusers AutoencoderKL in {save_diffusers(vae, args.out)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+
+
 def _without_option(argv: list[str], option: str) -> list[str]:
     out, skip = [], False
     for a in argv:
@@ -413,25 +304,23 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     """eval caption / eval generate: on --nproc ranks (torchrun), or on the ranks that started us."""
     if args.nproc > 1 and "RANK" not in os.environ:
+        from mmtrain.launch.local import torchrun
+
         # the arguments travel in MMTRAIN_ARGV: torchrun's parser would take --num for an abbreviation of its options
-        return _torchrun(args.nproc, ["mmtrain.cli"], {"MMTRAIN_ARGV": json.dumps(_without_option(args.argv, "--nproc"))})
-    from mmtrain.config import apply_overrides, build_dataclass
-    from mmtrain.eval.config import EvalConfig
+        return torchrun(args.nproc, ["mmtrain.cli"], {"MMTRAIN_ARGV": json.dumps(_without_option(args.argv, "--nproc"))})
     from mmtrain.eval.ranks import init_ranks
     from mmtrain.eval.samples import open_eval_set
     from mmtrain.inference import load_run
+    from mmtrain.schema import option_overrides, override_section
     from mmtrain.train import exit_rank
 
     ranks = init_ranks()
     run = load_run(args.run_dir, weights=args.weights, device=args.device, dtype=args.dtype)
-    eval_overrides = [o.removeprefix("eval.") for o in args.overrides if o.startswith("eval.")]
     sample = _sample_cfg(run, [o for o in args.overrides if not o.startswith("eval.")])
-    tree = apply_overrides(dataclasses.asdict(run.cfg.eval), eval_overrides)
-    for key, value in (("num_samples", args.num), ("shards", args.shards), ("cfg_scales", getattr(args, "cfg", None)),
-                       ("ar_steps", getattr(args, "ar_steps", None))):
-        if value is not None:
-            tree[key] = value
-    eval_cfg = build_dataclass(EvalConfig, tree, "eval")
+    options = {"num_samples": args.num, "shards": args.shards, "cfg_scales": getattr(args, "cfg", None),
+               "ar_steps": getattr(args, "ar_steps", None)}
+    eval_cfg = override_section(run.cfg.eval, "eval", [*(o for o in args.overrides if o.startswith("eval.")),
+                                                        *option_overrides("eval", options)])
     data = run.cfg.data
 
     def open_set(num: int):
@@ -484,6 +373,10 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _count_or_auto(text: str):
+    return "auto" if text.strip().lower() == "auto" else int(text)
+
+
 def _add_inference_options(parser: argparse.ArgumentParser) -> None:
     """What every command that loads a trained model takes: sample overrides and the weights to use."""
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -497,10 +390,8 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype; bf16/fp16 run under autocast with fp32 weights and diffusion chain")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmtrain", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_prep_parsers(sub) -> None:
+    """``mmtrain prep ...``: datasets into shards."""
     prep = sub.add_parser("prep", help="write datasets into webdataset or MDS shards")
     prep_sub = prep.add_subparsers(dest="source", required=True)
     syn = prep_sub.add_parser("synthetic", help="the embedded procedural shapes dataset (no download)")
@@ -521,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_prep_subcommands(prep_sub)  # folder, manifest, coco, wds (img2dataset), latents
 
+
+def _add_tokenizer_parsers(sub) -> None:
+    """``mmtrain tokenizer train | estimate-scale | train-vae``."""
     tok = sub.add_parser("tokenizer", help="train tokenizers")
     tok_sub = tok.add_subparsers(dest="what", required=True)
     tt = tok_sub.add_parser("train", help="train the sentencepiece text tokenizer on shard captions")
@@ -557,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--quiet", action="store_true")
     tv.set_defaults(func=cmd_tokenizer_train_vae)
 
+
+def _add_training_parsers(sub) -> None:
+    """``mmtrain train``, ``launch`` and ``jobs``."""
     tr = sub.add_parser("train", help="train with DeepSpeed on this node's ranks (resumes from the run dir)")
     tr.add_argument("config")
     tr.add_argument("overrides", nargs="*", help="key.sub=value")
@@ -599,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     jo.add_argument("run_dir")
     jo.set_defaults(func=cmd_jobs)
 
+
+def _add_inference_parsers(sub) -> None:
+    """``mmtrain sample``, ``caption`` and ``edit``: commands on a trained model."""
     sa = sub.add_parser("sample", help="prompts (or class labels) -> PNG grid of generated images")
     sa.add_argument("run_dir", help="a training run directory or a converted model directory")
     sa.add_argument("--prompt", action="append", default=[])
@@ -629,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_options(ed)
     ed.set_defaults(func=cmd_edit)
 
+
+def _add_convert_parsers(sub) -> None:
+    """``mmtrain convert ...``: checkpoints of other code bases."""
     cv = sub.add_parser("convert", help="import checkpoints from other code bases")
     cv_sub = cv.add_subparsers(dest="source", required=True)
     cfo = cv_sub.add_parser("causalfusion-official", help="official CausalFusion .pt (state_dict or training dict with 'ema')")
@@ -655,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     cvv.add_argument("--trust-pickle", action="store_true", help="allow non-tensor pickled objects in the checkpoint")
     cvv.set_defaults(func=cmd_convert_vae)
 
+
+def _add_eval_parsers(sub) -> None:
+    """``mmtrain eval caption | generate``."""
     ev = sub.add_parser("eval", help="evaluate captioning or generation: metrics.json + report.html")
     ev_sub = ev.add_subparsers(dest="eval_kind", required=True)
     evc = ev_sub.add_parser("caption", help="BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap); attribute accuracy on synthetic data")
@@ -672,6 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     evg.add_argument("--cfg", type=_float_list, help="CFG scales to sweep, e.g. 1,2,4 (eval.cfg_scales)")
     evg.add_argument("--ar-steps", type=_int_list, help="AR step counts to sweep, e.g. 1,4,16 (eval.ar_steps)")
 
+
+def _add_export_and_demo_parsers(sub) -> None:
+    """``mmtrain export`` and ``demo``."""
     ex = sub.add_parser("export", help="a run's ZeRO checkpoint -> model dir (model/EMA safetensors + config + tokenizer)")
     ex.add_argument("run_dir")
     ex.add_argument("--out", required=True, help="output model directory")
@@ -683,6 +592,14 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--out", default="demo_out")
     de.add_argument("overrides", nargs="*", help="config overrides for the demo run")
     de.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmtrain", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_prep_parsers, _add_tokenizer_parsers, _add_training_parsers, _add_inference_parsers, _add_convert_parsers,
+                _add_eval_parsers, _add_export_and_demo_parsers):
+        add(sub)
     return p
 
 

@@ -2,19 +2,20 @@
 
 Every component owns a small ``Config`` dataclass next to its code; this module only
 composes them into the run-level :class:`Config`, loads YAML into it and validates.
-Unknown keys and values of the wrong type are errors that name the file and the key:
-a silently ignored typo in a training config costs a cluster day.
+Unknown keys, values of the wrong type and every section's own validation raise the one
+:class:`mmtrain.errors.ConfigError`, naming the file and the dotted key (:mod:`mmtrain.schema`
+builds the sections): a silently ignored typo in a training config costs a cluster day. Keys
+that older versions wrote into run configs and that mean nothing now (:data:`RETIRED_KEYS`) are
+dropped with a warning, so old runs still load.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -24,17 +25,24 @@ from mmtrain.components.data import DataConfig
 from mmtrain.components.ema import EMAConfig
 from mmtrain.components.metrics import LoggingConfig
 from mmtrain.components.optimizer import OptimizerConfig
-from mmtrain.data.synthetic import SyntheticConfig
+from mmtrain.errors import ConfigError
 from mmtrain.eval.config import EvalConfig
 from mmtrain.launch.config import LaunchConfig
 from mmtrain.models.config import ModelConfig
 from mmtrain.models.diffusion import FLOW_SAMPLERS, DiffusionConfig
+from mmtrain.schema import apply_overrides, build_dataclass
 from mmtrain.tokenize.image import ImageTokenizerConfig
 from mmtrain.tokenize.text import TextTokenizerConfig
 
+log = logging.getLogger("mmtrain.config")
 
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the file and key."""
+# Keys older versions wrote into run configs (<run_dir>/config.yaml) that no longer mean anything:
+# dotted key -> why. Loading drops them with a one-line warning, so old runs still resume and
+# export; any other unknown key is still an error.
+RETIRED_KEYS = {
+    "synthetic": "the synthetic dataset's settings are options of `mmtrain prep synthetic`",
+    "data.shuffle_buffer": "the sample order is a seeded permutation (data.shuffle, data.shuffle_window), not a buffer",
+}
 
 
 @dataclass
@@ -184,13 +192,13 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         if self.cfg_schedule not in ("constant", "linear", "interval"):
-            raise ValueError(f"sample.cfg_schedule: expected 'constant', 'linear' or 'interval', got {self.cfg_schedule!r}")
+            raise ConfigError(f"sample.cfg_schedule: expected 'constant', 'linear' or 'interval', got {self.cfg_schedule!r}")
         if len(self.cfg_interval) != 2 or self.cfg_interval[0] > self.cfg_interval[1]:
-            raise ValueError(f"sample.cfg_interval: expected [low, high] with low <= high, got {list(self.cfg_interval)}")
+            raise ConfigError(f"sample.cfg_interval: expected [low, high] with low <= high, got {list(self.cfg_interval)}")
         if self.flow_sampler not in FLOW_SAMPLERS:
-            raise ValueError(f"sample.flow_sampler: expected one of {FLOW_SAMPLERS}, got {self.flow_sampler!r}")
+            raise ConfigError(f"sample.flow_sampler: expected one of {FLOW_SAMPLERS}, got {self.flow_sampler!r}")
         if self.ar_steps < 1 or self.diffusion_steps < 1:
-            raise ValueError(f"sample.ar_steps and sample.diffusion_steps must be >= 1, got {self.ar_steps}, {self.diffusion_steps}")
+            raise ConfigError(f"sample.ar_steps and sample.diffusion_steps must be >= 1, got {self.ar_steps}, {self.diffusion_steps}")
 
 
 @dataclass
@@ -198,7 +206,6 @@ class Config:
     """A whole run. See ``configs/*.yaml`` for annotated examples."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     tokenizer: TokenizerPaths = field(default_factory=TokenizerPaths)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -213,10 +220,10 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.model.family == "transdiff" and self.diffusion.process != "rectified_flow":
-            raise ValueError(f"model.family=transdiff trains a flow decoder: set diffusion.process=rectified_flow "
-                             f"(got {self.diffusion.process!r})")
+            raise ConfigError(f"model.family=transdiff trains a flow decoder: set diffusion.process=rectified_flow "
+                              f"(got {self.diffusion.process!r})")
         if self.sample.flow_sampler != "euler" and self.diffusion.process != "rectified_flow":
-            raise ValueError(f"sample.flow_sampler={self.sample.flow_sampler!r} needs diffusion.process=rectified_flow")
+            raise ConfigError(f"sample.flow_sampler={self.sample.flow_sampler!r} needs diffusion.process=rectified_flow")
 
     @property
     def text_model_path(self) -> str:
@@ -229,104 +236,27 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected the form key.sub=value")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {item!r}: empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    return key.split("."), value
-
-
-def apply_overrides(tree: dict, overrides: list[str]) -> dict:
-    """Set ``a.b.c=value`` items into a nested dict (values parsed as YAML scalars)."""
-    for item in overrides:
-        path, value = _parse_override(item)
+def _drop_retired(tree: dict, source: str) -> dict:
+    """``tree`` without the :data:`RETIRED_KEYS` it holds, each dropped with a one-line warning (``tree`` is not changed)."""
+    tree = dict(tree)
+    for key, why in RETIRED_KEYS.items():
+        *sections, name = key.split(".")
         node = tree
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-            node = child
-        node[path[-1]] = value
+        for part in sections:
+            if not isinstance(node.get(part), dict):
+                break
+            node[part] = node = dict(node[part])
+        else:
+            if name in node:
+                del node[name]
+                log.warning("%s: ignoring retired key %r (%s)", source, key, why)
     return tree
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping (section), got {value!r}")
-        return build_dataclass(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (arg, *_rest) = typing.get_args(tp) or (Any,)
-        items = [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads "1e-4" as a string
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
-
-
-def build_dataclass(cls: type, tree: dict, where: str) -> Any:
-    """Construct dataclass ``cls`` from a nested dict, checking keys and types; ``where`` prefixes errors."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    for key, value in tree.items():
-        path = f"{where}.{key}" if where else key
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown key {path!r} (known keys here: {known})")
-        kwargs[key] = _coerce(value, hints[key], path)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{where or 'config'}: {exc}") from exc
-
-
 def config_from_dict(tree: dict, source: str = "<dict>") -> Config:
+    """The run config of a nested dict (a loaded YAML file); errors name ``source`` and the dotted key."""
     try:
-        return build_dataclass(Config, tree or {}, "")
+        return build_dataclass(Config, _drop_retired(tree or {}, source), "")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 

@@ -19,8 +19,7 @@ from mmtrain.components.ema import consolidate as consolidate_ema
 from mmtrain.components.ema import has_ema
 from mmtrain.config import Config, SampleConfig, load_config
 from mmtrain.data.images import decode_image
-from mmtrain.models import Model, build_model, family, model_class
-from mmtrain.models.causalfusion import generate_caption_ids
+from mmtrain.models import Condition, Model, build_model, captioning_families, family
 from mmtrain.models.diffusion import build_diffusion
 from mmtrain.tokenize.build import build_image_tokenizer
 from mmtrain.tokenize.image import ImageTokenizer, patchify, pil_to_tensor, tensor_to_pil, unpatchify
@@ -122,12 +121,9 @@ def _build_for_state(cfg: Config, text_tok, image_tok, state: dict) -> Model:
     if image_tok is not None:
         return build_model(cfg.model, cfg.data.image_size, text_tok, image_tok)
     # no image tokenizer: the latent geometry comes from the weights
-    if cfg.model.family == "transdiff":
-        P, L = state["decoder.input_proj.weight"].shape[1], state["decoder.diffusion_pos_embed_learned"].shape[1]
-    else:
-        P, L = state["x_proj.weight"].shape[1], state["pos_embed"].shape[1]
-    grid = round(L ** 0.5)
-    return model_class(cfg.model)(cfg.model, latent_channels=P // cfg.model.patch_size**2, latent_size=grid * cfg.model.patch_size)
+    fam = family(cfg.model)
+    channels, size = fam.latent_geometry(cfg.model, state)
+    return fam.build(cfg.model, latent_channels=channels, latent_size=size)
 
 
 def load_run(run_dir: str | Path, tag: str | None = None, weights: str = "auto", device: str | torch.device | None = "cpu",
@@ -158,16 +154,16 @@ def load_run(run_dir: str | Path, tag: str | None = None, weights: str = "auto",
     return place(LoadedRun(cfg, model, text_tok, image_tok, meta["step"], str(run_dir / "checkpoints")), device, dtype)
 
 
-def _condition_batch(run: LoadedRun, conditions: list) -> dict:
-    """Prompts (text mode) or class labels (class mode) -> sampler keyword arguments."""
+def _condition_batch(run: LoadedRun, conditions: list) -> Condition:
+    """Prompts (text mode) or class labels (class mode) -> the sampler's condition, on the run's device."""
     if run.cfg.model.condition == "class":
         labels = [int(c) for c in conditions]
         bad = [c for c in labels if not 0 <= c < run.cfg.model.num_classes]
         if bad:
             raise ValueError(f"class labels {bad} outside [0, {run.cfg.model.num_classes}) (model.num_classes)")
-        return {"labels": torch.tensor(labels).to(run.device)}
+        return Condition(labels=torch.tensor(labels).to(run.device))
     text, text_len = run.text_tok.encode_batch([str(c) for c in conditions], run.cfg.model.max_text_len)
-    return {"text": text.to(run.device), "text_len": text_len.to(run.device)}
+    return Condition(text=text.to(run.device), text_len=text_len.to(run.device))
 
 
 def _sampler_kwargs(run: LoadedRun, sample: SampleConfig) -> dict:
@@ -194,8 +190,9 @@ def generate_tokens(run: LoadedRun, conditions: list, sample: SampleConfig, batc
     for b, i in enumerate(range(0, len(conditions), batch_size), start=first_batch):
         cond = _condition_batch(run, conditions[i:i + batch_size])
         with run.autocast():
-            out.append(family(run.model).sample_image_tokens(run.model, diffusion, generator=batch_generator(sample.seed, b, run.device),
-                                                             **cond, **_sampler_kwargs(run, sample)).float())
+            out.append(family(run.model).sample_image_tokens(run.model, diffusion, cond,
+                                                             generator=batch_generator(sample.seed, b, run.device),
+                                                             **_sampler_kwargs(run, sample)).float())
     return torch.cat(out)
 
 
@@ -245,25 +242,29 @@ def edit_image(run: LoadedRun, image: Image.Image, regenerate: torch.Tensor, con
     known = images_to_tokens(run, [image]).expand(num, -1, -1)
     cond = _condition_batch(run, [condition] * num)
     with run.autocast():
-        tokens = family(run.model).sample_image_tokens(run.model, diffusion, generator=gen, known_tokens=known,
-                                                       known_mask=~regenerate.bool(), **cond, **_sampler_kwargs(run, sample))
+        tokens = family(run.model).sample_image_tokens(run.model, diffusion, cond, generator=gen, known_tokens=known,
+                                                       known_mask=~regenerate.bool(), **_sampler_kwargs(run, sample))
     return tokens_to_images(run, tokens.float())
 
 
 def caption_images(run: LoadedRun, images: list[Image.Image], sample: SampleConfig, top_p: float = 0.0, batch_size: int = 32) -> list[str]:
     if run.cfg.model.condition != "text":
         raise ValueError("captioning needs a text model (model.condition=text); this model is class-conditional")
-    if run.cfg.model.family != "causalfusion":
-        raise ValueError(f"captioning needs model.family=causalfusion (one model reads and writes text); "
-                         f"this is a {run.cfg.model.family} model, which only generates images")
+    model_family = family(run.model)
+    if not model_family.captions:
+        able = " or ".join(f"model.family={name}" for name in captioning_families())
+        raise ValueError(f"captioning needs {able} (one model reads and writes text); "
+                         f"this is a {model_family.name} model, which only generates images")
     gen = torch.Generator(device=run.device).manual_seed(sample.seed)
     captions: list[str] = []
     for i in range(0, len(images), batch_size):
         tokens = images_to_tokens(run, images[i:i + batch_size])
         with run.autocast():
-            ids = generate_caption_ids(run.model, tokens, sample.max_caption_len, gen, top_p=top_p)
+            ids = model_family.caption_ids(run.model, tokens, sample.max_caption_len, gen, top_p=top_p)
         captions += [run.text_tok.decode(x) for x in ids]
     return captions
+
+
 def image_grid(images: list[Image.Image], captions: list[str] | None = None, cols: int = 8, scale: int = 2) -> Image.Image:
     """A PNG-ready grid; when captions are given each cell is labelled underneath (truncated)."""
     from PIL import ImageDraw

@@ -31,7 +31,7 @@ from mmtrain.components.optimizer import build_optimizer, deepspeed_config
 from mmtrain.components.optimizer import describe as describe_optimizer
 from mmtrain.components.preemption import PreemptionWatch
 from mmtrain.config import Config, save_config
-from mmtrain.models import build_model, family
+from mmtrain.models import Condition, build_model, family
 from mmtrain.models.diffusion import build_diffusion
 from mmtrain.tokenize.build import build_image_tokenizer
 from mmtrain.tokenize.image import patchify
@@ -224,158 +224,234 @@ def save_sample_grid(engine, cfg: Config, step: int, data: Batch, text_tok, imag
     return path
 
 
+class Trainer:
+    """One rank's training run, in the order it happens: :meth:`build` (process group, model,
+    DeepSpeed engine, EMA, resume, data, metrics), then per optimizer step :meth:`train_step`
+    (its micro-batches), :meth:`log`, :meth:`sample`, :meth:`save`, until ``train.steps`` (or
+    ``train.stop_at``) or an agreed preemption signal (:meth:`preempted`). :func:`train` runs it."""
+
+    def __init__(self, cfg: Config, watch: PreemptionWatch | None = None) -> None:
+        self.cfg, self.watch = cfg, watch
+        self.step, self.samples_seen = 0, 0
+        self.history: list[dict] = []
+        self.grad_norm = torch.zeros(())
+        self.saved_step, self.stopped_by = -1, None
+
+    # ------------------------------------------------------------------ build
+
+    def build(self) -> None:
+        cfg = self.cfg
+        self.rank, self.world = distributed.launched_rank(), distributed.launched_world_size()
+        logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
+        self.point = checkpoint.plan_resume(cfg.train.run_dir, self.world, cfg.train.zero_stage)
+        if self.point is not None and self.point.universal:
+            # before the process group exists: no collective timeout runs while rank 0 converts
+            checkpoint.make_universal(cfg.train.run_dir, self.point, self.rank, cfg.train.convert_timeout_s)
+        self.rank, self.world, self.dev = distributed.init(cfg.train.dist_timeout_s, with_deepspeed=True)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.text_tok = TextTokenizer.from_file(cfg.text_model_path) if cfg.model.condition == "text" else None
+        self.run_dir = _prepare_run_dir(cfg, self.rank, self.text_tok)
+        self.build_model()
+        self.build_engine()
+        if self.point is not None:
+            self.resume()
+        self.build_data()
+        self.metrics = MetricsLogger(cfg.logging, str(self.run_dir), cfg.train.steps, self.step, cfg.to_dict(),
+                                     enabled=self.rank == 0)
+        self.peak = peak_flops(cfg.logging, cfg.train.precision)
+        self.window = Window(self.dev)
+
+    def build_model(self) -> None:
+        """The image tokenizer, the model (initial weights, compiled blocks), its family and the diffusion process."""
+        cfg = self.cfg
+        self.image_tok = build_image_tokenizer(cfg.tokenizer.image).to(self.dev)
+        self.model = build_model(cfg.model, cfg.data.image_size, self.text_tok, self.image_tok)
+        self.family = family(self.model)
+        if cfg.train.init_from and self.point is None:
+            load_initial_weights(self.model, cfg.train.init_from)
+        if cfg.train.compile:
+            if warning := self.family.compile_warning(cfg.model):
+                log.warning(warning)
+            for block in self.model.transformer_blocks():
+                block.compile()
+        self.diffusion = build_diffusion(cfg.diffusion)
+
+    def build_engine(self) -> None:
+        """Optimizer and LR schedule, the DeepSpeed engine around them, and the EMA."""
+        cfg = self.cfg
+        opt, self.sched = build_optimizer(self.model, cfg.optim, cfg.train.steps, cfg.train.offload)
+        # read before DeepSpeed swaps its own tensors into the groups; parameter names per optimizer group: how an offline export finds ZeRO-0's fp32 masters
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.group_names = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+
+        import deepspeed
+
+        ds_cfg = deepspeed_config(cfg.optim, cfg.train, cfg.model.hidden_size,
+                                  load_universal=self.point is not None and self.point.universal)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=opt, lr_scheduler=self.sched, config=ds_cfg)
+        self.ema = ShardedEMA(self.engine.module, cfg.ema, self.rank, self.world, self.engine.optimizer) if cfg.ema.enabled else None
+
+    def resume(self) -> None:
+        """Model, optimizer, schedule, EMA and RNG states, step and samples seen from ``self.point``."""
+        state = checkpoint.resume(self.engine, self.run_dir, self.point, self.ema)
+        if self.text_tok is not None:
+            self.text_tok.check_matches(state["tokenizer_fingerprint"], where=f"checkpoint in {self.run_dir}")
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        log.info("resumed from %s: step %d, %d samples seen%s", self.point.tag, self.step, self.samples_seen,
+                 f" (saved on {self.point.meta['world_size']} ranks, now {self.world})" if self.point.world_changed else "")
+
+    def build_data(self) -> None:
+        """The loader at stream position ``samples_seen`` and the per-micro-batch random sources."""
+        cfg = self.cfg
+        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.model.parameters())
+        log.info("model: %.2fM parameters, %d ranks, ZeRO-%d, %s%s; optimizer: %s", n_params / 1e6, self.world,
+                 cfg.train.zero_stage, cfg.train.precision, f", EMA {cfg.ema.decay}" if self.ema else "",
+                 describe_optimizer(self.engine))
+        self.loader = build_train_loader(cfg.data, cfg.train.micro_batch_size, self.rank, world_size=self.world,
+                                         seed=cfg.train.seed, start_sample=self.samples_seen, text_tokenizer=self.text_tok,
+                                         max_text_len=cfg.model.max_text_len,
+                                         latent_shape=self.image_tok.latent_shape(cfg.data.image_size, cfg.data.image_size))
+        point = self.point
+        if point is not None and point.meta.get("loader", {}).get("stream") not in (None, self.loader.stream_identity):
+            log.warning("the data config changed since %s (was %s): stream position %d now indexes a different stream",
+                        point.tag, point.meta["loader"]["stream"], self.samples_seen)
+        # noise, masks, t and token order are drawn where they are used: no copy per micro-batch
+        self.gen, self.rng = torch.Generator(device=self.dev), random.Random()
+        # the VAE encodes on the GPU in bf16 when DeepSpeed trains in bf16 (its tokens are cast to bf16 anyway)
+        bf16 = cfg.train.precision == "bf16"
+        self.encode_autocast = dict(device_type=self.dev.type, dtype=torch.bfloat16, enabled=self.dev.type == "cuda" and bf16)
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def train_step(self, data_iter) -> Batch:
+        """``train.grad_accum`` micro-batches, then the optimizer step and the EMA update; returns the last micro-batch."""
+        cfg, step = self.cfg, self.step
+        finite = torch.ones((), dtype=torch.bool, device=self.dev)  # every loss of this optimizer step so far
+        losses = []
+        logs_now = (step + 1) % cfg.logging.log_every == 0 or step + 1 == cfg.train.last_step
+        for micro in range(cfg.train.grad_accum):
+            data, inputs = self.micro_batch(data_iter, micro)
+            out = self.engine(**inputs)
+            finite &= torch.isfinite(out["loss"].detach())
+            losses.append(out["loss"].detach())
+            self.engine.backward(out["loss"])
+            if micro == cfg.train.grad_accum - 1:
+                # one host read per optimizer step, before DeepSpeed applies the update: a NaN
+                # on any rank stops every rank here, with the weights of the last good step
+                if not distributed.all_true(finite):
+                    raise _non_finite_error(step, losses, self.rank, self.run_dir)
+                if cfg.train.zero_stage == 0 and logs_now:
+                    self.grad_norm = _full_grad_norm(self.engine.module)  # DeepSpeed reports none without ZeRO
+            self.engine.step()
+            self.window.add(out, self.family.training_flops(self.model, len(data.keys), out["sequence_length"]))
+        self.step += 1
+        self.samples_seen += cfg.train.micro_batch_size * cfg.train.grad_accum * self.world
+        if self.step == self.start_step + 1:  # optimizer state now exists; init transients are over
+            reset_peak_memory()
+        if self.ema is not None:
+            self.ema.update(self.step - 1)
+        self.metrics.step()
+        return data
+
+    def micro_batch(self, data_iter, micro: int) -> tuple[Batch, dict]:
+        """The next micro-batch and the forward's inputs, drawn from this (step, data slice)'s seed."""
+        cfg = self.cfg
+        seed = step_seed(cfg.train.seed, self.step, micro * self.world + self.rank)
+        self.gen.manual_seed(seed)
+        self.rng.seed(seed)
+        data = next(data_iter)
+        self.window.add_batch(data)
+        with torch.no_grad(), torch.autocast(**self.encode_autocast):
+            # data.use_latents: `mmtrain prep latents` stored image_tok.encode() output (already scaled)
+            latents = (distributed.to_device(data.latents, self.dev) if data.latents is not None
+                       else self.image_tok.encode(data.images_on(self.dev)))
+        # float32: the diffusion forward process (q_sample, targets) runs in float32 and
+        # the model casts its inputs once, to the weights' dtype, where it embeds them
+        tokens = patchify(latents.float(), cfg.model.patch_size)
+        if self.text_tok is not None:
+            cond = Condition(text=data.text, text_len=data.text_len)
+        else:
+            check_labels(data.labels, cfg.model.num_classes, data.keys)
+            cond = Condition(labels=data.labels)
+        return data, self.family.training_inputs(self.model, tokens, cond, self.diffusion, self.gen, self.rng)
+
+    # ------------------------------------------------------------------ after a step
+
+    def log(self) -> None:
+        """Every ``logging.log_every`` steps and at the last: the window's metrics (a collective) to metrics.jsonl / wandb."""
+        cfg, step = self.cfg, self.step
+        if not (step % cfg.logging.log_every == 0 or step == cfg.train.last_step):
+            return
+        grad_norm = self.engine.get_global_grad_norm() if cfg.train.zero_stage > 0 else self.grad_norm
+        self.grad_norm = grad_norm
+        record = {**self.window.record(cfg.train.micro_batch_size, self.peak), "lr": self.sched.get_last_lr()[0],
+                  "grad_norm": float(grad_norm),
+                  "samples_seen": self.samples_seen, "data_hash": self.window.data_hash.hexdigest()[:16], **peak_memory_mb()}
+        if cfg.train.compile:  # graphs compiled so far in this process: a count that keeps rising means recompiles
+            record["compiled_graphs"] = graphs_compiled()
+        self.history.append({"step": step, **record})
+        self.metrics.log(step, record)
+        self.window = Window(self.dev)
+
+    def sample(self, data: Batch) -> None:
+        """Every ``logging.sample_every`` steps: a grid of images for the first conditions of ``data``."""
+        if self.cfg.logging.sample_every and self.step % self.cfg.logging.sample_every == 0:
+            path = save_sample_grid(self.engine, self.cfg, self.step, data, self.text_tok, self.image_tok, self.run_dir, self.rank)
+            if path is not None:
+                self.metrics.log_image(self.step, path, f"step {self.step}")
+
+    def save(self) -> None:
+        """A checkpoint of this step on every rank (collective), keeping ``checkpoint.keep_last``."""
+        cfg, step, samples_seen = self.cfg, self.step, self.samples_seen
+        checkpoint.save(self.engine, self.run_dir, step, {
+            "step": step, "samples_seen": samples_seen, "world_size": self.world, "zero_stage": cfg.train.zero_stage,
+            "loader": {"position": samples_seen, "stream": self.loader.stream_identity},
+            "tokenizer_fingerprint": self.text_tok.fingerprint if self.text_tok else None, "config": cfg.to_dict(),
+            "param_group_names": self.group_names,
+        }, cfg.checkpoint.keep_last, self.ema)
+        self.saved_step = step
+
+    def preempted(self) -> bool:
+        """Whether every rank agrees to stop on a preemption signal; then this step is saved first."""
+        watch, step, last_step = self.watch, self.step, self.cfg.train.last_step
+        if watch is None or step >= last_step or not (stopped_by := watch.agreed()):
+            return False
+        self.stopped_by = stopped_by
+        if self.saved_step != step:
+            self.save()
+        log.warning("%s: saved step %d of %d, stopping (%s)", watch.signal_name or "signal on another rank",
+                    step, self.cfg.train.steps, stopped_by)
+        return True
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict:
+        self.build()
+        cfg = self.cfg
+        data_iter = iter(self.loader)
+        self.start_step = self.step
+        try:
+            while self.step < cfg.train.last_step:
+                data = self.train_step(data_iter)
+                self.log()
+                self.sample(data)
+                if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.last_step:
+                    self.save()
+                if self.preempted():
+                    break
+            del data_iter  # stop the loader's workers before the process group goes
+            distributed.barrier()
+        finally:
+            self.metrics.close()
+        if self.stopped_by is None:
+            log.info("finished %d steps; checkpoints in %s", self.step, checkpoint.checkpoint_root(self.run_dir))
+        return {"step": self.step, "history": self.history, "stopped_by": self.stopped_by}
+
+
 def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
     """Train to ``train.steps`` (or ``train.stop_at``), or until ``watch`` reports a preemption signal: then every
     rank saves the current step and the result's ``stopped_by`` says ``requeue`` or ``stop``."""
-    rank, world = distributed.launched_rank(), distributed.launched_world_size()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
-    point = checkpoint.plan_resume(cfg.train.run_dir, world, cfg.train.zero_stage)
-    if point is not None and point.universal:
-        # before the process group exists: no collective timeout runs while rank 0 converts
-        checkpoint.make_universal(cfg.train.run_dir, point, rank, cfg.train.convert_timeout_s)
-    rank, world, dev = distributed.init(cfg.train.dist_timeout_s, with_deepspeed=True)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    text_tok = TextTokenizer.from_file(cfg.text_model_path) if cfg.model.condition == "text" else None
-    run_dir = _prepare_run_dir(cfg, rank, text_tok)
-
-    image_tok = build_image_tokenizer(cfg.tokenizer.image).to(dev)
-    model = build_model(cfg.model, cfg.data.image_size, text_tok, image_tok)
-    if cfg.train.init_from and point is None:
-        load_initial_weights(model, cfg.train.init_from)
-    if cfg.train.compile:
-        if cfg.model.seq_buckets == 0 and cfg.model.family == "causalfusion":
-            log.warning("train.compile with model.seq_buckets=0: every AR split is a new sequence length, so the blocks "
-                        "recompile every few micro-batches; set model.seq_buckets (default 4)")
-        for block in model.transformer_blocks():
-            block.compile()
-    diffusion = build_diffusion(cfg.diffusion)
-    model_family = family(model)
-    opt, sched = build_optimizer(model, cfg.optim, cfg.train.steps, cfg.train.offload)
-    # read before DeepSpeed swaps its own tensors into the groups; parameter names per optimizer group: how an offline export finds ZeRO-0's fp32 masters
-    names = {id(p): n for n, p in model.named_parameters()}
-    group_names = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
-
-
-    import deepspeed
-
-    ds_cfg = deepspeed_config(cfg.optim, cfg.train, cfg.model.hidden_size, load_universal=point is not None and point.universal)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
-    ema = ShardedEMA(engine.module, cfg.ema, rank, world, engine.optimizer) if cfg.ema.enabled else None
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-
-    step, samples_seen = 0, 0
-    if point is not None:
-        state = checkpoint.resume(engine, run_dir, point, ema)
-        if text_tok is not None:
-            text_tok.check_matches(state["tokenizer_fingerprint"], where=f"checkpoint in {run_dir}")
-        step, samples_seen = state["step"], state["samples_seen"]
-        log.info("resumed from %s: step %d, %d samples seen%s", point.tag, step, samples_seen,
-                 f" (saved on {point.meta['world_size']} ranks, now {world})" if point.world_changed else "")
-    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    log.info("model: %.2fM parameters, %d ranks, ZeRO-%d, %s%s; optimizer: %s", n_params / 1e6, world,
-             cfg.train.zero_stage, cfg.train.precision, f", EMA {cfg.ema.decay}" if ema else "", describe_optimizer(engine))
-
-    loader = build_train_loader(cfg.data, cfg.train.micro_batch_size, rank, world_size=world, seed=cfg.train.seed,
-                                start_sample=samples_seen, text_tokenizer=text_tok, max_text_len=cfg.model.max_text_len,
-                                latent_shape=image_tok.latent_shape(cfg.data.image_size, cfg.data.image_size))
-    if point is not None and point.meta.get("loader", {}).get("stream") not in (None, loader.stream_identity):
-        log.warning("the data config changed since %s (was %s): stream position %d now indexes a different stream",
-                    point.tag, point.meta["loader"]["stream"], samples_seen)
-    # noise, masks, t and token order are drawn where they are used: no copy per micro-batch
-    gen, rng = torch.Generator(device=dev), random.Random()
-    # the VAE encodes on the GPU in bf16 when DeepSpeed trains in bf16 (its tokens are cast to bf16 anyway)
-    encode_autocast = dict(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda" and dtype == torch.bfloat16)
-    metrics = MetricsLogger(cfg.logging, str(run_dir), cfg.train.steps, step, cfg.to_dict(), enabled=rank == 0)
-    peak = peak_flops(cfg.logging, cfg.train.precision)
-    samples_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * world
-    window = Window(dev)
-    history: list[dict] = []
-
-    def save() -> None:
-        checkpoint.save(engine, run_dir, step, {
-            "step": step, "samples_seen": samples_seen, "world_size": world, "zero_stage": cfg.train.zero_stage,
-            "loader": {"position": samples_seen, "stream": loader.stream_identity},
-            "tokenizer_fingerprint": text_tok.fingerprint if text_tok else None, "config": cfg.to_dict(),
-            "param_group_names": group_names,
-        }, cfg.checkpoint.keep_last, ema)
-
-    data_iter = iter(loader)
-    start_step, grad_norm, saved_step, stopped_by = step, torch.zeros(()), -1, None
-    last_micro = cfg.train.grad_accum - 1
-    last_step = cfg.train.last_step
-    try:
-        while step < last_step:
-            finite = torch.ones((), dtype=torch.bool, device=dev)  # every loss of this optimizer step so far
-            losses = []
-            logs_now = (step + 1) % cfg.logging.log_every == 0 or step + 1 == last_step
-            for micro in range(cfg.train.grad_accum):
-                seed = step_seed(cfg.train.seed, step, micro * world + rank)
-                gen.manual_seed(seed)
-                rng.seed(seed)
-                data = next(data_iter)
-                window.add_batch(data)
-                with torch.no_grad(), torch.autocast(**encode_autocast):
-                    # data.use_latents: `mmtrain prep latents` stored image_tok.encode() output (already scaled)
-                    latents = (distributed.to_device(data.latents, dev) if data.latents is not None
-                               else image_tok.encode(data.images_on(dev)))
-                # float32: the diffusion forward process (q_sample, targets) runs in float32 and
-                # the model casts its inputs once, to the weights' dtype, where it embeds them
-                tokens = patchify(latents.float(), cfg.model.patch_size)
-                if text_tok is not None:
-                    batch = model_family.training_inputs(model, tokens, diffusion, gen, rng, text=data.text, text_len=data.text_len)
-                else:
-                    check_labels(data.labels, cfg.model.num_classes, data.keys)
-                    batch = model_family.training_inputs(model, tokens, diffusion, gen, rng, labels=data.labels)
-                out = engine(**batch)
-                finite &= torch.isfinite(out["loss"].detach())
-                losses.append(out["loss"].detach())
-                engine.backward(out["loss"])
-                if micro == last_micro:
-                    # one host read per optimizer step, before DeepSpeed applies the update: a NaN
-                    # on any rank stops every rank here, with the weights of the last good step
-                    if not distributed.all_true(finite):
-                        raise _non_finite_error(step, losses, rank, run_dir)
-                    if cfg.train.zero_stage == 0 and logs_now:
-                        grad_norm = _full_grad_norm(engine.module)  # DeepSpeed reports none without ZeRO
-                engine.step()
-                window.add(out, model_family.training_flops(model, len(data.keys), out["sequence_length"]))
-            step += 1
-            samples_seen += samples_per_step
-            if step == start_step + 1:  # optimizer state now exists; init transients are over
-                reset_peak_memory()
-            if ema is not None:
-                ema.update(step - 1)
-            metrics.step()
-            if step % cfg.logging.log_every == 0 or step == last_step:
-                grad_norm = engine.get_global_grad_norm() if cfg.train.zero_stage > 0 else grad_norm
-                record = {**window.record(cfg.train.micro_batch_size, peak), "lr": sched.get_last_lr()[0],
-                          "grad_norm": float(grad_norm),
-                          "samples_seen": samples_seen, "data_hash": window.data_hash.hexdigest()[:16], **peak_memory_mb()}
-                if cfg.train.compile:  # graphs compiled so far in this process: a count that keeps rising means recompiles
-                    record["compiled_graphs"] = graphs_compiled()
-                history.append({"step": step, **record})
-                metrics.log(step, record)
-                window = Window(dev)
-            if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
-                path = save_sample_grid(engine, cfg, step, data, text_tok, image_tok, run_dir, rank)
-                if path is not None:
-                    metrics.log_image(step, path, f"step {step}")
-            if step % cfg.checkpoint.every_steps == 0 or step == last_step:
-                save()
-                saved_step = step
-            if watch is not None and step < last_step and (stopped_by := watch.agreed()):
-                if saved_step != step:
-                    save()
-                log.warning("%s: saved step %d of %d, stopping (%s)", watch.signal_name or "signal on another rank",
-                            step, cfg.train.steps, stopped_by)
-                break
-        del data_iter  # stop the loader's workers before the process group goes
-        distributed.barrier()
-    finally:
-        metrics.close()
-    if stopped_by is None:
-        log.info("finished %d steps; checkpoints in %s", step, checkpoint.checkpoint_root(run_dir))
-    return {"step": step, "history": history, "stopped_by": stopped_by}
+    return Trainer(cfg, watch).run()
 
 
 def quiet_library_warnings() -> None:

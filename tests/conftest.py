@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mmtrain.data.shards import write_synthetic_shards
+from mmtrain.data.synthetic import write_synthetic_shards
 from mmtrain.data.synthetic import SyntheticConfig
 from mmtrain.tokenize.text import TextTokenizerConfig, train_text_tokenizer
 

@@ -95,6 +95,105 @@ def test_one_byte_size_rule_for_every_option():
             parse_bytes(bad, "data.cache_limit")
         with pytest.raises(argparse.ArgumentTypeError, match="expected a byte count"):
             parse_shard_size(bad)
-    with pytest.raises(ValueError, match=r"tiny\.yaml: data: cache_limit: expected auto .*a byte count"):
+    with pytest.raises(ValueError, match=r"tiny\.yaml: data\.cache_limit: expected auto .*a byte count"):
         load_config(REPO / "configs" / "tiny.yaml", ["data.cache_limit=12 parsecs"])
     assert load_config(REPO / "configs" / "tiny.yaml", ["data.cache_limit=2GiB"]).data.cache_limit_bytes == 2 * 2**30
+
+
+def test_retired_keys_of_old_run_configs_load_with_a_warning(tmp_path, caplog):
+    """A config.yaml written by an older version (synthetic section, data.shuffle_buffer) still loads,
+    each retired key dropped with one warning line naming the file; a misspelt key is still an error."""
+    from mmtrain.config import RETIRED_KEYS
+
+    tree = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    tree["synthetic"] = {"image_size": 32, "seed": 0, "min_shapes": 1, "max_shapes": 2}
+    tree.setdefault("data", {})["shuffle_buffer"] = 500
+    old = tmp_path / "run" / "config.yaml"
+    old.parent.mkdir()
+    old.write_text(yaml.safe_dump(tree))
+    with caplog.at_level("WARNING", logger="mmtrain.config"):
+        cfg = load_config(old)
+    assert cfg == load_config(REPO / "configs" / "tiny.yaml")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "mmtrain.config"]
+    assert len(warnings) == 2 and all("config.yaml: ignoring retired key" in w and "\n" not in w for w in warnings)
+    assert set(RETIRED_KEYS) == {"synthetic", "data.shuffle_buffer"}
+    assert all(sum(f"retired key {key!r}" in w for w in warnings) == 1 for key in RETIRED_KEYS)
+    assert not hasattr(cfg, "synthetic") and not hasattr(cfg.data, "shuffle_buffer")
+    tree["data"]["shuffle_bufer"] = 500
+    old.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=r"config\.yaml: unknown key 'data\.shuffle_bufer'"):
+        load_config(old)
+    with pytest.raises(ConfigError, match=r"unknown key 'synthetics'"):
+        load_config(None, ["synthetics.seed=1"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.mode=shuffled", r"c\.yaml: data\.mode: expected one of"),
+    ("data.sources=[{path: x, weight: -1}]", r"c\.yaml: data\.sources\[0\]\.weight: expected a number >= 0"),
+    ("data.sources=[{path: x, wieght: 1}]", r"c\.yaml: unknown key 'data\.sources\[0\]\.wieght'"),
+    ("tokenizer.text.vocab_size=3", r"c\.yaml: tokenizer\.text\.vocab_size: expected an int > 6"),
+    ("launch.time=tomorrow", r"c\.yaml: launch\.time: expected HH:MM"),
+    ("optim.schedule=step", r"c\.yaml: optim\.schedule: expected 'constant' or 'cosine'"),
+    ("checkpoint.keep_last=0", r"c\.yaml: checkpoint\.every_steps and checkpoint\.keep_last must be >= 1"),
+    ("ema.decay=1.5", r"c\.yaml: ema\.decay: expected 0 <= decay < 1"),
+    ("logging.wandb_mode=cloud", r"c\.yaml: logging\.wandb_mode: expected offline/online/disabled"),
+    ("sample.cfg_interval=[5, 1]", r"c\.yaml: sample\.cfg_interval: expected \[low, high\]"),
+    ("model.transdiff.dropout=2", r"c\.yaml: model\.transdiff\.dropout: expected a probability"),
+    ("eval.ar_steps=[0]", r"c\.yaml: eval\.ar_steps: every AR step count must be >= 1"),
+])
+def test_every_section_error_is_a_config_error_naming_file_and_dotted_key(tmp_path, override, message):
+    path = tmp_path / "c.yaml"
+    path.write_text((REPO / "configs" / "tiny.yaml").read_text())
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, [override])
+
+
+def test_config_sections_raise_config_error_when_built_in_code():
+    """The sections' own validation raises the one ConfigError (a ValueError), not a bare ValueError."""
+    from mmtrain.components.checkpoint import CheckpointConfig
+    from mmtrain.components.data import DataConfig, SourceConfig
+    from mmtrain.components.ema import EMAConfig
+    from mmtrain.components.metrics import LoggingConfig
+    from mmtrain.components.optimizer import OptimizerConfig
+    from mmtrain.config import SampleConfig, TrainConfig
+    from mmtrain.errors import ConfigError as BaseConfigError
+    from mmtrain.launch.config import LaunchConfig
+    from mmtrain.tokenize.text import TextTokenizerConfig
+
+    assert ConfigError is BaseConfigError and issubclass(ConfigError, ValueError)
+    for build, message in ((lambda: DataConfig(mode="x"), "mode: expected one of"),
+                           (lambda: DataConfig(sources=[{"path": "a"}, {"path": "b", "format": "parquet"}]),
+                            r"sources\[1\]\.format: expected one of"),
+                           (lambda: DataConfig(sources=[{"path": "a", "wieght": 2}]), r"unknown key 'sources\[0\]\.wieght'"),
+                           (lambda: SourceConfig(path=""), "path: required"),
+                           (lambda: CheckpointConfig(keep_last=0), "checkpoint.keep_last"),
+                           (lambda: EMAConfig(decay=2.0), "ema.decay"),
+                           (lambda: LoggingConfig(wandb_mode="cloud"), "logging.wandb_mode"),
+                           (lambda: OptimizerConfig(schedule="step"), "optim.schedule"),
+                           (lambda: TrainConfig(precision="fp8"), "train.precision"),
+                           (lambda: SampleConfig(cfg_schedule="cosine"), "sample.cfg_schedule"),
+                           (lambda: LaunchConfig(time="tomorrow"), "launch.time"),
+                           (lambda: TextTokenizerConfig(vocab_size=3), "TextTokenizerConfig.vocab_size"),
+                           (lambda: Config(sample=SampleConfig(flow_sampler="euler_maruyama")), "needs diffusion.process")):
+        with pytest.raises(ConfigError, match=message):
+            build()
+
+
+def test_option_values_and_set_items_override_one_section():
+    """The one way the commands turn options and --set items into a validated section."""
+    from mmtrain.schema import option_overrides, override_section
+
+    assert option_overrides("launch", {"time": "12:00", "nodes": 2, "qos": None, "exclusive": True}) == [
+        'launch.time="12:00"', "launch.nodes=2", "launch.exclusive=true"]
+    cfg = load_config(REPO / "configs" / "tiny.yaml", option_overrides("launch", {"time": "12:00"}))
+    assert cfg.launch.time == "12:00" and cfg.launch.timeout_min == 720  # not YAML's base-60 integer 720 as a string
+    sample = override_section(cfg.sample, "sample", ["ar_steps=8", "sample.cfg_scale=2", "cfg_interval=[1, 5]"])
+    assert (sample.ar_steps, sample.cfg_scale, sample.cfg_interval) == (8, 2.0, (1.0, 5.0)) and cfg.sample.ar_steps != 8
+    ev = override_section(cfg.eval, "eval", ["eval.batch_size=3", *option_overrides("eval", {"cfg_scales": [1.0, 3.0], "shards": "s3://b/x"})])
+    assert (ev.batch_size, ev.cfg_scales, ev.shards) == (3, [1.0, 3.0], "s3://b/x")
+    with pytest.raises(ConfigError, match=r"sample\.ar_steps: expected an integer"):
+        override_section(cfg.sample, "sample", ["ar_steps=many"])
+    with pytest.raises(ConfigError, match=r"unknown key 'sample\.ar_stepz'"):
+        override_section(cfg.sample, "sample", ["ar_stepz=1"])
+    with pytest.raises(ConfigError, match=r"eval\.num_samples and eval\.batch_size must be >= 1"):
+        override_section(cfg.eval, "eval", option_overrides("eval", {"num_samples": 0}))

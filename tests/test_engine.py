@@ -233,7 +233,7 @@ import deepspeed
 from mmtrain import distributed
 from mmtrain.components.optimizer import build_optimizer, deepspeed_config
 from mmtrain.config import load_config
-from mmtrain.models import build_model, family
+from mmtrain.models import Condition, build_model, family
 from mmtrain.models.diffusion import build_diffusion
 from mmtrain.tokenize.build import build_image_tokenizer
 from mmtrain.tokenize.image import patchify
@@ -268,7 +268,8 @@ for name, overrides in json.loads(sys.argv[2]).items():
     for micro in range(2):
         gen.manual_seed(micro)
         tokens = patchify(torch.randn(2, 3, 32, 32, generator=gen), cfg.model.patch_size).bfloat16()
-        engine.backward(engine(**family(model).training_inputs(model, tokens, diffusion, gen, rng, labels=torch.tensor([1, 2])))["loss"])
+        engine.backward(engine(**family(model).training_inputs(model, tokens, Condition(labels=torch.tensor([1, 2])), diffusion, gen,
+                                                                 rng))["loss"])
     buffers = accumulation_buffers(engine, stage)  # after the last micro-batch, before the step
     report[name] = {"optimizer": type(engine.optimizer).__name__,
                     "communication": str(engine.communication_data_type),

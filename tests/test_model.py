@@ -242,3 +242,42 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_each_family_implements_the_protocol_and_rebuilds_from_its_weights():
+    """models.FAMILIES maps every model.family name to a ModelFamily; its state-dict layout gives back
+    the latent geometry a model was built with, and only a captioning family writes captions."""
+    from mmtrain.models import FAMILIES, Condition, ModelFamily, family
+    from mmtrain.models.config import FAMILIES as FAMILY_NAMES
+    from mmtrain.models.config import TransDiffConfig
+
+    assert tuple(FAMILIES) == FAMILY_NAMES
+    td = ModelConfig(hidden_size=32, depth=2, num_heads=4, patch_size=2, condition="class", num_classes=5, family="transdiff",
+                     transdiff=TransDiffConfig(decoder_depth=1, buffer_size=4, num_queries=16, mrar_refs=1))
+    for cfg in (ModelConfig(hidden_size=64, depth=2, num_heads=4, patch_size=2, condition="class", num_classes=5), td):
+        fam = family(cfg)
+        assert isinstance(fam, ModelFamily) and fam.name == cfg.family
+        model = fam.build(cfg, latent_channels=3, latent_size=8)
+        assert family(model) is fam and isinstance(model, fam.model_class)
+        assert fam.latent_geometry(cfg, model.state_dict()) == (3, 8)
+        tokens = torch.randn(4, model.num_image_tokens, model.token_dim)
+        labels = torch.tensor([0, 1, 1, 4])
+        flow = build_diffusion(DiffusionConfig(process="rectified_flow"))
+        inputs = fam.training_inputs(model, tokens, Condition(labels=labels), flow, torch.Generator().manual_seed(0), random.Random(0))
+        out = model.train()(**inputs)
+        assert torch.isfinite(out["loss"]) and fam.training_flops(model, 4, out["sequence_length"]) > 0
+        sampled = fam.sample_image_tokens(model.eval(), build_diffusion(DiffusionConfig(process="rectified_flow"), 2),
+                                          Condition(labels=labels), ar_steps=2, generator=torch.Generator().manual_seed(0))
+        assert sampled.shape == tokens.shape
+    assert FAMILIES["causalfusion"].captions and not FAMILIES["transdiff"].captions
+    with pytest.raises(ValueError, match="model.family=transdiff only generates images"):
+        FAMILIES["transdiff"].caption_ids(None, torch.zeros(1, 16, 12), 4, torch.Generator())
+
+
+def test_no_family_is_named_outside_the_models():
+    """The trainer, the samplers and eval reach a family only through models.family(): no per-family branch."""
+    from conftest import REPO
+
+    for path in [REPO / "mmtrain" / "train.py", REPO / "mmtrain" / "inference.py", *(REPO / "mmtrain" / "eval").glob("*.py")]:
+        text = path.read_text()
+        assert "causalfusion" not in text.lower() and "transdiff" not in text.lower(), path

@@ -26,7 +26,7 @@ from mmtrain.data.prep import (
     PrepConfig,
     prep_folder,
 )
-from mmtrain.data.prep.readers import iter_dataset
+from mmtrain.data.sources import iter_shards
 from mmtrain.data.prep.split import split_of
 from mmtrain.data.shards import list_shards
 from mmtrain.data.sources import iter_samples
@@ -99,7 +99,7 @@ def wds_samples(directory: Path) -> dict[str, dict[str, bytes]]:
 
 
 def keys_by_shard(source) -> dict[str, list[str]]:
-    return {name: [s.key for s in samples] for name, samples in iter_dataset(source)}
+    return {name: [s.key for s in samples] for name, samples in iter_shards(source)}
 
 
 def file_bytes(directory: Path) -> dict[str, bytes]:

@@ -32,7 +32,7 @@ from mmtrain.data.prep import (
     prep_manifest,
     prep_wds,
 )
-from mmtrain.data.prep.readers import iter_dataset
+from mmtrain.data.sources import iter_shards
 from mmtrain.data.prep.split import split_of
 
 
@@ -295,7 +295,7 @@ def test_latents_for_wds_decode_back_to_pixels(tmp_path):
     assert stats["samples"] == 12 and stats["shards_written"] == 3 and stats["dtype"] == "float16"
     assert sum(stats["latent_shapes"].values()) == 12 and "3x32x32" in stats["latent_shapes"]
     originals = wds_samples(tmp_path / "data" / "train")
-    for name, samples in iter_dataset(tmp_path / "lat"):
+    for name, samples in iter_shards(tmp_path / "lat"):
         _pixel_check(samples, np.float16)
     for key, members in wds_samples(tmp_path / "lat").items():
         assert set(members) == {"png", "txt", "json", "latent.npy"}
@@ -304,7 +304,7 @@ def test_latents_for_wds_decode_back_to_pixels(tmp_path):
     assert again["shards_written"] == 0 and again["shards_skipped"] == 3
 
     precompute_latents(tmp_path / "data" / "train", tmp_path / "lat32", "pixels", dtype="float32", progress=False)
-    for _, samples in iter_dataset(tmp_path / "lat32"):
+    for _, samples in iter_shards(tmp_path / "lat32"):
         for sample in samples:
             expected = pixels(sample.image).transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
             assert sample.latent.dtype == np.float32 and np.array_equal(sample.latent, expected)
@@ -319,7 +319,7 @@ def test_latents_for_mds_add_a_latent_column(tmp_path):
     assert stats["output_format"] == "mds" and stats["samples"] == 6
     rows = read_mds(tmp_path / "lat")
     assert [r["cls"] for r in rows] == list(range(6))
-    for _, samples in iter_dataset(tmp_path / "lat"):
+    for _, samples in iter_shards(tmp_path / "lat"):
         _pixel_check(samples, np.float16)
     with pytest.raises(ValueError, match="input directory"):
         precompute_latents(tmp_path / "lat", tmp_path / "lat", progress=False)

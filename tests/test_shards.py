@@ -15,10 +15,9 @@ from mmtrain.data.shards import (
     ShardDataError,
     list_shards,
     write_shards,
-    write_synthetic_shards,
 )
 from mmtrain.data.sources import iter_samples
-from mmtrain.data.synthetic import SyntheticConfig, generate_sample
+from mmtrain.data.synthetic import SyntheticConfig, generate_sample, write_synthetic_shards
 
 CFG = SyntheticConfig(image_size=32, min_shapes=1, max_shapes=4, seed=9)
 
@@ -293,7 +292,7 @@ def test_every_tar_reader_groups_members_by_the_same_rule(tmp_path):
     read tars through mmtrain.data.tar: consecutive members share a sample, a key that comes back is an
     error naming it."""
     from mmtrain.data.index import scan_tar
-    from mmtrain.data.prep.readers import iter_dataset
+    from mmtrain.data.sources import iter_shards
     from mmtrain.data.prep.sources.wds import list_wds
     from mmtrain.data.sources import open_source
     from mmtrain.data.tar import iter_tar_samples
@@ -307,7 +306,7 @@ def test_every_tar_reader_groups_members_by_the_same_rule(tmp_path):
     assert [(s.key, sorted(s.members)) for s in iter_tar_samples(str(good))] == [
         ("00000000", ["json", "png", "txt"]), ("sub/00000001", ["json", "png", "txt"])]
     assert scan_tar(str(good)).keys == ["00000000", "sub/00000001"]
-    assert [s.key for _, samples in iter_dataset(good) for s in samples] == ["00000000", "sub/00000001"]
+    assert [s.key for _, samples in iter_shards(good) for s in samples] == ["00000000", "sub/00000001"]
     assert [s["key"] for s in iter_samples(good.parent)] == ["00000000", "sub/00000001"]
     assert [c.group for c in list_wds(good).candidates] == ["00000000", "sub/00000001"]
 
@@ -316,7 +315,7 @@ def test_every_tar_reader_groups_members_by_the_same_rule(tmp_path):
     _tar_with(broken, {"00000000.png": _png(a), "00000000.txt": b"one", "00000000.json": b"{}", "00000001.png": _png(b),
                        "00000001.txt": b"two", "00000001.json": b"{}", "00000000.cls": b"3"})  # 00000000 comes back
     rule = "sample key '00000000' appears in two separate runs of members"
-    for read in (lambda: scan_tar(str(broken)), lambda: list(iter_dataset(broken)),
+    for read in (lambda: scan_tar(str(broken)), lambda: list(iter_shards(broken)),
                  lambda: list(iter_samples(broken.parent)), lambda: open_source(str(broken.parent), cache_dir="")):
         with pytest.raises(ShardDataError, match=rule) as info:
             read()

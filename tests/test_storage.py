@@ -597,6 +597,20 @@ def test_every_shards_command_reads_an_mds_directory_and_an_s3_prefix(bucket, sy
     assert results["local_mds"] == results["s3_mds"] and results["local_wds"] == results["s3_wds"]
 
 
+def test_prep_latents_reads_an_mds_prefix_like_its_local_copy(bucket, tmp_path):
+    """prep latents takes every source the trainer takes: the bucket's MDS prefix, read through the
+    shard cache, gives the latents its local copy gives (resized to --image-size on both)."""
+    from mmtrain.data.sources import iter_shards
+
+    for name, source in (("s3", bucket["mds"]), ("local", bucket["local_mds"])):
+        assert cli.main(["prep", "latents", source, "--out", str(tmp_path / name), "--tokenizer", "pixels",
+                         "--device", "cpu", "--image-size", "16", "--quiet"]) == 0
+    s3, local = ([(s.key, s.latent) for _, samples in iter_shards(tmp_path / name) for s in samples]
+                 for name in ("s3", "local"))
+    assert len(s3) == 200 and [k for k, _ in s3] == [k for k, _ in local]
+    assert all(a.shape == (3, 16, 16) and np.array_equal(a, b) for (_, a), (_, b) in zip(s3, local))
+
+
 def test_prep_latents_reads_from_and_writes_to_the_bucket(bucket, tmp_path):
     from mmtrain.data.sources import open_source
 

@@ -41,6 +41,7 @@ import torch
 
 from mmtrain import distributed
 from mmtrain.atomic import atomic_write_bytes, atomic_write_text
+from mmtrain.errors import ConfigError
 
 log = logging.getLogger("mmtrain.checkpoint")
 
@@ -61,7 +62,7 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if self.every_steps < 1 or self.keep_last < 1:
-            raise ValueError("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
+            raise ConfigError("checkpoint.every_steps and checkpoint.keep_last must be >= 1")
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:

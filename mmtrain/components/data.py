@@ -45,6 +45,8 @@ from mmtrain.data.node_local import AUTO, AUTO_CACHE_SHARE, auto_cache_limit, ca
 from mmtrain.data.order import MODES, StreamOrder
 from mmtrain.data.prefetch import ShardPrefetcher
 from mmtrain.data.sources import FORMATS, RawSample, Source, open_source
+from mmtrain.errors import ConfigError
+from mmtrain.schema import build_dataclass
 from mmtrain.units import parse_bytes
 
 logger = logging.getLogger("mmtrain.data")
@@ -75,12 +77,12 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         if not self.path:
-            raise ValueError("path: required (a directory of .tar shards, a .tar, a brace pattern or an MDS directory)")
+            raise ConfigError("path: required (a directory of .tar shards, a .tar, a brace pattern or an MDS directory)")
         if self.format not in FORMATS:
-            raise ValueError(f"format: expected one of {list(FORMATS)}, got {self.format!r} (source {self.path})")
+            raise ConfigError(f"format: expected one of {list(FORMATS)}, got {self.format!r} (source {self.path})")
         if not (isinstance(self.weight, (int, float)) and not isinstance(self.weight, bool)) or not (
                 math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"weight: expected a number >= 0, got {self.weight!r} (source {self.path})")
+            raise ConfigError(f"weight: expected a number >= 0, got {self.weight!r} (source {self.path})")
 
 
 @dataclass
@@ -147,8 +149,6 @@ class DataConfig:
             skipped (its samples replaced by the next good ones, counted in
             ``data/substituted`` and ``data/corrupt_shards``); more than this many in one
             process stops training with an error. Default 10.
-        shuffle_buffer: unused, kept so existing configs load: the order is a global
-            permutation, so no buffer is needed. Default 500.
     """
 
     train_shards: str = "data/synthetic/train"
@@ -163,7 +163,6 @@ class DataConfig:
     num_workers: int = 1
     index_cache: str = "~/.cache/mmtrain/index"
     max_bad_samples: int = 100
-    shuffle_buffer: int = 500
     shuffle_window: int = 0
     cache_dir: str = "auto"
     cache_limit: str = "auto"
@@ -171,43 +170,31 @@ class DataConfig:
     max_bad_shards: int = 10
 
     def __post_init__(self) -> None:
-        sources = []
-        for i, src in enumerate(self.sources):
-            if isinstance(src, SourceConfig):
-                sources.append(src)
-            elif isinstance(src, dict):
-                unknown = set(src) - {f.name for f in fields(SourceConfig)}
-                if unknown:
-                    raise ValueError(f"sources[{i}]: unknown key(s) {sorted(unknown)} (known: format, path, weight)")
-                try:
-                    sources.append(SourceConfig(**src))
-                except ValueError as exc:
-                    raise ValueError(f"sources[{i}].{exc}") from None
-            else:
-                raise TypeError(f"sources[{i}]: expected a mapping {{path, format, weight}}, got {src!r}")
-        self.sources = sources
+        # a loaded config holds SourceConfig already; code may pass mappings, checked as the loader checks them
+        self.sources = [src if isinstance(src, SourceConfig) else build_dataclass(SourceConfig, src, f"sources[{i}]")
+                        for i, src in enumerate(self.sources)]
         if self.mode not in MODES:
-            raise ValueError(f"mode: expected one of {list(MODES)}, got {self.mode!r}")
+            raise ConfigError(f"mode: expected one of {list(MODES)}, got {self.mode!r}")
         if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"resize_mode: expected one of {list(RESIZE_MODES)}, got {self.resize_mode!r}")
+            raise ConfigError(f"resize_mode: expected one of {list(RESIZE_MODES)}, got {self.resize_mode!r}")
         for name in ("image_size",):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "max_bad_samples", "shuffle_buffer", "shuffle_window", "prefetch_threads",
+                raise ConfigError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("num_workers", "max_bad_samples", "shuffle_window", "prefetch_threads",
                      "max_bad_shards"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name}: expected >= 0, got {getattr(self, name)}")
         # None = auto: measured on the node (shard_cache_for), not where the config is loaded
         try:
             self.cache_limit_bytes = None if str(self.cache_limit).strip() in AUTO else parse_bytes(self.cache_limit, "data.cache_limit")
         except ValueError:
-            raise ValueError(f"cache_limit: expected auto (a share of the cache disk's free space), a byte count "
-                             f"such as 20GiB or 500MB, or 0 (no limit), got {self.cache_limit!r}") from None
+            raise ConfigError(f"cache_limit: expected auto (a share of the cache disk's free space), a byte count "
+                              f"such as 20GiB or 500MB, or 0 (no limit), got {self.cache_limit!r}") from None
         if self.shuffle_window and self.mode != "epoch":
-            raise ValueError("shuffle_window: shard windows need mode: epoch (resampled mode reads every source "
-                             "at once); set shuffle_window: 0")
+            raise ConfigError("shuffle_window: shard windows need mode: epoch (resampled mode reads every source "
+                              "at once); set shuffle_window: 0")
         if self.sources and sum(s.weight for s in self.sources) <= 0:
-            raise ValueError(f"sources: the weights are all 0 ({[s.path for s in self.sources]})")
+            raise ConfigError(f"sources: the weights are all 0 ({[s.path for s in self.sources]})")
 
     def train_sources(self) -> list[SourceConfig]:
         """``sources``, or ``train_shards`` as one source of weight 1."""
@@ -292,19 +279,17 @@ class SampleStream(IterableDataset):
     """Whole micro-batches of one rank, from stream position ``start_sample`` on (use with ``batch_size=None``).
 
     Micro-batch ``j`` (0, 1, ...) of rank ``r`` holds stream positions
-    ``start_sample + j*B*W + r*B + [0, B)``; with ``end_sample`` the positions are cut at it
-    and the stream ends when a rank's slice is empty (eval), else it is endless.
+    ``start_sample + j*B*W + r*B + [0, B)``; the stream is endless (epochs repeat).
     """
 
     def __init__(self, sources: list[Source], order: StreamOrder, cfg: DataConfig, micro_batch_size: int,
-                 rank: int, world_size: int, start_sample: int, end_sample: int | None = None,
-                 max_bad_samples: int | None = None, text_tokenizer: Any = None, max_text_len: int = 0,
+                 rank: int, world_size: int, start_sample: int, text_tokenizer: Any = None, max_text_len: int = 0,
                  latent_shape: tuple[int, int, int] | None = None, prefetcher: ShardPrefetcher | None = None):
         super().__init__()
         self.sources, self.order, self.cfg = sources, order, cfg
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
-        self.start_sample, self.end_sample = start_sample, end_sample
-        self.max_bad_samples = cfg.max_bad_samples if max_bad_samples is None else max_bad_samples
+        self.start_sample = start_sample
+        self.max_bad_samples = cfg.max_bad_samples
         self.text_tokenizer, self.max_text_len = text_tokenizer, max_text_len
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
         self._bad: set[tuple[int, int]] = set()
@@ -316,8 +301,7 @@ class SampleStream(IterableDataset):
     def micro_batch_positions(self, j: int) -> np.ndarray:
         b = self.micro_batch_size
         first = self.start_sample + j * b * self.world_size + self.rank * b
-        last = first + b if self.end_sample is None else min(first + b, self.end_sample)
-        return np.arange(first, max(first, last), dtype=np.int64)
+        return np.arange(first, first + b, dtype=np.int64)
 
     def __iter__(self):
         info = get_worker_info()
@@ -325,10 +309,7 @@ class SampleStream(IterableDataset):
         self._io_last = storage.io_snapshot()  # a forked worker starts from its parent's counters
         j = worker
         while True:
-            positions = self.micro_batch_positions(j)
-            if len(positions) == 0:
-                return
-            yield self.make_batch(positions)
+            yield self.make_batch(self.micro_batch_positions(j))
             j += workers
 
     # -------------------------------------------------------------- samples
@@ -364,7 +345,7 @@ class SampleStream(IterableDataset):
                              "stream positions to use instead") from first_error
 
     def _note_bad(self, s: int, i: int, exc: Exception) -> None:
-        if self.max_bad_samples == 0:  # eval, or a user who wants every bad read to stop the run
+        if self.max_bad_samples == 0:  # a user who wants every bad read to stop the run
             raise exc
         if isinstance(exc, CorruptShardError):
             self._bad.add((s, i))
@@ -391,7 +372,7 @@ class SampleStream(IterableDataset):
         return out
 
     def make_batch(self, positions: np.ndarray) -> Batch:
-        if self.prefetcher is not None and len(positions):
+        if self.prefetcher is not None:
             self.prefetcher.advance(int(positions[0]))
         src, local, epochs = self.order.lookup(positions)
         values, captions, labels, keys, got_epochs, substituted = [], [], [], [], [], 0
@@ -574,21 +555,3 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, rank: int, *, wor
                               **({"shuffle_window": cfg.shuffle_window} if cfg.shuffle_window else {}),
                               "sources": [{"path": sc.path, "weight": sc.weight, "samples": len(s)} for sc, s in zip(source_cfgs, sources)]}
     return loader
-
-
-def build_eval_loader(cfg: DataConfig, batch_size: int, rank: int = 0, world_size: int = 1, *,
-                      num_workers: int | None = None, limit: int | None = None, text_tokenizer: Any = None,
-                      max_text_len: int = 0) -> DataLoader:
-    """One pass over ``cfg.val_shards`` in file order (at most ``limit`` samples), as :class:`Batch` es.
-
-    Ranks split it like training (rank r takes the r-th slice of each global batch), the
-    last batches may be short or absent on some ranks. Bad samples are errors here.
-    """
-    _check_args("build_eval_loader", batch_size, rank, world_size, 0, 0)
-    source_cfgs = [SourceConfig(path=cfg.val_shards)]
-    sources = open_sources(cfg, source_cfgs)
-    order = StreamOrder([len(sources[0])], [1.0], "epoch", shuffle=False, seed=0)
-    end = len(sources[0]) if limit is None else min(limit, len(sources[0]))
-    stream = SampleStream(sources, order, cfg, batch_size, rank, world_size, 0, end_sample=end, max_bad_samples=0,
-                          text_tokenizer=text_tokenizer, max_text_len=max_text_len)
-    return _loader(stream, cfg.num_workers if num_workers is None else num_workers)

@@ -43,6 +43,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mmtrain.errors import ConfigError
+
 EMA_DIR = "ema"
 
 
@@ -61,7 +63,7 @@ class EMAConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay < 1.0:
-            raise ValueError(f"ema.decay: expected 0 <= decay < 1 (0 = off), got {self.decay}")
+            raise ConfigError(f"ema.decay: expected 0 <= decay < 1 (0 = off), got {self.decay}")
 
     @property
     def enabled(self) -> bool:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mmtrain.errors import ConfigError
+
 log = logging.getLogger("mmtrain.metrics")
 
 
@@ -46,7 +48,7 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         if self.wandb_mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"logging.wandb_mode: expected offline/online/disabled, got {self.wandb_mode!r}")
+            raise ConfigError(f"logging.wandb_mode: expected offline/online/disabled, got {self.wandb_mode!r}")
 
 
 # dense (no sparsity) peak TFLOP/s per GPU, by precision

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mmtrain.errors import ConfigError
+
 log = logging.getLogger("mmtrain.optimizer")
 
 
@@ -46,16 +48,16 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"optim.schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
+            raise ConfigError(f"optim.schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
         if self.warmup_start not in ("first_step", "zero"):
-            raise ValueError(f"optim.warmup_start: expected 'first_step' or 'zero', got {self.warmup_start!r}")
+            raise ConfigError(f"optim.warmup_start: expected 'first_step' or 'zero', got {self.warmup_start!r}")
         if self.param_groups not in ("split", "one"):
-            raise ValueError(f"optim.param_groups: expected 'split' or 'one', got {self.param_groups!r}")
+            raise ConfigError(f"optim.param_groups: expected 'split' or 'one', got {self.param_groups!r}")
         if self.param_groups == "one" and self.weight_decay:
-            raise ValueError("optim.param_groups: 'one' puts norms and biases in the decayed group; "
-                             f"it needs optim.weight_decay: 0, got {self.weight_decay}")
+            raise ConfigError("optim.param_groups: 'one' puts norms and biases in the decayed group; "
+                              f"it needs optim.weight_decay: 0, got {self.weight_decay}")
         if len(self.betas) != 2:
-            raise ValueError(f"optim.betas: expected two numbers, got {self.betas!r}")
+            raise ConfigError(f"optim.betas: expected two numbers, got {self.betas!r}")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, grouping: str = "split") -> list[dict]:

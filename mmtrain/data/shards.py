@@ -1,13 +1,18 @@
-"""WebDataset shard IO: write image-caption samples to tar shards and read them back.
+"""WebDataset shard IO: the one shard writer, and listing the shards of a source.
 
-A shard ``{prefix}-{i:06d}.tar`` holds, per sample, three members sharing the
-sample key: ``KEY.png`` (or ``KEY.jpg``), ``KEY.txt`` (UTF-8 caption) and
-``KEY.json`` (attributes). Shards are written under a hidden temporary name
-and renamed into place only once complete, so a crashed or killed writer
-never leaves a truncated file under a final shard name.
+Every webdataset shard mmtrain writes goes through :class:`ShardFile` (one shard: written
+under a hidden temporary name, renamed into place only once complete, so a crashed or
+killed writer never leaves a truncated file under a final shard name; then its sidecar
+index) and, for numbered shards ``{prefix}-{i:06d}.tar``, :class:`ShardWriter`: the image-
+caption writer :func:`write_shards` (and the synthetic writer on it,
+:func:`mmtrain.data.synthetic.write_synthetic_shards`), prep's chunk writer and the latent
+precompute. :func:`remove_stale_shards` is the one clean-up of a larger earlier run's
+shards, for the MDS writer too. Reading goes through :mod:`mmtrain.data.sources`.
 
-Converters from raw datasets (image folders, manifests, COCO, img2dataset tars) to
-these shards or to MDS live in :mod:`mmtrain.data.prep`.
+:func:`write_shards` stores, per sample, members sharing the sample key: ``KEY.png`` (or
+``KEY.jpg``), ``KEY.txt`` (UTF-8 caption), ``KEY.json`` (attributes) and optionally
+``KEY.cls``. Converters from raw datasets (image folders, manifests, COCO, img2dataset
+tars) to these shards or to MDS live in :mod:`mmtrain.data.prep`.
 """
 
 from __future__ import annotations
@@ -17,9 +22,8 @@ import json
 import logging
 import os
 import re
-import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import tarfile
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import webdataset as wds
@@ -27,23 +31,11 @@ from braceexpand import braceexpand
 from PIL import Image
 from tqdm import tqdm
 
-from mmtrain.atomic import atomic_write_text
 from mmtrain.data import storage
 from mmtrain.data.errors import ShardDataError  # noqa: F401 -- re-exported: the name readers catch
 from mmtrain.data.images import IMAGE_FORMATS
 from mmtrain.data.index import SIDECAR_SUFFIX, write_sidecar
 from mmtrain.data.storage import is_url, store_for
-from mmtrain.data.synthetic import (
-    COLORS,
-    KINDS,
-    POSITIONS,
-    SIZES,
-    SyntheticConfig,
-    generate_sample,
-    hold_out_name,
-    is_held_out,
-    synthetic_class,
-)
 
 logger = logging.getLogger("mmtrain.data")
 
@@ -53,8 +45,6 @@ JPEG_QUALITY = 95
 # Fixed member mtime so identical samples always produce byte-identical shards.
 # An int: tarfile writes a float mtime as an extra 1 KiB PAX header per member.
 TAR_MTIME = 0
-STATS_FILENAME = "stats.json"
-HOLD_OUT_DIR = "holdout"  # under a synthetic dataset made with a hold-out: the held-out split
 
 
 def _atomic_path(final_path: str) -> str:
@@ -112,16 +102,35 @@ def _encode_sample(sample: Mapping[str, Any], image_format: str, position: int) 
     return encoded
 
 
-class _ShardFile:
-    """One shard being written to its temporary name."""
+class ShardFile:
+    """One webdataset shard being written: under a hidden temporary name, renamed into place by
+    :meth:`commit` (then its sidecar index is written, :func:`mmtrain.data.index.write_sidecar`),
+    deleted by :meth:`abort`. As a context manager it commits when the block ends normally and
+    aborts on any exception (a KeyboardInterrupt too), so a killed writer never leaves a
+    truncated file under a final shard name.
 
-    def __init__(self, final_path: str):
-        self.final_path = final_path
-        self.tmp_path = _atomic_path(final_path)
+    ``write`` takes a ``TarWriter(encoder=False)`` dict: ``__key__`` plus member extension ->
+    bytes; a key written twice into one shard is a ValueError naming the shard and key.
+    """
+
+    def __init__(self, final_path: str | os.PathLike[str]) -> None:
+        self.final_path = os.fspath(final_path)
+        self.tmp_path = _atomic_path(self.final_path)
         self.keys: set[str] = set()
+        self.member_bytes = 0  # the members' share of the tar, headers included (see :func:`member_bytes`)
+        self.info: dict[str, Any] | None = None  # {name, samples, bytes} once committed
         self._file = open(self.tmp_path, "wb")  # noqa: SIM115 -- held open across write() calls, closed in commit()/abort()
         # encoder=False: samples are already bytes, so we control the encoding.
         self._writer = wds.TarWriter(self._file, encoder=False, mtime=TAR_MTIME)
+
+    def __enter__(self) -> ShardFile:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
     def write(self, encoded: dict[str, Any]) -> None:
         key = encoded["__key__"]
@@ -129,8 +138,10 @@ class _ShardFile:
             raise ValueError(f"shard {self.final_path}: duplicate sample key {key!r}")
         self.keys.add(key)
         self._writer.write(encoded)
+        self.member_bytes += member_bytes(encoded)
 
-    def commit(self) -> None:
+    def commit(self) -> dict[str, Any]:
+        """Rename the complete shard into place and index it; ``{name, samples, bytes}`` of it."""
         self._writer.close()
         self._file.flush()
         # Durable before visible: the rename must not expose unflushed data.
@@ -139,6 +150,13 @@ class _ShardFile:
         os.replace(self.tmp_path, self.final_path)
         # the index readers of remote shards fetch instead of scanning the tar (sha256 checks the download)
         write_sidecar(self.final_path)
+        size = os.path.getsize(self.final_path)
+        if size != tar_size(self.member_bytes):
+            # Only a changed TarWriter header layout gets here; shard_size limits would then be approximate.
+            logger.warning("shard %s: %d bytes, the size model predicted %d", self.final_path, size,
+                           tar_size(self.member_bytes))
+        self.info = {"name": os.path.basename(self.final_path), "samples": len(self.keys), "bytes": size}
+        return self.info
 
     def abort(self) -> None:
         try:
@@ -150,18 +168,105 @@ class _ShardFile:
             os.remove(self.tmp_path)
 
 
-def _remove_stale_shards(out_dir: str, prefix: str, keep: set[str]) -> None:
-    """Delete ``{prefix}-NNNNNN.tar`` files a previous, larger run left behind.
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # tarfile pads the archive to whole records
+_END = 2 * _BLOCK  # two zero blocks close an archive
 
-    Otherwise listing the directory would mix old samples into the new dataset.
+
+def member_bytes(encoded: dict[str, Any]) -> int:
+    """Bytes a sample's members take in a shard: headers (built the way TarWriter builds them) + padded data.
+
+    Exact, so a byte limit per shard (prep's ``shard_size``) is a real upper bound."""
+    total = 0
+    key = encoded["__key__"]
+    for name, value in encoded.items():
+        if name.startswith("__"):
+            continue
+        info = tarfile.TarInfo(f"{key}.{name}")
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(value), TAR_MTIME, 0o444, "bigdata", "bigdata"
+        total += len(info.tobuf(tarfile.PAX_FORMAT)) + -(-len(value) // _BLOCK) * _BLOCK
+    return total
+
+
+def tar_size(members: int) -> int:
+    """File size of a tar whose members take ``members`` bytes (headers included)."""
+    return -(-(members + _END) // _RECORD) * _RECORD
+
+
+class ShardWriter:
+    """Writes samples into consecutive shards ``{prefix}-{i:06d}.tar`` (numbered from ``start``), each
+    a :class:`ShardFile`: the one way mmtrain writes webdataset shards (``write_shards``, the
+    synthetic writer, prep, latents).
+
+    A shard is closed after ``samples_per_shard`` samples (0: no limit) and before a sample
+    that would take it past ``shard_size`` bytes (0: no limit; one oversized sample still
+    gets a shard of its own). As a context manager the last shard is committed when the
+    block ends normally, the open one deleted on any exception (completed shards stay).
+    ``shards`` lists ``{name, samples, bytes}`` of the committed ones, in order.
     """
-    pattern = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar")
-    for name in sorted(os.listdir(out_dir)):
-        if pattern.fullmatch(name) and name not in keep:
-            logger.warning("removing stale shard %s from a previous run", os.path.join(out_dir, name))
-            os.remove(os.path.join(out_dir, name))
-            if os.path.exists(os.path.join(out_dir, name) + SIDECAR_SUFFIX):
-                os.remove(os.path.join(out_dir, name) + SIDECAR_SUFFIX)
+
+    def __init__(self, directory: str | os.PathLike[str], prefix: str = "shard", start: int = 0,
+                 samples_per_shard: int = 0, shard_size: int = 0) -> None:
+        self.dir = os.fspath(directory)
+        self.prefix, self.next, self.samples_per_shard, self.shard_size = prefix, start, samples_per_shard, shard_size
+        self.shards: list[dict[str, Any]] = []
+        self._shard: ShardFile | None = None
+        os.makedirs(self.dir, exist_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._shard is not None:
+            self._shard.abort()
+            self._shard = None
+
+    def write(self, encoded: dict[str, Any]) -> None:
+        shard = self._shard
+        if shard is not None and self.shard_size and \
+                tar_size(shard.member_bytes + member_bytes(encoded)) > self.shard_size:
+            self.close()
+        if self._shard is None:
+            self._shard = ShardFile(os.path.join(self.dir, shard_name(self.prefix, self.next)))
+            self.next += 1
+        self._shard.write(encoded)
+        if self.samples_per_shard and len(self._shard.keys) == self.samples_per_shard:
+            self.close()
+
+    def close(self) -> None:
+        """Commit the open shard, if any."""
+        if self._shard is not None:
+            shard, self._shard = self._shard, None
+            self.shards.append(shard.commit())
+
+
+def shard_name(prefix: str, index: int) -> str:
+    """``{prefix}-{index:06d}.tar``: the name of every numbered shard mmtrain writes."""
+    return f"{prefix}-{index:06d}.tar"
+
+
+def remove_temp_shards(directory: str | os.PathLike[str], prefix: str = "") -> None:
+    """Delete the temporary files of shards (and of their sidecar indexes) named ``{prefix}...``
+    that a killed writer left in ``directory``."""
+    for name in os.listdir(directory):
+        if name.startswith(f".{prefix}") and ".tar" in name and name.endswith(".tmp"):
+            os.remove(os.path.join(directory, name))
+
+
+def remove_stale_shards(directory: str | os.PathLike[str], pattern: str, keep: set[str], what: str = "shard") -> None:
+    """Delete the files of ``directory`` whose names fully match ``pattern`` (a regex) but are not in
+    ``keep``, with their sidecar indexes: what a previous, larger run left behind, which would
+    otherwise mix old samples into the new dataset (webdataset and MDS writers alike)."""
+    compiled = re.compile(pattern)
+    for name in sorted(os.listdir(directory)):
+        if compiled.fullmatch(name) and name not in keep:
+            path = os.path.join(directory, name)
+            logger.warning("removing stale %s %s from a previous run", what, path)
+            os.remove(path)
+            if os.path.exists(path + SIDECAR_SUFFIX):
+                os.remove(path + SIDECAR_SUFFIX)
 
 
 def write_shards(
@@ -201,33 +306,12 @@ def write_shards(
     if not prefix or os.sep in prefix or "/" in prefix:
         raise ValueError(f"write_shards: prefix must be a non-empty file name prefix, got {prefix!r}")
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-
-    paths: list[str] = []
-    shard: _ShardFile | None = None
-    in_shard = 0
-    try:
+    with ShardWriter(out_dir, prefix, samples_per_shard=samples_per_shard) as writer:
         for position, sample in enumerate(tqdm(samples, desc="writing shards", unit="sample", disable=not progress)):
-            encoded = _encode_sample(sample, image_format, position)
-            if shard is None:
-                shard = _ShardFile(os.path.join(out_dir, f"{prefix}-{len(paths):06d}.tar"))
-            shard.write(encoded)
-            in_shard += 1
-            if in_shard == samples_per_shard:
-                shard.commit()
-                paths.append(shard.final_path)
-                shard, in_shard = None, 0
-        if shard is not None:
-            shard.commit()
-            paths.append(shard.final_path)
-            shard = None
-    except BaseException:
-        # BaseException: a KeyboardInterrupt must not leave a temp file either.
-        if shard is not None:
-            shard.abort()
-        raise
+            writer.write(_encode_sample(sample, image_format, position))
+    paths = [os.path.join(out_dir, s["name"]) for s in writer.shards]
     if paths:
-        _remove_stale_shards(out_dir, prefix, {os.path.basename(p) for p in paths})
+        remove_stale_shards(out_dir, rf"{re.escape(prefix)}-\d{{6}}\.tar", {s["name"] for s in writer.shards})
     else:
         # Never let an accidentally empty input wipe an existing dataset.
         logger.warning("write_shards: no samples given, nothing written to %s", out_dir)
@@ -296,120 +380,3 @@ def list_remote_shards(source: str, sizes: Callable[[str], dict[str, int] | None
     if not found:
         raise FileNotFoundError(f"shard source {source!r} holds no .tar shards")
     return found
-
-
-def _histogram(values: Iterable[int]) -> dict[str, int]:
-    # JSON object keys are strings; sort numerically so the file reads naturally.
-    counts = Counter(values)
-    return {str(k): counts[k] for k in sorted(counts)}
-
-
-def write_synthetic_shards(
-    out_dir: str | os.PathLike[str],
-    num: int,
-    cfg: SyntheticConfig,
-    samples_per_shard: int = 1000,
-    image_format: str = "png",
-    progress: bool = True,
-    hold_out: Sequence[Mapping[str, str]] = (),
-) -> dict[str, Any]:
-    """Generate synthetic samples ``0..num-1`` into shards plus ``stats.json``.
-
-    Args:
-        out_dir: output directory (created if missing).
-        num: number of samples, >= 1.
-        cfg: the synthetic dataset config (image size, shape counts, seed).
-        samples_per_shard, image_format, progress: as in :func:`write_shards`.
-        hold_out: attribute combinations (:func:`~mmtrain.data.synthetic.parse_hold_out`)
-            kept out of these shards: a sample with a shape that matches one goes to the
-            held-out split ``out_dir/holdout`` instead (its own shards and ``stats.json``),
-            which then holds only such samples. Default: none.
-
-    Returns:
-        The stats dict, identical to what is written (atomically) to
-        ``out_dir/stats.json``:
-
-        - ``num_samples``, ``num_shards``, ``shard_files`` (basenames, in order),
-          ``samples_per_shard``, ``image_format``;
-        - the config: ``image_size``, ``seed``, ``min_shapes``, ``max_shapes``;
-        - ``counts``: ``{"kind"|"color"|"size"|"position": {value: count}}``
-          over all shapes, every vocabulary value listed (zeros included);
-        - ``shape_count_histogram`` and ``caption_length_histogram`` (words):
-          ``{str(n): samples}``, numerically sorted;
-        - ``caption_length_min``, ``caption_length_max``, ``caption_length_mean``;
-        - ``elapsed_s`` and ``samples_per_s``: generation + writing throughput.
-    """
-    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
-        raise ValueError(f"write_synthetic_shards: num must be an int >= 1, got {num!r}")
-    out_dir = os.fspath(out_dir)
-    counts = {field: Counter() for field in ("kind", "color", "size", "position")}
-    shape_counts: list[int] = []
-    caption_lengths: list[int] = []
-
-    held: list[dict[str, Any]] = []
-
-    def generate() -> Iterator[dict[str, Any]]:
-        # Stats are gathered on the fly so samples are never held in memory (held-out ones are: a few %).
-        for index in range(num):
-            sample = generate_sample(index, cfg)
-            shapes = sample["attributes"]["shapes"]
-            if hold_out and is_held_out(shapes, hold_out):
-                sample["label"] = synthetic_class(shapes[0])
-                held.append(sample)
-                continue
-            sample["label"] = synthetic_class(shapes[0])
-            for shape in shapes:
-                for field, counter in counts.items():
-                    counter[shape[field]] += 1
-            shape_counts.append(len(shapes))
-            caption_lengths.append(len(sample["caption"].split()))
-            yield sample
-
-    start = time.perf_counter()
-    paths = write_shards(generate(), out_dir, samples_per_shard, image_format=image_format, progress=progress)
-    elapsed = time.perf_counter() - start
-    if not paths:
-        raise ValueError(f"write_synthetic_shards: every one of the {num} samples matches the hold-out "
-                         f"{[hold_out_name(c) for c in hold_out]}; nothing is left to train on")
-    num_kept = num - len(held)
-
-    vocab = {"kind": KINDS, "color": COLORS, "size": SIZES, "position": POSITIONS}
-    stats: dict[str, Any] = {
-        "num_samples": num_kept,
-        "num_shards": len(paths),
-        "shard_files": [os.path.basename(p) for p in paths],
-        "samples_per_shard": samples_per_shard,
-        "image_format": image_format,
-        "image_size": cfg.image_size,
-        "seed": cfg.seed,
-        "min_shapes": cfg.min_shapes,
-        "max_shapes": cfg.max_shapes,
-        # Every vocabulary entry is listed, zeros included, so a missing class is visible.
-        "counts": {field: {v: counts[field][v] for v in vocab[field]} for field in vocab},
-        "shape_count_histogram": _histogram(shape_counts),
-        "caption_length_histogram": _histogram(caption_lengths),
-        "caption_length_min": min(caption_lengths),
-        "caption_length_max": max(caption_lengths),
-        "caption_length_mean": sum(caption_lengths) / len(caption_lengths),
-        "elapsed_s": elapsed,
-        # Guard the division: JSON has no infinity.
-        "samples_per_s": num / max(elapsed, 1e-9),
-    }
-    if hold_out:
-        held_dir = os.path.join(out_dir, HOLD_OUT_DIR)
-        held_paths = write_shards(held, held_dir, samples_per_shard, image_format=image_format, progress=False)
-        stats.update(hold_out=[hold_out_name(c) for c in hold_out], generated=num, held_out_samples=len(held))
-        held_stats = {"num_samples": len(held), "num_shards": len(held_paths),
-                      "shard_files": [os.path.basename(p) for p in held_paths], "hold_out": stats["hold_out"],
-                      "split": "held out: only samples with a held-out combination", "seed": cfg.seed,
-                      "image_size": cfg.image_size}
-        if held:
-            atomic_write_text(os.path.join(held_dir, STATS_FILENAME), json.dumps(held_stats, indent=2) + "\n")
-    stats_path = os.path.join(out_dir, STATS_FILENAME)
-    atomic_write_text(stats_path, json.dumps(stats, indent=2) + "\n")
-    logger.info(
-        "wrote %d synthetic samples in %d shard(s) to %s in %.2fs (%.1f samples/s)%s",
-        num_kept, len(paths), out_dir, elapsed, stats["samples_per_s"],
-        f"; {len(held)} held out ({', '.join(stats['hold_out'])}) to {os.path.join(out_dir, HOLD_OUT_DIR)}" if hold_out else "",
-    )
-    return stats

@@ -10,6 +10,12 @@ shards are then read from local copies in a :class:`~mmtrain.data.cache.ShardCac
 downloaded whole when first needed (or ahead, by the loader's prefetch).
 The index is plain numpy arrays, so forked dataloader workers share it copy-on-write.
 
+Every command reads samples through here: the training loader and eval by index
+(``read``), the commands that go once through a dataset with :func:`iter_samples`
+(decoded, resized pixels), and the ones that rewrite a dataset shard by shard with
+``read_shard`` / :func:`iter_shards` (every field as stored, :class:`StoredSample`).
+Format detection is :func:`detect_format`, nowhere else.
+
 Sample schema (the contract with the data_prep converters):
 
 - webdataset tar shards: members ``KEY.jpg|jpeg|png|webp`` (encoded image), ``KEY.txt``
@@ -37,10 +43,11 @@ import numpy as np
 from mmtrain.data import storage
 from mmtrain.data.cache import CacheFullError, CorruptShardError, RemoteFile, ShardCache
 from mmtrain.data.errors import ShardDataError
-from mmtrain.data.images import decode_image
+from mmtrain.data.images import IMAGE_EXTENSIONS, decode_image, sniff_extension
 from mmtrain.data.index import FIELDS, TarIndex, load_remote_tar_indexes, load_tar_indexes
 from mmtrain.data.node_local import resolve_cache_dir
 from mmtrain.data.shards import list_remote_shards, list_shards
+from mmtrain.data.tar import read_tar_samples
 
 FORMATS: tuple[str, ...] = ("auto", "wds", "mds")
 MAX_OPEN_FILES = 64  # per process and source: a global permutation touches every shard
@@ -61,6 +68,29 @@ class RawSample:
     label: int | None
     image: Any = None
     latent: np.ndarray | None = None
+
+
+@dataclass
+class StoredSample:
+    """One sample with every field as stored: what a command that rewrites a dataset (``prep
+    latents``) reads, so that nothing is lost in the copy. Only the small fields are decoded.
+
+    ``image``: the encoded image file (bytes; a PIL image for an MDS ``pil`` column), None when
+    the sample has none; ``image_ext`` its webdataset extension (as stored, or from the bytes);
+    ``caption`` None without one; ``meta`` the decoded JSON metadata (any JSON value) or None;
+    ``latent`` a float array or None; ``members``: webdataset only, every member as stored
+    (extension -> bytes, including the ones above and any others), None for MDS.
+    """
+
+    key: str
+    where: str
+    image: Any
+    image_ext: str | None
+    caption: str | None
+    label: int | None
+    meta: Any
+    latent: np.ndarray | None
+    members: dict[str, bytes] | None = None
 
 
 class _Files:
@@ -218,6 +248,32 @@ def _parse_label(value: Any, where: str) -> int:
     return label
 
 
+def _parse_caption(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ShardDataError(f"{where}: cannot decode field 'txt' (expected UTF-8 text): {exc}") from exc
+
+
+def _parse_json(data: bytes, where: str) -> Any:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardDataError(f"{where}: cannot decode field 'json' (expected a JSON object): {exc}") from exc
+
+
+def _stored_member_sample(key: str, members: dict[str, bytes], where: str) -> StoredSample:
+    """A :class:`StoredSample` from a webdataset sample's members (the first image extension of
+    :data:`~mmtrain.data.images.IMAGE_EXTENSIONS` is its image)."""
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    return StoredSample(
+        key=key, where=where, image=members.get(image_ext) if image_ext else None, image_ext=image_ext,
+        caption=_parse_caption(members["txt"], where) if "txt" in members else None,
+        label=_parse_label(members["cls"], where) if "cls" in members else None,
+        meta=_parse_json(members["json"], where) if "json" in members else None,
+        latent=decode_latent(members["latent.npy"], where) if "latent.npy" in members else None, members=members)
+
+
 class WdsSource:
     """Webdataset tar shards with a per-sample member index (see :mod:`mmtrain.data.index`)."""
 
@@ -280,10 +336,7 @@ class WdsSource:
     def read(self, i: int, want_image: bool = True, want_latent: bool = False) -> RawSample:
         where = self.where(i)
         try:
-            try:
-                caption = self._member(i, "txt").decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ShardDataError(f"{where}: cannot decode field 'txt' (expected UTF-8 text): {exc}") from exc
+            caption = _parse_caption(self._member(i, "txt"), where)
             label = _parse_label(self._member(i, "cls"), where) if self.offsets["cls"][i] >= 0 else None
             image = self._member(i, "image") if want_image and self.offsets["image"][i] >= 0 else None
             latent = decode_latent(self._member(i, "latent"), where) if want_latent and self.offsets["latent"][i] >= 0 else None
@@ -298,14 +351,26 @@ class WdsSource:
         if self.offsets["json"][i] < 0:
             return None
         try:
-            value = json.loads(self._member(i, "json"))
+            data = self._member(i, "json")
         except OSError as exc:
             raise ShardDataError(f"{self.where(i)}: cannot read: {exc}") from exc
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ShardDataError(f"{self.where(i)}: cannot decode field 'json' (expected a JSON object): {exc}") from exc
+        value = _parse_json(data, self.where(i))
         if not isinstance(value, dict):
             raise ShardDataError(f"{self.where(i)}: field 'json' holds a {type(value).__name__}, expected a JSON object")
         return value
+
+    def read_shard(self, shard: int) -> Iterator[StoredSample]:
+        """The samples of shard number ``shard`` in file order, every member as stored (a remote
+        shard is read from its copy in the shard cache)."""
+        name = self.shards[shard]
+        try:
+            path = self.shard_files.path_of(shard)
+        except OSError as exc:
+            if isinstance(exc, CacheFullError):
+                raise
+            raise ShardDataError(f"shard {name}: cannot read: {exc}") from exc
+        for key, members in read_tar_samples(path, where=name):
+            yield _stored_member_sample(key, members, f"shard {name}, sample {key}")
 
     def close(self) -> None:
         self.shard_files.close()
@@ -313,6 +378,7 @@ class WdsSource:
 
 # Allowed MDS encodings per column; None = any integer encoding / any ndarray encoding.
 _MDS_INT = {"int", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "str_int"}
+_MDS_IMAGE_FILES = {"bytes", "jpeg", "png"}  # image encodings whose column bytes are an image file
 _MDS_COLUMNS: dict[str, tuple[bool, set[str] | None, str]] = {
     # name: (required, allowed encodings, description)
     "key": (True, {"str"}, "str"),
@@ -392,6 +458,7 @@ class MdsSource:
             self.files.append(path)
             counts.append(int(shard["samples"]))
             shard_bytes.append(expected)
+        self.entries: list[dict[str, Any]] = shards  # index.json's entry of each shard
         self.column_names: list[str] = names
         self.column_encodings: list[str] = encodings
         self.column_sizes: list[int | None] = sizes
@@ -462,7 +529,8 @@ class MdsSource:
             raise OSError(f"sample record is {len(data)} bytes but its columns add up to {pos}")
         return out
 
-    def read(self, i: int, want_image: bool = True, want_latent: bool = False) -> RawSample:
+    def _record(self, i: int) -> tuple[str, str, dict[str, bytes], Callable[[str], Any]]:
+        """Sample ``i``'s key, where, raw columns and a decoder of one column (ShardDataError naming the sample)."""
         from streaming.base.format.mds.encodings import mds_decode
 
         where = self.where(i)
@@ -482,13 +550,37 @@ class MdsSource:
 
         key = decode("key")
         where = self.where(i, key)
+        return key, where, raw, decode
+
+    def read(self, i: int, want_image: bool = True, want_latent: bool = False) -> RawSample:
+        key, where, raw, decode = self._record(i)
         caption = decode("caption")
         label = _parse_label(decode("cls"), where) if "cls" in raw else None
         image = None
         if want_image and "image" in raw:
-            image = raw["image"] if enc["image"] == "bytes" else decode("image")
+            image = raw["image"] if self._image_encoding == "bytes" else decode("image")
         latent = _check_latent(decode("latent"), where) if want_latent and "latent" in raw else None
         return RawSample(key=key, where=where, caption=caption, label=label, image=image, latent=latent)
+
+    @property
+    def _image_encoding(self) -> str | None:
+        k = self.column_index.get("image")
+        return None if k is None else self.column_encodings[k]
+
+    def read_shard(self, shard: int) -> Iterator[StoredSample]:
+        """The samples of shard number ``shard`` in order, every column as stored (``image`` the
+        encoded file for the ``bytes``, ``jpeg`` and ``png`` encodings, which store one)."""
+        for i in range(int(self.starts[shard]), int(self.starts[shard + 1])):
+            key, where, raw, decode = self._record(i)
+            image = raw.get("image")
+            if image is not None and self._image_encoding not in _MDS_IMAGE_FILES:
+                image = decode("image")
+            yield StoredSample(
+                key=key, where=where, image=image,
+                image_ext=sniff_extension(image) if isinstance(image, bytes) else None,
+                caption=decode("caption"), label=_parse_label(decode("cls"), where) if "cls" in raw else None,
+                meta=decode("json") if "json" in raw else None,
+                latent=_check_latent(decode("latent"), where) if "latent" in raw else None)
 
     def read_metadata(self, i: int) -> dict | None:
         """The sample's ``json`` column, or None when there is none."""
@@ -593,6 +685,24 @@ def iter_samples(path: str | os.PathLike, fmt: str = "auto", image_size: int = 0
                 image = Image.fromarray(decode_image(raw.image, image_size, resize_mode, where=raw.where))
             yield {"key": raw.key, "where": raw.where, "image": image, "caption": raw.caption, "label": raw.label,
                    "attributes": source.read_metadata(i)}
+    finally:
+        source.close()
+
+
+def iter_shards(path: str | os.PathLike, fmt: str = "auto",
+                shard_cache: ShardCache | None = None) -> Iterator[tuple[str, list[StoredSample]]]:
+    """Every shard of the source at ``path`` (local or URL, webdataset or MDS: :func:`open_source`),
+    in order, as ``(shard file name, its samples as stored)`` (:class:`StoredSample`).
+
+    The reader of what goes through a dataset shard by shard and must not lose a field:
+    re-sharding with latents added (``prep latents`` reads the shards of :func:`open_source`
+    the same way, with :meth:`WdsSource.read_shard` / :meth:`MdsSource.read_shard`), and the
+    tests that check what prep wrote.
+    """
+    source = open_source(os.fspath(path), fmt, shard_cache=shard_cache)
+    try:
+        for shard, name in enumerate(source.shards):
+            yield storage.basename(name), list(source.read_shard(shard))
     finally:
         source.close()
 

@@ -14,17 +14,33 @@ ground truth with :func:`attribute_accuracy`.
 
 Samples are a pure function of ``(cfg.seed, index)``: any worker can generate
 any index in any order and get identical pixels, so no download and no shared
-state are needed.
+state are needed. :func:`write_synthetic_shards` writes them into webdataset shards
+(through :func:`mmtrain.data.shards.write_shards`) with a ``stats.json``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import re
+import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from mmtrain.atomic import atomic_write_text
+from mmtrain.data.shards import write_shards
+from mmtrain.errors import ConfigError
+
+logger = logging.getLogger("mmtrain.data")
+
+STATS_FILENAME = "stats.json"
+HOLD_OUT_DIR = "holdout"  # under a synthetic dataset made with a hold-out: the held-out split
 
 KINDS: tuple[str, ...] = ("circle", "square", "triangle")
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "magenta", "cyan")
@@ -86,20 +102,20 @@ class SyntheticConfig:
             value = getattr(self, name)
             # bool is an int subclass; reject it so `True` is not a size of 1.
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise ValueError(f"SyntheticConfig.{name}: expected an int, got {value!r}")
+                raise ConfigError(f"SyntheticConfig.{name}: expected an int, got {value!r}")
         if self.image_size < 16 or self.image_size % 8 != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"SyntheticConfig.image_size: expected a multiple of 8 that is >= 16, "
                 f"got {self.image_size}"
             )
         if not 1 <= self.min_shapes <= self.max_shapes <= len(POSITIONS):
-            raise ValueError(
+            raise ConfigError(
                 f"SyntheticConfig.min_shapes/max_shapes: expected "
                 f"1 <= min_shapes <= max_shapes <= {len(POSITIONS)}, "
                 f"got min_shapes={self.min_shapes}, max_shapes={self.max_shapes}"
             )
         if self.seed < 0:
-            raise ValueError(f"SyntheticConfig.seed: expected an int >= 0, got {self.seed}")
+            raise ConfigError(f"SyntheticConfig.seed: expected an int >= 0, got {self.seed}")
 
 
 def shape_extent(size: str, image_size: int) -> int:
@@ -364,3 +380,120 @@ def hold_out_name(combo: Mapping[str, str]) -> str:
 def is_held_out(shapes: Iterable[Mapping[str, Any]], hold_out: Sequence[Mapping[str, str]]) -> bool:
     """True when some shape of the scene has every value of some hold-out entry."""
     return any(all(shape.get(f) == v for f, v in combo.items()) for shape in shapes for combo in hold_out)
+
+
+def _histogram(values: Iterable[int]) -> dict[str, int]:
+    # JSON object keys are strings; sort numerically so the file reads naturally.
+    counts = Counter(values)
+    return {str(k): counts[k] for k in sorted(counts)}
+
+
+def write_synthetic_shards(
+    out_dir: str | os.PathLike[str],
+    num: int,
+    cfg: SyntheticConfig,
+    samples_per_shard: int = 1000,
+    image_format: str = "png",
+    progress: bool = True,
+    hold_out: Sequence[Mapping[str, str]] = (),
+) -> dict[str, Any]:
+    """Generate synthetic samples ``0..num-1`` into shards plus ``stats.json``.
+
+    Args:
+        out_dir: output directory (created if missing).
+        num: number of samples, >= 1.
+        cfg: the synthetic dataset config (image size, shape counts, seed).
+        samples_per_shard, image_format, progress: as in :func:`write_shards`.
+        hold_out: attribute combinations (:func:`~mmtrain.data.synthetic.parse_hold_out`)
+            kept out of these shards: a sample with a shape that matches one goes to the
+            held-out split ``out_dir/holdout`` instead (its own shards and ``stats.json``),
+            which then holds only such samples. Default: none.
+
+    Returns:
+        The stats dict, identical to what is written (atomically) to
+        ``out_dir/stats.json``:
+
+        - ``num_samples``, ``num_shards``, ``shard_files`` (basenames, in order),
+          ``samples_per_shard``, ``image_format``;
+        - the config: ``image_size``, ``seed``, ``min_shapes``, ``max_shapes``;
+        - ``counts``: ``{"kind"|"color"|"size"|"position": {value: count}}``
+          over all shapes, every vocabulary value listed (zeros included);
+        - ``shape_count_histogram`` and ``caption_length_histogram`` (words):
+          ``{str(n): samples}``, numerically sorted;
+        - ``caption_length_min``, ``caption_length_max``, ``caption_length_mean``;
+        - ``elapsed_s`` and ``samples_per_s``: generation + writing throughput.
+    """
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise ValueError(f"write_synthetic_shards: num must be an int >= 1, got {num!r}")
+    out_dir = os.fspath(out_dir)
+    counts = {field: Counter() for field in ("kind", "color", "size", "position")}
+    shape_counts: list[int] = []
+    caption_lengths: list[int] = []
+
+    held: list[dict[str, Any]] = []
+
+    def generate() -> Iterator[dict[str, Any]]:
+        # Stats are gathered on the fly so samples are never held in memory (held-out ones are: a few %).
+        for index in range(num):
+            sample = generate_sample(index, cfg)
+            shapes = sample["attributes"]["shapes"]
+            if hold_out and is_held_out(shapes, hold_out):
+                sample["label"] = synthetic_class(shapes[0])
+                held.append(sample)
+                continue
+            sample["label"] = synthetic_class(shapes[0])
+            for shape in shapes:
+                for field, counter in counts.items():
+                    counter[shape[field]] += 1
+            shape_counts.append(len(shapes))
+            caption_lengths.append(len(sample["caption"].split()))
+            yield sample
+
+    start = time.perf_counter()
+    paths = write_shards(generate(), out_dir, samples_per_shard, image_format=image_format, progress=progress)
+    elapsed = time.perf_counter() - start
+    if not paths:
+        raise ValueError(f"write_synthetic_shards: every one of the {num} samples matches the hold-out "
+                         f"{[hold_out_name(c) for c in hold_out]}; nothing is left to train on")
+    num_kept = num - len(held)
+
+    vocab = {"kind": KINDS, "color": COLORS, "size": SIZES, "position": POSITIONS}
+    stats: dict[str, Any] = {
+        "num_samples": num_kept,
+        "num_shards": len(paths),
+        "shard_files": [os.path.basename(p) for p in paths],
+        "samples_per_shard": samples_per_shard,
+        "image_format": image_format,
+        "image_size": cfg.image_size,
+        "seed": cfg.seed,
+        "min_shapes": cfg.min_shapes,
+        "max_shapes": cfg.max_shapes,
+        # Every vocabulary entry is listed, zeros included, so a missing class is visible.
+        "counts": {field: {v: counts[field][v] for v in vocab[field]} for field in vocab},
+        "shape_count_histogram": _histogram(shape_counts),
+        "caption_length_histogram": _histogram(caption_lengths),
+        "caption_length_min": min(caption_lengths),
+        "caption_length_max": max(caption_lengths),
+        "caption_length_mean": sum(caption_lengths) / len(caption_lengths),
+        "elapsed_s": elapsed,
+        # Guard the division: JSON has no infinity.
+        "samples_per_s": num / max(elapsed, 1e-9),
+    }
+    if hold_out:
+        held_dir = os.path.join(out_dir, HOLD_OUT_DIR)
+        held_paths = write_shards(held, held_dir, samples_per_shard, image_format=image_format, progress=False)
+        stats.update(hold_out=[hold_out_name(c) for c in hold_out], generated=num, held_out_samples=len(held))
+        held_stats = {"num_samples": len(held), "num_shards": len(held_paths),
+                      "shard_files": [os.path.basename(p) for p in held_paths], "hold_out": stats["hold_out"],
+                      "split": "held out: only samples with a held-out combination", "seed": cfg.seed,
+                      "image_size": cfg.image_size}
+        if held:
+            atomic_write_text(os.path.join(held_dir, STATS_FILENAME), json.dumps(held_stats, indent=2) + "\n")
+    stats_path = os.path.join(out_dir, STATS_FILENAME)
+    atomic_write_text(stats_path, json.dumps(stats, indent=2) + "\n")
+    logger.info(
+        "wrote %d synthetic samples in %d shard(s) to %s in %.2fs (%.1f samples/s)%s",
+        num_kept, len(paths), out_dir, elapsed, stats["samples_per_s"],
+        f"; {len(held)} held out ({', '.join(stats['hold_out'])}) to {os.path.join(out_dir, HOLD_OUT_DIR)}" if hold_out else "",
+    )
+    return stats

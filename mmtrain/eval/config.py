@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmtrain.errors import ConfigError
+
 FEATURE_EXTRACTORS = ("inception", "tiny_random")
 GENERATION_METRICS = ("fid", "isc", "kid", "prc", "clip")
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's port of the TF FID Inception
@@ -80,16 +82,16 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.batch_size < 1:
-            raise ValueError(f"eval.num_samples and eval.batch_size must be >= 1, got {self.num_samples}, {self.batch_size}")
+            raise ConfigError(f"eval.num_samples and eval.batch_size must be >= 1, got {self.num_samples}, {self.batch_size}")
         if self.feature_extractor not in FEATURE_EXTRACTORS:
-            raise ValueError(f"eval.feature_extractor: expected one of {FEATURE_EXTRACTORS}, got {self.feature_extractor!r}")
+            raise ConfigError(f"eval.feature_extractor: expected one of {FEATURE_EXTRACTORS}, got {self.feature_extractor!r}")
         unknown = [m for m in self.metrics if m not in GENERATION_METRICS]
         if unknown:
-            raise ValueError(f"eval.metrics: unknown {unknown}; expected some of {list(GENERATION_METRICS)}")
+            raise ConfigError(f"eval.metrics: unknown {unknown}; expected some of {list(GENERATION_METRICS)}")
         if any(s < 1 for s in self.ar_steps):
-            raise ValueError(f"eval.ar_steps: every AR step count must be >= 1, got {self.ar_steps}")
+            raise ConfigError(f"eval.ar_steps: every AR step count must be >= 1, got {self.ar_steps}")
         if self.ref_images < 0:
-            raise ValueError(f"eval.ref_images must be >= 0 (0 = num_samples), got {self.ref_images}")
+            raise ConfigError(f"eval.ref_images must be >= 0 (0 = num_samples), got {self.ref_images}")
 
     @property
     def inception_weights_path(self) -> Path:

@@ -6,4 +6,6 @@
 - :mod:`mmtrain.launch.lifecycle`: what rank 0 records of each run (submitit and plain sbatch jobs alike).
 - :mod:`mmtrain.launch.slurm`: what mmtrain asks Slurm (job state, requeue, partitions, refusals).
 - :mod:`mmtrain.launch.registry`: a run's job history (``<run_dir>/jobs.jsonl``) for ``mmtrain jobs``.
+- :mod:`mmtrain.launch.preflight`: the checks before any rank starts (config, sources, tokenizer).
+- :mod:`mmtrain.launch.local`: ranks on this machine (torchrun) for ``mmtrain train`` and ``eval --nproc``.
 """

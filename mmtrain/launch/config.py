@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from mmtrain.errors import ConfigError
+
 CLUSTERS = ("slurm", "local", "debug")
 AUTO = "auto"
 
@@ -72,25 +74,25 @@ class LaunchConfig:
 
     def __post_init__(self) -> None:
         if self.cluster not in CLUSTERS:
-            raise ValueError(f"launch.cluster: expected one of {', '.join(CLUSTERS)}, got {self.cluster!r}")
+            raise ConfigError(f"launch.cluster: expected one of {', '.join(CLUSTERS)}, got {self.cluster!r}")
         if self.nodes < 1:
-            raise ValueError(f"launch.nodes: expected >= 1, got {self.nodes}")
+            raise ConfigError(f"launch.nodes: expected >= 1, got {self.nodes}")
         if isinstance(self.gpus_per_node, str):
             if self.gpus_per_node.strip().lower() != AUTO:
-                raise ValueError(f"launch.gpus_per_node: expected a number of GPUs (0 = none) or auto, "
-                                 f"got {self.gpus_per_node!r}")
+                raise ConfigError(f"launch.gpus_per_node: expected a number of GPUs (0 = none) or auto, "
+                                  f"got {self.gpus_per_node!r}")
             self.gpus_per_node = AUTO
         elif self.gpus_per_node < 0:
-            raise ValueError(f"launch.gpus_per_node: expected >= 0 or auto, got {self.gpus_per_node}")
+            raise ConfigError(f"launch.gpus_per_node: expected >= 0 or auto, got {self.gpus_per_node}")
         for name in ("tasks_per_node", "cpus_per_task", "max_timeouts", "signal_delay_s"):
             if getattr(self, name) < 0:
-                raise ValueError(f"launch.{name}: expected >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"launch.{name}: expected >= 0, got {getattr(self, name)}")
         if self.cluster != "slurm" and self.nodes != 1:
-            raise ValueError(f"launch.nodes={self.nodes}: cluster {self.cluster!r} runs on this machine only (nodes=1)")
+            raise ConfigError(f"launch.nodes={self.nodes}: cluster {self.cluster!r} runs on this machine only (nodes=1)")
         parse_time(self.time)  # a bad launch.time fails at load, not at submission
         if not re.fullmatch(r"|auto|\d+[KMGT]?", str(self.mem).strip(), flags=re.IGNORECASE):
-            raise ValueError(f"launch.mem: expected auto, 0 (all of a node's memory), a size such as 400G or 512000M "
-                             f"(K, M, G, T; plain numbers are MB), or \"\" (not set), got {self.mem!r}")
+            raise ConfigError(f"launch.mem: expected auto, 0 (all of a node's memory), a size such as 400G or 512000M "
+                              f"(K, M, G, T; plain numbers are MB), or \"\" (not set), got {self.mem!r}")
 
     @property
     def timeout_min(self) -> int:
@@ -115,4 +117,4 @@ def parse_time(text: str) -> int:
                 return total
     elif str(text).strip().isdigit() and int(text) > 0:
         return int(text)
-    raise ValueError(f"launch.time: expected HH:MM, HH:MM:SS, D-HH:MM or minutes (> 0), got {text!r}")
+    raise ConfigError(f"launch.time: expected HH:MM, HH:MM:SS, D-HH:MM or minutes (> 0), got {text!r}")

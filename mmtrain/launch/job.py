@@ -76,6 +76,9 @@ class TrainJob(Checkpointable):
 
         from mmtrain.components.preemption import PreemptionWatch
         from mmtrain.config import config_from_dict
+        # the trainer is imported here, in the job's rank process, once the environment above is
+        # set: the launcher runs the trainer (a downward edge; nothing under mmtrain.train imports
+        # this module), and submitting a job (mmtrain.launch.submit pickles a TrainJob) imports no torch
         from mmtrain.train import exit_rank, quiet_library_warnings, train
 
         quiet_library_warnings()

@@ -225,3 +225,20 @@ def outcome(row: dict) -> tuple[bool, str]:
             why = f": {e['reason']}" if e.get("reason") else ""
             return False, f"{job} {event.replace('_', ' ')} after saving step {e['step']}{why} (state {row['state']})"
     return False, f"{job} ended {row['state']} without recording how; see its logs: {row.get('logs') or '-'}"
+
+
+def run_debug(job) -> tuple[bool, str]:
+    """(finished, one line) of a ``debug`` job, which runs in this process when its result is asked for."""
+    try:
+        result = job.results()[0]
+    except Exception as exc:
+        return False, f"job {job.job_id} failed: {failure_line(exc)}"
+    return True, f"job {job.job_id} done at step {result['step']}" + (f" ({result['stopped_by']})" if result["stopped_by"] else "")
+
+
+def failure_line(exc: BaseException) -> str:
+    """The last line of the job's traceback: the error that ended it. submitit's ``FailedJobError``
+    carries the job's traceback between dashed lines; other exceptions are their own message."""
+    parts = str(exc).split("----------------------")
+    trace = [line for line in (parts[1] if len(parts) > 2 else str(exc)).splitlines() if line.strip()]
+    return trace[-1].strip() if trace else str(exc)

@@ -1,6 +1,16 @@
-"""What both model families share: the image token grid and the text tokenizer's ids."""
+"""What every model family shares: the image token grid and the text tokenizer's ids
+(:class:`ImageTokenModel`), the condition a batch carries (:class:`Condition`), and the
+interface through which the trainer, the samplers and eval use a family
+(:class:`ModelFamily`). A new family subclasses both and is named in
+:data:`mmtrain.models.FAMILIES`; nothing outside ``mmtrain/models`` names a family."""
 from __future__ import annotations
 
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
 import torch.nn as nn
 
 from mmtrain.models.config import ModelConfig
@@ -33,3 +43,67 @@ class ImageTokenModel(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """The condition of a batch of B images: prompts (``text`` B, T ids and ``text_len`` B,
+    text mode) or ``labels`` (B, class mode); the other fields stay None."""
+
+    text: torch.Tensor | None = None
+    text_len: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    def as_kwargs(self) -> dict:
+        return {"text": self.text, "text_len": self.text_len, "labels": self.labels}
+
+
+class ModelFamily(ABC):
+    """One model architecture as the trainer, the samplers and eval see it.
+
+    The state-dict layout: ``token_proj_key`` is the weight whose dim 1 is the token dim P
+    (= patch_size^2 x latent channels) and ``image_pos_key`` the embedding whose dim 1 is the
+    image token count L, so a model is rebuilt from its weights alone when its image
+    tokenizer is not available (:meth:`latent_geometry`)."""
+
+    name: ClassVar[str]
+    model_class: ClassVar[type[ImageTokenModel]]
+    token_proj_key: ClassVar[str]
+    image_pos_key: ClassVar[str]
+    captions: ClassVar[bool] = False  # whether :meth:`caption_ids` writes text (image -> text)
+
+    def build(self, cfg: ModelConfig, latent_channels: int, latent_size: int, vocab_size: int = 0,
+              special_ids: dict | None = None) -> ImageTokenModel:
+        return self.model_class(cfg, latent_channels=latent_channels, latent_size=latent_size, vocab_size=vocab_size,
+                                special_ids=special_ids)
+
+    def latent_geometry(self, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """(latent channels, latent size) of the model whose weights are ``state``."""
+        P, L = state[self.token_proj_key].shape[1], state[self.image_pos_key].shape[1]
+        return P // cfg.patch_size**2, round(L**0.5) * cfg.patch_size
+
+    @abstractmethod
+    def training_inputs(self, model, latent_tokens: torch.Tensor, cond: Condition, diffusion, gen: torch.Generator,
+                        rng: random.Random) -> dict:
+        """The forward's keyword arguments for one micro-batch: ``latent_tokens`` (B, L, P, raster
+        order, on the model's device), ``cond`` as the loader gives it (host tensors); every
+        random draw from ``rng`` (host) and ``gen`` (on its device)."""
+
+    @abstractmethod
+    def training_flops(self, model, batch_size: int, seq_len: int) -> float:
+        """Model FLOPs of one forward + backward of ``batch_size`` sequences (the MFU numerator)."""
+
+    @abstractmethod
+    def sample_image_tokens(self, model, diffusion, cond: Condition, *, ar_steps: int, generator: torch.Generator,
+                            **options) -> torch.Tensor:
+        """Condition -> image tokens (B, L, P, raster order). ``options``: the sampler's CFG,
+        ``clip_x0``, ``flow_options`` and, where the family can edit, ``known_tokens`` / ``known_mask``."""
+
+    def caption_ids(self, model, image_tokens: torch.Tensor, max_len: int, generator: torch.Generator,
+                    top_p: float = 0.0) -> list[list[int]]:
+        """Image tokens (B, L, P) -> caption ids; only for families with ``captions``."""
+        raise ValueError(f"model.family={self.name} only generates images: it has no caption decoder")
+
+    def compile_warning(self, cfg: ModelConfig) -> str | None:
+        """Why ``train.compile`` would recompile often with ``cfg``, if it would."""
+        return None

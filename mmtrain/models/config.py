@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mmtrain.errors import ConfigError
+
 FAMILIES = ("causalfusion", "transdiff")
 
 
@@ -53,12 +55,12 @@ class TransDiffConfig:
     def __post_init__(self) -> None:
         for name in ("decoder_depth", "buffer_size", "ref_patch", "diffusion_batch_mul"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.transdiff.{name}: expected >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"model.transdiff.{name}: expected >= 1, got {getattr(self, name)}")
         for name in ("decoder_hidden_size", "decoder_heads", "num_queries", "mrar_refs"):
             if getattr(self, name) < 0:
-                raise ValueError(f"model.transdiff.{name}: expected >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"model.transdiff.{name}: expected >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.transdiff.dropout: expected a probability in [0, 1), got {self.dropout}")
+            raise ConfigError(f"model.transdiff.dropout: expected a probability in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -135,24 +137,24 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise ValueError(f"model.family: expected one of {FAMILIES}, got {self.family!r}")
+            raise ConfigError(f"model.family: expected one of {FAMILIES}, got {self.family!r}")
         if self.family == "transdiff" and (self.attention != "sdpa" or self.pack_length):
-            raise ValueError("model.family=transdiff runs SDPA on unpacked rows: set model.attention=sdpa and model.pack_length=0")
+            raise ConfigError("model.family=transdiff runs SDPA on unpacked rows: set model.attention=sdpa and model.pack_length=0")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+            raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
         if self.hidden_size % 4:
-            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by 4 (2-D sin-cos positions)")
+            raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by 4 (2-D sin-cos positions)")
         if self.condition not in ("text", "class"):
-            raise ValueError(f"model.condition: expected 'text' or 'class', got {self.condition!r}")
+            raise ConfigError(f"model.condition: expected 'text' or 'class', got {self.condition!r}")
         if self.ar_weight_schedule not in ("linear", "cosine"):
-            raise ValueError(f"model.ar_weight_schedule: expected 'linear' or 'cosine', got {self.ar_weight_schedule!r}")
+            raise ConfigError(f"model.ar_weight_schedule: expected 'linear' or 'cosine', got {self.ar_weight_schedule!r}")
         if self.attention not in ("sdpa", "flex"):
-            raise ValueError(f"model.attention: expected 'sdpa' or 'flex', got {self.attention!r}")
+            raise ConfigError(f"model.attention: expected 'sdpa' or 'flex', got {self.attention!r}")
         if not 0.0 <= self.caption_prob <= 1.0:
-            raise ValueError(f"model.caption_prob: expected a probability, got {self.caption_prob}")
+            raise ConfigError(f"model.caption_prob: expected a probability, got {self.caption_prob}")
         if self.max_text_len < 2:
-            raise ValueError(f"model.max_text_len: expected >= 2, got {self.max_text_len}")
+            raise ConfigError(f"model.max_text_len: expected >= 2, got {self.max_text_len}")
         if self.seq_buckets < 0 or self.pack_length < 0:
-            raise ValueError(f"model.seq_buckets and model.pack_length must be >= 0, got {self.seq_buckets}, {self.pack_length}")
+            raise ConfigError(f"model.seq_buckets and model.pack_length must be >= 0, got {self.seq_buckets}, {self.pack_length}")
         if self.num_classes < 1 or self.num_cond_tokens < 1:
-            raise ValueError(f"model.num_classes and model.num_cond_tokens must be >= 1, got {self.num_classes}, {self.num_cond_tokens}")
+            raise ConfigError(f"model.num_classes and model.num_cond_tokens must be >= 1, got {self.num_classes}, {self.num_cond_tokens}")

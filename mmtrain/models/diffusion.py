@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from mmtrain.distributed import to_device
+from mmtrain.errors import ConfigError
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SampleSteps = int | str | None
@@ -85,23 +86,23 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         if self.process not in _PROCESSES:
-            raise ValueError(f"diffusion.process: expected one of {_PROCESSES}, got {self.process!r}")
+            raise ConfigError(f"diffusion.process: expected one of {_PROCESSES}, got {self.process!r}")
         if self.beta_schedule != "linear":
-            raise ValueError(f"diffusion.beta_schedule: expected 'linear', got {self.beta_schedule!r}")
+            raise ConfigError(f"diffusion.beta_schedule: expected 'linear', got {self.beta_schedule!r}")
         if self.prediction not in ("eps", "x0"):
-            raise ValueError(f"diffusion.prediction: expected 'eps' or 'x0', got {self.prediction!r}")
+            raise ConfigError(f"diffusion.prediction: expected 'eps' or 'x0', got {self.prediction!r}")
         if self.num_timesteps < 2:
-            raise ValueError(f"diffusion.num_timesteps: expected >= 2, got {self.num_timesteps}")
+            raise ConfigError(f"diffusion.num_timesteps: expected >= 2, got {self.num_timesteps}")
         if self.variance not in _VARIANCES:
-            raise ValueError(f"diffusion.variance: expected one of {_VARIANCES}, got {self.variance!r}")
+            raise ConfigError(f"diffusion.variance: expected one of {_VARIANCES}, got {self.variance!r}")
         if self.flow_t_sampling not in _FLOW_T_SAMPLING:
-            raise ValueError(f"diffusion.flow_t_sampling: expected one of {_FLOW_T_SAMPLING}, got {self.flow_t_sampling!r}")
+            raise ConfigError(f"diffusion.flow_t_sampling: expected one of {_FLOW_T_SAMPLING}, got {self.flow_t_sampling!r}")
         if not (math.isfinite(self.flow_logit_std) and self.flow_logit_std > 0):
-            raise ValueError(f"diffusion.flow_logit_std: expected > 0, got {self.flow_logit_std}")
+            raise ConfigError(f"diffusion.flow_logit_std: expected > 0, got {self.flow_logit_std}")
         if not math.isfinite(self.flow_logit_mean):
-            raise ValueError(f"diffusion.flow_logit_mean: expected a finite number, got {self.flow_logit_mean}")
+            raise ConfigError(f"diffusion.flow_logit_mean: expected a finite number, got {self.flow_logit_mean}")
         if not (math.isfinite(self.flow_shift) and self.flow_shift > 0):
-            raise ValueError(f"diffusion.flow_shift: expected > 0, got {self.flow_shift}")
+            raise ConfigError(f"diffusion.flow_shift: expected > 0, got {self.flow_shift}")
 
 
 def build_diffusion(cfg: DiffusionConfig, sample_steps: SampleSteps = None) -> GaussianDiffusion | RectifiedFlow:

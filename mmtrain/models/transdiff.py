@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mmtrain.distributed import to_device
-from mmtrain.models.base import ImageTokenModel
+from mmtrain.models.base import Condition, ImageTokenModel, ModelFamily
 from mmtrain.models.causalfusion import guidance_scale, guided
 from mmtrain.models.config import ModelConfig
 
@@ -523,3 +523,29 @@ def sample_image_tokens(model: TransDiff, diffusion, *, ar_steps: int, generator
         x = diffusion.sample(model_fn, noise, generator=generator, clip_x0=clip_x0, **(flow_options or {})).to(dtype)
         images.append(x)
     return x
+
+
+# --------------------------------------------------------------------------- the family
+
+
+class TransDiffFamily(ModelFamily):
+    """TransDiff for the trainer, the samplers and eval: generates images only (no caption
+    decoder, no in-context editing)."""
+
+    name = "transdiff"
+    model_class = TransDiff
+    token_proj_key, image_pos_key = "decoder.input_proj.weight", "decoder.diffusion_pos_embed_learned"
+
+    def training_inputs(self, model: TransDiff, latent_tokens: torch.Tensor, cond: Condition, diffusion,
+                        gen: torch.Generator, rng: random.Random) -> dict:
+        return training_inputs(model, latent_tokens, diffusion, gen, rng, **cond.as_kwargs())
+
+    def training_flops(self, model: TransDiff, batch_size: int, seq_len: int) -> float:
+        return training_flops(model, batch_size, seq_len)
+
+    def sample_image_tokens(self, model: TransDiff, diffusion, cond: Condition, *, ar_steps: int,
+                            generator: torch.Generator, **options) -> torch.Tensor:
+        return sample_image_tokens(model, diffusion, ar_steps=ar_steps, generator=generator, **cond.as_kwargs(), **options)
+
+
+FAMILY = TransDiffFamily()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Sequence, Sized
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from mmtrain.atomic import atomic_write_bytes
+from mmtrain.errors import ConfigError
 
 # name -> (piece, fixed id). Order matters: ids are assigned by position below.
 SPECIAL_TOKENS: dict[str, tuple[str, int]] = {
@@ -96,28 +97,28 @@ class TextTokenizerConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the offending field; called on construction and before training."""
+        """Raise ConfigError naming the offending field; called on construction and before training."""
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"TextTokenizerConfig.model_type: expected one of {list(MODEL_TYPES)}, "
                 f"got {self.model_type!r}"
             )
         if not isinstance(self.vocab_size, int) or self.vocab_size <= len(SPECIAL_TOKENS):
-            raise ValueError(
+            raise ConfigError(
                 f"TextTokenizerConfig.vocab_size: expected an int > {len(SPECIAL_TOKENS)} "
                 f"(the special tokens alone take {len(SPECIAL_TOKENS)}), got {self.vocab_size!r}"
             )
         if not 0.0 < float(self.character_coverage) <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 "TextTokenizerConfig.character_coverage: expected a value in (0, 1], "
                 f"got {self.character_coverage!r}"
             )
         if not isinstance(self.max_sentences, int) or self.max_sentences < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"TextTokenizerConfig.max_sentences: expected an int >= 1, got {self.max_sentences!r}"
             )
         if self.byte_fallback and self.vocab_size < BYTE_FALLBACK_MIN_VOCAB:
-            raise ValueError(
+            raise ConfigError(
                 f"TextTokenizerConfig: byte_fallback=True needs vocab_size >= "
                 f"{BYTE_FALLBACK_MIN_VOCAB} (256 byte pieces + {len(SPECIAL_TOKENS)} special "
                 f"tokens, plus one per distinct character in the corpus), got "
@@ -127,6 +128,20 @@ class TextTokenizerConfig:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def training_texts(shards: Sequence[str], text_files: Sequence[str]) -> Iterator[str]:
+    """What ``mmtrain tokenizer train`` trains on: the captions of ``shards`` (webdataset or MDS, local
+    or URLs; images are neither read nor decoded), then the lines of ``text_files``."""
+    from mmtrain.data.sources import iter_samples
+
+    for path in shards:
+        yield from (s["caption"] for s in iter_samples(path, want_image=False))
+    for path in text_files:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--text {path}: no such file")
+        with open(path, encoding="utf-8") as fh:
+            yield from (line.rstrip("\n") for line in fh)
 
 
 def train_text_tokenizer(

@@ -2,7 +2,8 @@
 
 Converters: :func:`prep_folder`, :func:`prep_manifest`, :func:`prep_coco`,
 :func:`prep_wds` (all taking a :class:`PrepConfig`), the generic
-:func:`run_prep` over a listed :class:`Source`, and :func:`precompute_latents`.
+:func:`run_prep` over a listed :class:`Source`, and :func:`precompute_latents`. Prepared
+datasets are read back with :func:`mmtrain.data.sources.iter_shards` (the one reader).
 The CLI entry is ``mmtrain.data.prep.cli.add_prep_subcommands``.
 
 Exports resolve lazily: worker processes import ``mmtrain.data.prep.process``
@@ -30,14 +31,13 @@ _EXPORTS = {
     "list_wds": "sources.wds",
     "OutSample": "sample",
     "precompute_latents": "latents",
-    "iter_dataset": "readers",
 }
 
 __all__ = [  # noqa: RUF022 -- grouped by module, like _EXPORTS
     "PrepConfig", "DROP_REASONS", "Candidate", "Source", "run_prep",
     "prep_folder", "prep_manifest", "prep_coco", "prep_wds",
     "list_folder", "list_manifest", "list_coco", "list_wds",
-    "OutSample", "precompute_latents", "iter_dataset",
+    "OutSample", "precompute_latents",
 ]
 
 

@@ -13,12 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mmtrain.data.images import IMAGE_FORMATS
-from mmtrain.data.prep.config import (
-    OUTPUT_FORMATS,
-    RESIZE_MODES,
-    PrepConfig,
-)
+from mmtrain.data.images import IMAGE_FORMATS, PREP_RESIZE_MODES, RESIZE_MODES
+from mmtrain.data.prep.config import OUTPUT_FORMATS, PrepConfig
 from mmtrain.units import parse_bytes
 
 def parse_shard_size(text: str) -> int:
@@ -44,8 +40,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help=f"JPEG quality 1-95 (default {d.jpeg_quality})")
     p.add_argument("--resolution", type=int, default=d.resolution,
                    help="resize the shorter side to this many pixels (default 0 = keep)")
-    p.add_argument("--resize-mode", choices=RESIZE_MODES, default=d.resize_mode,
-                   help=f"center_crop: square crop after resizing; keep_aspect; none (default {d.resize_mode})")
+    p.add_argument("--resize-mode", choices=PREP_RESIZE_MODES, default=d.resize_mode,
+                   help="center_crop: the central square; resize: squash to a square; keep_aspect: shorter side "
+                        f"to --resolution; none (default {d.resize_mode})")
     p.add_argument("--min-size", type=int, default=d.min_size,
                    help="drop images whose shorter side is below this (default 0 = off)")
     p.add_argument("--max-aspect", type=float, default=d.max_aspect,
@@ -128,7 +125,8 @@ def cmd_latents(args: argparse.Namespace) -> int:
     tokenizer = ImageTokenizerConfig(kind=args.tokenizer, scale_factor=args.scale_factor, shift_factor=args.shift_factor)
     stats = precompute_latents(args.shards, args.out, tokenizer, batch_size=args.batch_size, dtype=args.dtype,
                                device=args.device, output_format=None if args.output_format == "auto" else args.output_format,
-                               progress=not args.quiet, overwrite=args.overwrite)
+                               progress=not args.quiet, overwrite=args.overwrite, image_size=args.image_size,
+                               resize_mode=args.resize_mode)
     shapes = ", ".join(stats["latent_shapes"]) or "none"
     print(f"prep latents: {stats['samples']} samples in {stats['shards']} shards to {args.out} "
           f"({stats['shards_written']} written, {stats['shards_skipped']} already done); latent shapes {shapes} "
@@ -137,8 +135,9 @@ def cmd_latents(args: argparse.Namespace) -> int:
 
 
 def staged(cmd: Any) -> Any:
-    """``cmd`` with ``args.out`` (and ``args.shards`` of ``prep latents``) allowed to be URLs: the input is
-    downloaded to a staging directory, the output written to one and uploaded when ``cmd`` succeeded."""
+    """``cmd`` with ``args.out`` (and the ``args.shards`` list of ``prep wds``) allowed to be URLs: the input
+    is downloaded to a staging directory, the output written to one and uploaded when ``cmd`` succeeded.
+    (``prep latents`` reads a URL itself, through the shard cache, like the trainer.)"""
     import functools
 
     from mmtrain.data.staging import stage_input, staged_output
@@ -147,9 +146,7 @@ def staged(cmd: Any) -> Any:
     @functools.wraps(cmd)
     def run(args: argparse.Namespace) -> int:
         url = args.out
-        if isinstance(getattr(args, "shards", None), str):
-            args.shards = stage_input(args.shards)
-        elif getattr(args, "shards", None) and any(is_url(s) for s in args.shards):
+        if isinstance(getattr(args, "shards", None), list) and any(is_url(s) for s in args.shards):
             args.shards = [stage_input(s) for s in args.shards]
         with staged_output(url) as local:
             args.out = local
@@ -220,13 +217,19 @@ def add_prep_subcommands(prep_subparsers: Any) -> None:
     wd.set_defaults(func=staged(cmd_wds))
 
     la = prep_subparsers.add_parser("latents", help="add image-tokenizer latents to prepared shards")
-    la.add_argument("shards", help="webdataset shards (dir, .tar, brace pattern) or an MDS directory; local or a URL")
+    la.add_argument("shards", help="webdataset shards (dir, .tar, brace pattern) or an MDS directory; local or a URL "
+                         "(s3://, gs://, http(s)://), like data.train_shards")
     la.add_argument("--out", required=True, help="output directory or URL (not the input one)")
     la.add_argument("--format", dest="output_format", choices=["auto", *OUTPUT_FORMATS], default="auto",
                     help="output format (default auto: same as the input)")
     la.add_argument("--tokenizer", default="pixels", help="image tokenizer kind (default pixels)")
     la.add_argument("--scale-factor", type=float, default=1.0, help="tokenizer latent scale (default 1.0)")
     la.add_argument("--shift-factor", type=float, default=0.0, help="tokenizer latent shift (default 0.0)")
+    la.add_argument("--image-size", type=int, default=0,
+                    help="resize each image to this square size before encoding, as training does (set it to the "
+                         "run's data.image_size; default 0: as stored, the same pixels for shards prepped at that size)")
+    la.add_argument("--resize-mode", choices=RESIZE_MODES, default="center_crop",
+                    help="how --image-size makes an image square, as data.resize_mode: center_crop (default) or resize")
     la.add_argument("--batch-size", type=int, default=32, help="images per encode call (default 32)")
     la.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored dtype (default float16)")
     la.add_argument("--device", default="auto", help="torch device (default auto: cuda if available)")

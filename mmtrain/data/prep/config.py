@@ -12,10 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from mmtrain.data.images import IMAGE_FORMATS
+from mmtrain.data.images import IMAGE_FORMATS, PREP_RESIZE_MODES, RESAMPLE
+from mmtrain.errors import ConfigError
 
 OUTPUT_FORMATS: tuple[str, ...] = ("wds", "mds")
-RESIZE_MODES: tuple[str, ...] = ("center_crop", "keep_aspect", "none")
 
 # Every reason a candidate can be dropped, in the order the checks run. stats.json
 # lists all of them, zeros included, so a silent filter is visible.
@@ -59,10 +59,12 @@ class PrepConfig:
         jpeg_quality: JPEG quality 1-95, default 95.
         resolution: Target size in pixels, default 0 (keep the original size). See
             ``resize_mode``. Smaller images are upscaled; use ``min_size`` to drop them.
-        resize_mode: ``"center_crop"`` (default: shorter side to ``resolution``, then a
-            centred ``resolution`` x ``resolution`` crop), ``"keep_aspect"`` (shorter
-            side to ``resolution``, aspect kept) or ``"none"`` (never resize; then
-            ``resolution`` must be 0).
+        resize_mode: One of :data:`mmtrain.data.images.PREP_RESIZE_MODES`, resized by
+            :func:`mmtrain.data.images.resize_image` like the training loader does:
+            ``"center_crop"`` (default: the centred square, scaled to ``resolution`` x
+            ``resolution``), ``"resize"`` (squashed to ``resolution`` x ``resolution``),
+            ``"keep_aspect"`` (shorter side to ``resolution``, aspect kept) or ``"none"``
+            (never resize; then ``resolution`` must be 0).
         min_size: Drop images whose original shorter side is < min_size, default 0 (off).
         max_aspect: Drop images whose original long/short side ratio is > max_aspect,
             default 0.0 (off). Must be 0 or >= 1.
@@ -117,15 +119,15 @@ class PrepConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
                 bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-                raise ValueError(f"PrepConfig.{name}: expected an int {bound}, got {value!r}")
+                raise ConfigError(f"PrepConfig.{name}: expected an int {bound}, got {value!r}")
 
         def _choice(name: str, choices: tuple[str, ...]) -> None:
             if getattr(self, name) not in choices:
-                raise ValueError(f"PrepConfig.{name}: expected one of {list(choices)}, got {getattr(self, name)!r}")
+                raise ConfigError(f"PrepConfig.{name}: expected one of {list(choices)}, got {getattr(self, name)!r}")
 
         _choice("output_format", OUTPUT_FORMATS)
         _choice("image_format", IMAGE_FORMATS)
-        _choice("resize_mode", RESIZE_MODES)
+        _choice("resize_mode", PREP_RESIZE_MODES)
         _int("samples_per_shard", 1)
         _int("shard_size", 0)
         _int("jpeg_quality", 1, 95)
@@ -136,34 +138,38 @@ class PrepConfig:
         _int("split_seed", 0)
         _int("workers", 1)
         if self.output_format == "mds" and self.shard_size > MDS_MAX_SHARD_BYTES:
-            raise ValueError(f"PrepConfig.shard_size: MDS shards must stay below 4 GiB, got {self.shard_size}")
+            raise ConfigError(f"PrepConfig.shard_size: MDS shards must stay below 4 GiB, got {self.shard_size}")
         if self.resize_mode == "none" and self.resolution:
-            raise ValueError(
+            raise ConfigError(
                 f"PrepConfig.resolution={self.resolution} contradicts resize_mode='none'; "
-                "set resolution to 0 or pick center_crop/keep_aspect"
+                "set resolution to 0 or pick center_crop/resize/keep_aspect"
             )
         if not isinstance(self.max_aspect, (int, float)) or isinstance(self.max_aspect, bool) or not (
             self.max_aspect == 0 or self.max_aspect >= 1
         ):
-            raise ValueError(f"PrepConfig.max_aspect: expected 0 (off) or a ratio >= 1, got {self.max_aspect!r}")
+            raise ConfigError(f"PrepConfig.max_aspect: expected 0 (off) or a ratio >= 1, got {self.max_aspect!r}")
         if self.max_caption_words and self.max_caption_words < self.min_caption_words:
-            raise ValueError(
+            raise ConfigError(
                 f"PrepConfig.max_caption_words={self.max_caption_words} is below "
                 f"min_caption_words={self.min_caption_words}"
             )
         if not isinstance(self.val_fraction, (int, float)) or isinstance(self.val_fraction, bool) or not (
             0.0 <= self.val_fraction < 1.0
         ):
-            raise ValueError(f"PrepConfig.val_fraction: expected a number in [0, 1), got {self.val_fraction!r}")
+            raise ConfigError(f"PrepConfig.val_fraction: expected a number in [0, 1), got {self.val_fraction!r}")
         if not isinstance(self.prefix, str) or not self.prefix or any(c in self.prefix for c in "/\\.") \
                 or self.prefix.startswith("-"):
-            raise ValueError(f"PrepConfig.prefix: expected a file name prefix without '/', '\\' or '.', got {self.prefix!r}")
+            raise ConfigError(f"PrepConfig.prefix: expected a file name prefix without '/', '\\' or '.', got {self.prefix!r}")
         return self
 
     def output_options(self) -> dict[str, Any]:
         """The options that determine the output bytes (not workers/progress/overwrite)."""
         skip = {"workers", "progress", "overwrite"}
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        options = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        # the resampling filter changes the pixels: output resized with another filter (Lanczos
+        # before images.py became the one resize path) is not resumed or mixed with this one
+        options["resample"] = RESAMPLE.name.lower()
+        return options
 
 
 def fingerprint(obj: Any) -> str:

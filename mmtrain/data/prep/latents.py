@@ -1,24 +1,26 @@
 """Precompute image-tokenizer latents for prepared shards.
 
-Reads webdataset shards or an MDS directory, runs the tokenizer's ``encode`` on
-every image, and writes new shards carrying the same members plus
-``KEY.latent.npy`` (webdataset) or a ``latent`` column (MDS): a C,h,w float16
-(default) or float32 array. Training can then skip the VAE entirely.
+Reads any source the trainer reads (webdataset shards or an MDS directory, local or at a
+URL: :func:`mmtrain.data.sources.open_source`, shard by shard with ``read_shard``), decodes
+and resizes every image the way the training loader does
+(:func:`mmtrain.data.images.decode_image` with ``image_size`` / ``resize_mode``), runs the
+tokenizer's ``encode`` on it, and writes new shards carrying the same members plus
+``KEY.latent.npy`` (webdataset) or a ``latent`` column (MDS): a C,h,w float16 (default) or
+float32 array. Training can then skip the VAE entirely.
 
-One output shard per input shard (webdataset keeps the input names; MDS shards
-are numbered), each written under a temp name and renamed, with a record per
-input shard under ``out/.prep/latents`` -- a re-run skips shards already done.
-Images are batched by size (a batch must share H and W), so mixed-size datasets
-work, just with smaller batches.
+One output shard per input shard (webdataset keeps the input names; MDS shards are
+numbered), each written under a temp name and renamed (:class:`mmtrain.data.shards.
+ShardFile` and the prep chunk writers), with a record per input shard under
+``out/.prep/latents`` -- a re-run skips shards already done. Images are batched by size (a
+batch must share H and W), so mixed-size datasets kept as stored (``image_size`` 0) work,
+just with smaller batches.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,25 +31,23 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmtrain.atomic import atomic_write_text
-from mmtrain.data.images import IMAGE_EXTENSIONS
+from mmtrain.data import storage
+from mmtrain.data.cache import ShardCache
+from mmtrain.data.images import RESIZE_MODES, decode_image
 from mmtrain.data.prep.config import fingerprint
 from mmtrain.data.prep.mds_writer import MdsChunkWriter
 from mmtrain.data.prep.progress import STATS, ProgressStore
-from mmtrain.data.prep.readers import (
-    dataset_format,
-    iter_mds_shard,
-    mds_shards,
-    mds_to_sample,
-    wds_to_sample,
-)
-from mmtrain.data.prep.sample import OutSample, mds_columns, npy_bytes
+from mmtrain.data.prep.sample import NO_LABEL, OutSample, mds_columns, npy_bytes
+from mmtrain.data.prep.transform import encode
 from mmtrain.data.prep.wds_writer import WdsChunkWriter
-from mmtrain.data.shards import _ShardFile, list_shards
-from mmtrain.data.tar import read_tar_samples
+from mmtrain.data.shards import ShardFile, remove_stale_shards, remove_temp_shards, shard_name
+from mmtrain.data.sources import Source, StoredSample, open_source
 
 logger = logging.getLogger("mmtrain.data.prep")
 
 LATENT_DTYPES: tuple[str, ...] = ("float16", "float32")
+# Members a re-sharded sample is rebuilt from; the others travel along as OutSample.extras.
+_KNOWN_MEMBERS = frozenset({"txt", "json", "cls", "latent.npy"})
 
 
 def _tokenizer(image_tokenizer: Any) -> tuple[Any, dict[str, Any]]:
@@ -71,12 +71,6 @@ def _tokenizer(image_tokenizer: Any) -> tuple[Any, dict[str, Any]]:
         if hasattr(image_tokenizer, attr):
             described[attr] = getattr(image_tokenizer, attr)
     return image_tokenizer, described
-
-
-def _decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as opened:
-        opened.load()
-        return opened.convert("RGB")
 
 
 class _Encoder:
@@ -125,12 +119,17 @@ def precompute_latents(
     output_format: str | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    image_size: int = 0,
+    resize_mode: str = "center_crop",
+    shard_cache: ShardCache | None = None,
 ) -> dict[str, Any]:
     """Write copies of ``in_shards`` with a latent per sample into ``out_dir``.
 
     Args:
-        in_shards: An MDS directory (holds ``index.json``), or webdataset shards as
-            ``list_shards`` accepts them (directory, ``.tar``, brace pattern).
+        in_shards: Any data source the trainer reads (:func:`mmtrain.data.sources.open_source`):
+            webdataset shards (directory, ``.tar``, brace pattern) or an MDS directory, local
+            or at a URL (``s3://``, ``gs://``, ``http(s)://``; remote shards are read through
+            ``shard_cache``, default :func:`~mmtrain.data.sources.default_shard_cache`).
         out_dir: Output directory (must differ from the input).
         image_tokenizer: A registered kind name (default ``"pixels"``), an
             ``ImageTokenizerConfig``, or an object with ``encode(images)`` mapping
@@ -142,6 +141,13 @@ def precompute_latents(
         progress: Show a tqdm progress bar, default True.
         overwrite: Replace an earlier run in ``out_dir`` made with other settings,
             default False (such a run raises ValueError).
+        image_size: Encode each image resized to ``image_size`` x ``image_size`` by
+            ``resize_mode``, as the training loader would (set both to the run's
+            ``data.image_size`` / ``data.resize_mode``); default 0: as stored, which is
+            the same pixels for a dataset prepped at the training size.
+        resize_mode: One of :data:`mmtrain.data.images.RESIZE_MODES`, default ``"center_crop"``
+            (the loader's default); used only with ``image_size``.
+        shard_cache: Where remote input shards are downloaded to.
 
     Samples whose image is missing or cannot be decoded are skipped and counted.
     Returns the stats dict written atomically to ``out_dir/stats.json``
@@ -152,50 +158,65 @@ def precompute_latents(
         raise ValueError(f"precompute_latents: batch_size must be an int >= 1, got {batch_size!r}")
     if dtype not in LATENT_DTYPES:
         raise ValueError(f"precompute_latents: dtype must be one of {list(LATENT_DTYPES)}, got {dtype!r}")
-    fmt_in = dataset_format(in_shards)
-    fmt_out = output_format or fmt_in
-    if fmt_out not in ("wds", "mds"):
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 0:
+        raise ValueError(f"precompute_latents: image_size must be an int >= 0, got {image_size!r}")
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"precompute_latents: resize_mode must be one of {list(RESIZE_MODES)}, got {resize_mode!r}")
+    if output_format not in (None, "wds", "mds"):
         raise ValueError(f"precompute_latents: output_format must be 'wds', 'mds' or None, got {output_format!r}")
+    in_path = os.fspath(in_shards)
     out = Path(out_dir)
-    source_dir = Path(in_shards) if Path(in_shards).is_dir() else Path(in_shards).parent
-    if out.resolve() == source_dir.resolve():
-        raise ValueError(f"precompute_latents: out_dir {str(out)!r} is the input directory; choose another one")
+    if not storage.is_url(in_path):
+        source_dir = Path(in_path) if Path(in_path).is_dir() else Path(in_path).parent
+        if out.resolve() == source_dir.resolve():
+            raise ValueError(f"precompute_latents: out_dir {str(out)!r} is the input directory; choose another one")
+    source = open_source(in_path, shard_cache=shard_cache)
+    try:
+        return _precompute(source, in_path, out, image_tokenizer, batch_size, dtype, device,
+                           output_format or source.format, progress, overwrite, image_size, resize_mode)
+    finally:
+        source.close()
 
+
+def _precompute(source: Source, in_path: str, out: Path, image_tokenizer: Any, batch_size: int, dtype: str,
+                device: str, fmt_out: str, progress: bool, overwrite: bool, image_size: int,
+                resize_mode: str) -> dict[str, Any]:
+    """:func:`precompute_latents` on an opened source, shard by shard."""
+    fmt_in = source.format
+    names = [storage.basename(s) for s in source.shards]
+    if fmt_in == "wds" and len(set(names)) != len(names):
+        raise ValueError(f"precompute_latents: input shards {in_path!r} repeat file names; outputs keep "
+                         "the input names, so they must be unique")
     if fmt_in == "mds":
-        entries = mds_shards(in_shards)
-        inputs = [(e["raw_data"]["basename"], os.path.join(in_shards, e["raw_data"]["basename"]), e) for e in entries]
-        has_labels = bool(entries) and "cls" in entries[0].get("column_names", [])
+        has_labels = source.has_column("cls")
     else:
-        paths = list_shards(in_shards)
-        inputs = [(os.path.basename(p), p, None) for p in paths]
-        names = [name for name, _, _ in inputs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"precompute_latents: input shards {in_shards!r} repeat file names; outputs keep "
-                             "the input names, so they must be unique")
-        has_labels = fmt_out == "mds" and any(_tar_has_member(p, "cls") for p in paths)
+        has_labels = fmt_out == "mds" and bool(source.has_field("cls").any())
     tokenizer, described = _tokenizer(image_tokenizer)
     options = {"latents": {"tokenizer": described, "dtype": dtype, "output_format": fmt_out, "input_format": fmt_in,
                            "has_labels": has_labels}}
+    if image_size:  # only then: runs made before the option existed keep their fingerprint
+        options["latents"].update(image_size=image_size, resize_mode=resize_mode)
     options_fp = fingerprint(options)
     started = time.perf_counter()
     encoder = _Encoder(tokenizer, batch_size, dtype, device)
+    decode = _ImageDecoder(image_size, resize_mode)
     out.mkdir(parents=True, exist_ok=True)
 
     with ProgressStore(out, options, options_fp, overwrite, data_dirs=[out], records="latents") as store:
-        store.write_progress({"shards_total": len(inputs), "complete": False})
+        store.write_progress({"shards_total": len(names), "complete": False})
         mds_writer = MdsChunkWriter(out, mds_columns(has_labels, has_latents=True)) if fmt_out == "mds" else None
         wds_writer = WdsChunkWriter(out, "shard") if fmt_out == "wds" and fmt_in == "mds" else None
         for writer in (mds_writer, wds_writer):
             if writer is not None:
                 writer.clean_temps()
-        _clean_raw_temps(out)
+        remove_temp_shards(out)
         all_shards: list[dict[str, Any]] = []
         records: list[dict[str, Any]] = []
         written = processed = total = 0
-        bar = tqdm(total=len(inputs), desc="latents", unit="shard", disable=not progress)
-        for i, (name, path, entry) in enumerate(inputs):
-            stat = os.stat(path)
-            chain = fingerprint([options_fp, name, stat.st_size, stat.st_mtime_ns, entry])
+        bar = tqdm(total=len(names), desc="latents", unit="shard", disable=not progress)
+        for i, name in enumerate(names):
+            chain = fingerprint([options_fp, name, *_shard_identity(source, i),
+                                 source.entries[i] if fmt_in == "mds" else None])
             record = store.load(f"{i:06d}")
             expected = [_out_name(fmt_in, fmt_out, name, len(all_shards) + k) for k in range(len(record["shards"]))] \
                 if record else []
@@ -203,8 +224,8 @@ def precompute_latents(
                 (out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"] for s in record["shards"]
             ) and [s["name"] for s in record["shards"]] == expected
             if not intact:
-                record = _do_shard(fmt_in, fmt_out, name, path, entry, in_shards, encoder, out, len(all_shards),
-                                   mds_writer, wds_writer, chain)
+                record = _do_shard(source, i, decode, encoder, out, len(all_shards),
+                                   mds_writer or wds_writer, chain)
                 store.save(f"{i:06d}", record)
                 written += 1
                 processed += record["samples"] + sum(record["drops"].values())
@@ -217,11 +238,8 @@ def precompute_latents(
         if mds_writer is not None:
             mds_writer.finish(all_shards)
         else:
-            keep = {s["name"] for s in all_shards}
-            for stale in sorted(n for n in os.listdir(out) if n.endswith(".tar") and n not in keep):
-                logger.warning("removing stale shard %s from a previous run", out / stale)
-                os.remove(out / stale)
-        store.prune({f"{i:06d}" for i in range(len(inputs))})
+            remove_stale_shards(out, r".+\.tar", {s["name"] for s in all_shards})
+        store.prune({f"{i:06d}" for i in range(len(names))})
 
         elapsed = time.perf_counter() - started
         drops: Counter = Counter()
@@ -230,23 +248,23 @@ def precompute_latents(
             drops.update(record["drops"])
             shapes.update(record["latent_shapes"])
         stats = {
-            "input": str(in_shards), "input_format": fmt_in, "output_format": fmt_out, "out_dir": str(out),
+            "input": in_path, "input_format": fmt_in, "output_format": fmt_out, "out_dir": str(out),
             "tokenizer": described, "dtype": dtype, "device": str(encoder.device),
             "samples": sum(r["samples"] for r in records),
             "dropped_by_reason": {"missing_image": drops.get("missing_image", 0),
                                   "corrupt_image": drops.get("corrupt_image", 0)},
             "latent_shapes": dict(sorted(shapes.items())),
             "shards": len(all_shards), "shard_files": [s["name"] for s in all_shards],
-            "shards_written": written, "shards_skipped": len(inputs) - written,
+            "shards_written": written, "shards_skipped": len(names) - written,
             "samples_processed": processed, "elapsed_s": elapsed,
             "samples_per_s": processed / max(elapsed, 1e-9),
         }
         atomic_write_text(out / STATS, _json(stats))
-        store.runs.append({"shards_written": written, "shards_skipped": len(inputs) - written,
+        store.runs.append({"shards_written": written, "shards_skipped": len(names) - written,
                            "samples_processed": processed, "elapsed_s": elapsed})
-        store.write_progress({"shards_total": len(inputs), "complete": True})
+        store.write_progress({"shards_total": len(names), "complete": True})
     logger.info("latents: %d samples in %d shard(s) to %s (%d written, %d skipped) in %.1fs, %.1f samples/s",
-                stats["samples"], len(all_shards), out, written, len(inputs) - written, elapsed, stats["samples_per_s"])
+                stats["samples"], len(all_shards), out, written, len(names) - written, elapsed, stats["samples_per_s"])
     return stats
 
 
@@ -254,82 +272,76 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, indent=2) + "\n"
 
 
-def _tar_has_member(path: str, ext: str) -> bool:
-    """Whether any sample of the tar has member ``ext`` (headers only)."""
-    try:
-        with tarfile.open(path, "r:*") as archive:
-            return any(os.path.basename(m.name).split(".", 1)[-1] == ext for m in archive)
-    except (tarfile.TarError, OSError) as exc:
-        raise ValueError(f"shard {path}: cannot read tar archive: {exc}") from exc
+def _shard_identity(source: Source, shard: int) -> tuple[int, int | str]:
+    """What changes when an input shard is rewritten: a local file's size and mtime, a remote
+    one's size and digest (from its index; "" without one)."""
+    remote = source.shard_files.remote
+    if remote is None:
+        stat = os.stat(source.shards[shard])
+        return stat.st_size, stat.st_mtime_ns
+    return remote[shard].size, remote[shard].digest
 
 
 def _out_name(fmt_in: str, fmt_out: str, in_name: str, index: int) -> str:
     if fmt_out == "mds":
         return MdsChunkWriter.shard_name(index)
-    return in_name if fmt_in == "wds" else f"shard-{index:06d}.tar"
+    return in_name if fmt_in == "wds" else shard_name("shard", index)
 
 
-def _clean_raw_temps(out: Path) -> None:
-    for name in os.listdir(out):
-        if name.startswith(".") and ".tar" in name and name.endswith(".tmp"):  # shards and their indexes
-            os.remove(out / name)
+class _ImageDecoder:
+    """A stored image -> the RGB pixels the training loader would make of it (a PIL image)."""
+
+    def __init__(self, image_size: int, resize_mode: str) -> None:
+        self.image_size, self.resize_mode = image_size, resize_mode
+
+    def __call__(self, sample: StoredSample) -> Image.Image:
+        return Image.fromarray(decode_image(sample.image, self.image_size, self.resize_mode, where=sample.where))
 
 
-def _do_shard(fmt_in: str, fmt_out: str, name: str, path: str, entry: dict[str, Any] | None, in_shards: Any,
-              encoder: _Encoder, out: Path, start: int, mds_writer: MdsChunkWriter | None,
-              wds_writer: WdsChunkWriter | None, chain: str) -> dict[str, Any]:
-    """Encode one input shard and write its output shard(s); return its record."""
-    where = f"shard {path}"
-    raw: list[tuple[str, dict[str, bytes]]] = []
-    samples: list[OutSample] = []
-    if fmt_in == "wds":
-        for key, members in read_tar_samples(path):
-            raw.append((key, members))
+def _out_sample(sample: StoredSample, latent: np.ndarray) -> OutSample:
+    """The sample to write through a prep chunk writer: as read, plus its latent."""
+    image = sample.image
+    if not isinstance(image, bytes):  # an MDS 'pil' column: no file to copy, store it losslessly
+        image, ext = encode(image.convert("RGB"), "png", 0), "png"
     else:
-        samples = [mds_to_sample(row) for row in iter_mds_shard(in_shards, entry)]
-    keys = [k for k, _ in raw] if fmt_in == "wds" else [s.key for s in samples]
+        ext = sample.image_ext or "jpg"
+    meta = sample.meta
+    members = sample.members or {}
+    return OutSample(key=sample.key, image=image, image_ext=ext, caption=sample.caption or "",
+                     meta={} if meta is None else meta if isinstance(meta, dict) else {"json": meta},
+                     label=None if sample.label is None or sample.label == NO_LABEL else sample.label, latent=latent,
+                     extras={k: v for k, v in members.items() if k not in _KNOWN_MEMBERS and k != sample.image_ext})
+
+
+def _do_shard(source: Source, shard: int, decode: _ImageDecoder, encoder: _Encoder, out: Path,
+              start: int, writer: MdsChunkWriter | WdsChunkWriter | None, chain: str) -> dict[str, Any]:
+    """Encode one input shard and write its output shard(s); return its record."""
+    where = f"shard {source.shards[shard]}"
+    name = storage.basename(source.shards[shard])
     drops: Counter = Counter()
     images: list[Image.Image] = []
-    kept: list[int] = []
-    for i, key in enumerate(keys):
-        if fmt_in == "wds":
-            ext = next((e for e in IMAGE_EXTENSIONS if e in raw[i][1]), None)
-            data = raw[i][1][ext] if ext else None
-        else:
-            data = samples[i].image
-        if data is None:
+    kept: list[StoredSample] = []
+    for sample in source.read_shard(shard):
+        if sample.image is None:
             drops["missing_image"] += 1
-            logger.warning("skipped %s, sample %s: missing_image: no image member", where, key)
+            logger.warning("skipped %s, sample %s: missing_image: no image member", where, sample.key)
             continue
         try:
-            images.append(_decode(data))
+            images.append(decode(sample))
         except Exception as exc:  # noqa: BLE001 -- any decoder failure means the image is corrupt
             drops["corrupt_image"] += 1
-            logger.warning("skipped %s, sample %s: corrupt_image: %s: %s", where, key, type(exc).__name__, exc)
+            logger.warning("skipped %s, sample %s: corrupt_image: %s: %s", where, sample.key, type(exc).__name__, exc)
             continue
-        kept.append(i)
-    latents = encoder(images, [keys[i] for i in kept], where)
+        kept.append(sample)
+    latents = encoder(images, [s.key for s in kept], where)
     shapes = Counter("x".join(map(str, z.shape)) for z in latents)
 
-    if fmt_in == "wds" and fmt_out == "wds":
-        shard = _ShardFile(str(out / name))
-        try:
-            for i, latent in zip(kept, latents):
-                key, members = raw[i]
-                shard.write({**members, "__key__": key, "latent.npy": npy_bytes(latent)})
-            shard.commit()
-        except BaseException:
-            shard.abort()
-            raise
-        infos = [{"name": name, "samples": len(kept), "bytes": os.path.getsize(out / name)}]
+    if writer is None:  # webdataset in and out: every member as it was, plus the latent
+        with ShardFile(out / name) as tar:
+            for sample, latent in zip(kept, latents):
+                tar.write({**sample.members, "__key__": sample.key, "latent.npy": npy_bytes(latent)})
+        infos = [tar.info]
     else:
-        if fmt_in == "wds":
-            outs = [wds_to_sample(raw[i][0], raw[i][1], where) for i in kept]
-        else:
-            outs = [samples[i] for i in kept]
-        for sample, latent in zip(outs, latents):
-            sample.latent = latent
-        writer = mds_writer if fmt_out == "mds" else wds_writer
-        infos = writer.write_chunk(outs, start, tag=f"latents-{start:06d}")
+        infos = writer.write_chunk([_out_sample(s, z) for s, z in zip(kept, latents)], start)
     return {"version": 1, "chain": chain, "input": name, "samples": len(kept), "drops": dict(drops),
             "latent_shapes": dict(shapes), "shards": infos}

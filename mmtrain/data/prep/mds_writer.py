@@ -2,11 +2,13 @@
 
 ``MDSWriter`` writes a whole dataset directory and its ``index.json`` and gives no
 way to append, so each chunk is written by its own MDSWriter into a hidden temp
-directory ``.tmp-TAG``; its shard files are fsynced and renamed to their final
-names ``shard.NNNNN.mds`` (numbered across chunks), and their index entries are
-kept. :meth:`MdsChunkWriter.finish` writes the combined ``index.json`` atomically
-once every chunk is done. A killed run therefore leaves only complete shards under
-final names (plus a temp dir that the next run deletes), and the directory's
+directory ``.tmp-NNNNNN`` (the chunk's first shard number); its shard files are
+fsynced and renamed to their final names ``shard.NNNNN.mds`` (numbered across
+chunks), and their index entries are kept. :meth:`MdsChunkWriter.finish` writes the
+combined ``index.json`` atomically once every chunk is done, removing the stale
+shards of a larger earlier run with :func:`mmtrain.data.shards.remove_stale_shards`
+(as the webdataset writers do). A killed run therefore leaves only complete shards
+under final names (plus a temp dir that the next run deletes), and the directory's
 ``index.json`` is either the previous run's or the new complete one, never partial.
 """
 
@@ -14,9 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,7 @@ from typing import Any
 from mmtrain.atomic import atomic_write_text
 from mmtrain.data.prep.config import MDS_MAX_SHARD_BYTES
 from mmtrain.data.prep.sample import OutSample, to_mds
-
-logger = logging.getLogger("mmtrain.data.prep")
+from mmtrain.data.shards import remove_stale_shards
 
 INDEX = "index.json"
 
@@ -49,7 +48,6 @@ class MdsChunkWriter:
         self.columns = dict(columns)
         self.shard_size = shard_size or MDS_MAX_SHARD_BYTES
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._final = re.compile(r"shard\.\d{5,}\.mds")
 
     @staticmethod
     def shard_name(index: int) -> str:
@@ -61,7 +59,7 @@ class MdsChunkWriter:
             if name.startswith(".tmp-") and (self.dir / name).is_dir():
                 shutil.rmtree(self.dir / name)
 
-    def write_chunk(self, samples: list[OutSample], start: int, tag: str) -> list[dict[str, Any]]:
+    def write_chunk(self, samples: list[OutSample], start: int) -> list[dict[str, Any]]:
         """Write ``samples`` into shards numbered from ``start``.
 
         Returns ``[{name, samples, bytes, mds}]``, where ``mds`` is the shard's
@@ -71,7 +69,7 @@ class MdsChunkWriter:
             MDSWriter,  # importing streaming takes seconds; only MDS runs pay
         )
 
-        tmp = self.dir / f".tmp-{tag}"
+        tmp = self.dir / f".tmp-{start:06d}"  # one chunk at a time per directory: its start is unique
         if tmp.exists():
             shutil.rmtree(tmp)
         try:
@@ -101,11 +99,7 @@ class MdsChunkWriter:
 
     def finish(self, shards: list[dict[str, Any]]) -> None:
         """Write ``index.json`` listing ``shards`` in order; remove shard files not listed."""
-        keep = {s["name"] for s in shards}
-        for name in sorted(os.listdir(self.dir)):
-            if self._final.fullmatch(name) and name not in keep:
-                logger.warning("removing stale MDS shard %s from a previous run", self.dir / name)
-                os.remove(self.dir / name)
+        remove_stale_shards(self.dir, r"shard\.\d{5,}\.mds", {s["name"] for s in shards}, what="MDS shard")
         index = {"version": 2, "shards": [s["mds"] for s in shards]}
         atomic_write_text(self.dir / INDEX, json.dumps(index, sort_keys=True))
 

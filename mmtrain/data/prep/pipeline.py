@@ -142,7 +142,7 @@ def _finish_chunk(chunk: Chunk, processed: list[Processed], seen: dict[str, tupl
             continue
         caption_lengths[len(p.caption.split())] += 1
         kept.append(OutSample(key=p.key, image=p.image, image_ext=ext, caption=p.caption, meta=p.meta, label=p.label))
-    shards = writer.write_chunk(kept, start, tag=chunk.name)
+    shards = writer.write_chunk(kept, start)
     return {
         "version": 1, "split": chunk.split, "index": chunk.index, "chain": chunk.chain,
         "candidates": len(chunk.candidates), "kept": len(kept), "drops": dict(drops), "examples": examples,

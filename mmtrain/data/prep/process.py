@@ -15,17 +15,10 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from mmtrain.data.images import resize_image, resized_size
 from mmtrain.data.prep.candidate import ByteRef, Candidate, group_hash
 from mmtrain.data.prep.config import PrepConfig
-from mmtrain.data.prep.transform import (
-    PIL_FORMAT,
-    encode,
-    oriented,
-    pixel_hash,
-    resize,
-    target_size,
-    to_rgb,
-)
+from mmtrain.data.prep.transform import PIL_FORMAT, encode, oriented, pixel_hash, to_rgb
 
 
 @dataclass(frozen=True)
@@ -181,7 +174,7 @@ def process_candidate(opts: ProcessOptions, cand: Candidate, reader: _Reader) ->
         return _drop(out, "too_small", f"{width}x{height}: shorter side {short} < min_size {opts.min_size}")
     if opts.max_aspect and long / short > opts.max_aspect:
         return _drop(out, "bad_aspect", f"{width}x{height}: aspect {long / short:.2f} > max_aspect {opts.max_aspect}")
-    new_w, new_h = target_size(width, height, opts.resolution, opts.resize_mode)
+    new_w, new_h = resized_size(width, height, opts.resolution, opts.resize_mode)
     if opts.resize_mode == "keep_aspect" and new_w * new_h > Image.MAX_IMAGE_PIXELS:
         # A thin strip scaled up to `resolution` would need gigabytes; treat it as the aspect problem it is.
         return _drop(out, "bad_aspect", f"{width}x{height}: keep_aspect resize would make {new_w}x{new_h}")
@@ -202,7 +195,7 @@ def process_candidate(opts: ProcessOptions, cand: Candidate, reader: _Reader) ->
     if opts.dedup:
         out.pixel_hash = pixel_hash(image)
     orig_w, orig_h = image.size
-    resized = resize(image, opts.resolution, opts.resize_mode)
+    resized = resize_image(image, opts.resolution, opts.resize_mode)
     unchanged = resized is image and not rotated and source_mode == "RGB"
     if opts.passthrough and unchanged and source_format == PIL_FORMAT[opts.image_format]:
         out.image = data

@@ -1,4 +1,8 @@
-"""Image transforms of the converters: orientation, RGB, resize, encode, pixel hash."""
+"""Image transforms of the converters: orientation, RGB, encode, pixel hash.
+
+Resizing is not here: prep resizes with :func:`mmtrain.data.images.resize_image`, the one
+resize every reader of model pixels uses, so a prepped image is the pixels training sees.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ import io
 
 from PIL import ExifTags, Image, ImageOps
 
-# Lanczos keeps downscaled photos sharp; the filter only matters when resizing.
-RESAMPLE = Image.Resampling.LANCZOS
 PIL_FORMAT = {"jpg": "JPEG", "png": "PNG"}
 
 
@@ -45,36 +47,6 @@ def pixel_hash(image: Image.Image) -> str:
     h.update(f"{image.size[0]}x{image.size[1]}:".encode())
     h.update(image.tobytes())
     return h.hexdigest()
-
-
-def target_size(width: int, height: int, resolution: int, mode: str) -> tuple[int, int]:
-    """Size after scaling the shorter side to ``resolution`` (before any crop)."""
-    if not resolution or mode == "none":
-        return width, height
-    scale = resolution / min(width, height)
-    # max(resolution, ...) so rounding never leaves the shorter side one pixel short.
-    if width <= height:
-        return resolution, max(resolution, round(height * scale))
-    return max(resolution, round(width * scale)), resolution
-
-
-def resize(image: Image.Image, resolution: int, mode: str) -> Image.Image:
-    """Scale the shorter side to ``resolution``; ``center_crop`` then crops a centred square."""
-    if not resolution or mode == "none":
-        return image
-    width, height = image.size
-    new_w, new_h = target_size(width, height, resolution, mode)
-    if mode == "keep_aspect":
-        return image if (new_w, new_h) == (width, height) else image.resize((new_w, new_h), RESAMPLE)
-    if (width, height) == (resolution, resolution):
-        return image
-    # The crop of the scaled image, mapped back to source coordinates: resizing only
-    # that box gives the same pixels as scale-then-crop without building the full
-    # scaled image (huge for a long panorama).
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    sx, sy = width / new_w, height / new_h
-    box = (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
-    return image.resize((resolution, resolution), RESAMPLE, box=box)
 
 
 def encode(image: Image.Image, image_format: str, jpeg_quality: int) -> bytes:

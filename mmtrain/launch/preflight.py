@@ -1,0 +1,66 @@
+"""The checks that run once before any rank of a start exists, so that a bad config, a missing
+shard or a mismatched tokenizer fails in seconds on the submitting machine, not after a queue
+wait on every rank: by ``mmtrain train`` before it starts the ranks, by ``mmtrain launch``
+before it submits, by ``slurm/train.sbatch`` before ``srun`` (``mmtrain train --preflight-only``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from mmtrain.config import Config, load_config
+
+log = logging.getLogger("mmtrain.preflight")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def preflight(config_path: str, overrides: list[str], on_this_node: bool = True) -> Config:
+    """The run config of ``config_path`` + ``overrides``, once its data sources, init weights and text
+    tokenizer are checked.
+
+    ``on_this_node`` False: the ranks run on other machines (``mmtrain launch`` to Slurm), so the
+    ``auto`` shard cache limit is not measured on this one's disk (each node measures its own)."""
+    from mmtrain.components.data import check_cache_limit, open_sources
+
+    cfg = load_config(config_path, overrides)
+    # every training source exists and is well-formed (remote: every shard is there with its index's size,
+    # and the credentials work) and fits data.cache_limit; fills the tar index cache for the ranks
+    sources = open_sources(cfg.data, on_this_node=on_this_node)
+    check_cache_limit(cfg.data, sources)
+    if cfg.train.init_from and not (Path(cfg.train.init_from) / "model.safetensors").is_file() and not Path(cfg.train.init_from).is_file():
+        raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no model.safetensors there")
+    if cfg.model.attention == "flex" and not cuda_available():
+        raise ValueError("model.attention=flex: FlexAttention cannot train on CPU (no backward there); "
+                         "set model.attention=sdpa, which gives the same numbers")
+    if cfg.model.condition != "class":
+        if not Path(cfg.text_model_path).is_file():
+            raise FileNotFoundError(f"text tokenizer {cfg.text_model_path} not found (set tokenizer.text_model, or run `mmtrain tokenizer train`)")
+        from mmtrain.tokenize.text import TextTokenizer
+        from mmtrain.train import check_run_tokenizer
+
+        check_run_tokenizer(cfg, TextTokenizer.from_file(cfg.text_model_path))
+    if on_this_node:
+        warn_about_cpus_per_task(cfg.data.num_workers)
+    log.info("preflight passed: %s: %d source(s), %d samples%s", config_path, len(sources), sum(len(s) for s in sources),
+             "" if cfg.model.condition == "class" else ", text tokenizer matches")
+    return cfg
+
+
+def warn_about_cpus_per_task(num_workers: int) -> None:
+    """Inside a Slurm job: each rank needs the cores ``mmtrain launch`` asks for (``--cpus-per-task``)."""
+    from mmtrain.launch.submit import cpus_per_task_for
+
+    if "SLURM_JOB_ID" not in os.environ:
+        return
+    need, have = cpus_per_task_for(num_workers), os.environ.get("SLURM_CPUS_PER_TASK")
+    if have is None or int(have) < need:
+        log.warning("%s, but each rank runs data.num_workers=%d loader workers besides itself: submit with "
+                    "--cpus-per-task=%d (data.num_workers + 2) or more",
+                    f"this job has --cpus-per-task={have}" if have else "this job was submitted without --cpus-per-task "
+                    "(Slurm's default is often 1 CPU per task)", num_workers, need)
