@@ -1,6 +1,6 @@
 """TransDiff, TransDiff+MRAR and CausalFusion (S = 1 and S > 1) on the same data and budget.
 
-    python benchmarks/bench_families.py                 # the README table (CPU, ~20 min)
+    python benchmarks/bench_families.py                 # the table in docs/transdiff.md (CPU, ~20 min)
     python benchmarks/bench_families.py --steps 50 --eval 36   # a quick look
 
 Data: the embedded synthetic set with one shape per 32x32 image, class-conditional on

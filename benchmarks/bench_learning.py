@@ -1,7 +1,9 @@
 """Learning curves: train with the real `mmtrain train`, evaluate every K steps with the real `mmtrain eval`.
 
-    python benchmarks/bench_learning.py configs/demo.yaml --run-dir runs/demo_curve --eval-every 200
-    python benchmarks/bench_learning.py configs/shapes.yaml --run-dir runs/shapes --eval-every 1000 --eval-num 512
+    python benchmarks/bench_learning.py configs/demo.yaml data.train_shards=data/demo/train data.val_shards=data/demo/val \
+        tokenizer.text_model=data/demo/tokenizer/text.model --run-dir runs/demo_curve --eval-every 200
+    python benchmarks/bench_learning.py configs/shapes.yaml data.train_shards=data/shapes/train data.val_shards=data/shapes/val \
+        tokenizer.text_model=data/shapes/tokenizer/text.model --run-dir runs/shapes --eval-every 1000 --eval-num 512
 
 For each evaluation point ``K, 2K, ..., train.steps`` (``--steps`` overrides the config's):
 trains up to that step (``mmtrain train CONFIG train.stop_at=STEP``: the first launch starts the

@@ -154,25 +154,64 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from mmtrain.components.checkpoint import latest_tag
-    from mmtrain.launch.registry import job_table, registry_path
+    import time
 
-    run_dir = Path(args.run_dir)
+    from mmtrain.components.checkpoint import latest_tag
+    from mmtrain.launch.registry import MEANINGS, job_table, registry_path
+
+    if Path(args.run_dir).is_file() or args.print_run_dir:  # a config and its overrides: the run dir they name
+        named = str(load_config(args.run_dir, args.overrides).train.run_dir).strip()
+        if not named:
+            raise ConfigError(f"{args.run_dir}: not set: train.run_dir (in the file or as a key=value override)")
+        run_dir = Path(named)
+        if args.print_run_dir:
+            print(run_dir)
+            return 0
+    elif args.overrides:
+        raise ValueError(f"{args.run_dir}: key=value overrides follow a config file, not a run directory")
+    else:
+        run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     rows = job_table(run_dir)
     if not rows:
-        print(f"no jobs recorded in {registry_path(run_dir)} (runs started with `mmtrain launch` record theirs)")
+        print(f"no jobs recorded in {registry_path(run_dir)} (jobs of `mmtrain launch` are recorded when submitted, "
+              "those of `sbatch slurm/train.sbatch` when they start)")
     else:
         print(f"{'JOB':<12} {'CLUSTER':<8} {'STATE':<10} {'STARTS':>6} {'LAST STEP':>9}  SUBMITTED            LOGS")
         for r in rows:
             step = "-" if r["last_step"] is None else str(r["last_step"])
+            # a job of slurm/train.sbatch records no submission
+            submitted = r["submitted"] or ("sbatch" if r["starts"] and r["cluster"] == "slurm" else "-")
             print(f"{r['job_id']:<12} {r['cluster']:<8} {r['state']:<10} {r['starts']:>6} {step:>9}  "
-                  f"{r['submitted'] or '-':<20} {r.get('logs') or '-'}")
-    tag = latest_tag(run_dir)
+                  f"{submitted:<20} {r.get('logs') or '-'}")
+        for state in dict.fromkeys(r["state"] for r in rows):
+            if state in MEANINGS:
+                print(f"  {state}: {MEANINGS[state]}")
+        for r in rows:
+            if r["state"] == "FAILED" and r["error"]:
+                print(f"  job {r['job_id']} failed: {r['error'].strip().splitlines()[-1][:300]}")
+            if r["logged"] is not None:
+                ago = time.time() - r["logged"].get("time", time.time())
+                print(f"  job {r['job_id']}: last logged step {r['logged']['step']}, {_duration(ago)} ago "
+                      f"({run_dir / 'metrics.jsonl'})")
+    try:
+        tag = latest_tag(run_dir)
+    except FileNotFoundError as exc:  # a damaged `latest`: the jobs above are still worth reading
+        print(f"latest checkpoint: {exc}")
+        return 0
     planned = load_config(run_dir / "config.yaml").train.steps if (run_dir / "config.yaml").is_file() else None
     print(f"latest checkpoint: {tag or 'none'}" + (f" (of {planned} planned steps)" if tag and planned else ""))
     return 0
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 # --------------------------------------------------------------------------- inference
@@ -188,7 +227,7 @@ def _sample_cfg(run, overrides: list[str]):
 def cmd_sample(args: argparse.Namespace) -> int:
     from mmtrain.inference import generate_images, image_grid, load_run
 
-    run = load_run(args.run_dir, weights=args.weights, device=args.device, dtype=args.dtype)
+    run = load_run(args.run_dir, args.step, weights=args.weights, device=args.device, dtype=args.dtype)
     sample = _sample_cfg(run, args.overrides)
     conditions = _conditions(run, args)
     conditions = [c for c in conditions for _ in range(args.num_per_prompt)]
@@ -216,7 +255,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     from mmtrain.inference import edit_image, image_grid, load_run, region_token_mask
 
-    run = load_run(args.run_dir, weights=args.weights, device=args.device, dtype=args.dtype)
+    run = load_run(args.run_dir, args.step, weights=args.weights, device=args.device, dtype=args.dtype)
     sample = _sample_cfg(run, args.overrides)
     try:
         image = Image.open(args.image).convert("RGB")
@@ -247,7 +286,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from mmtrain.data.sources import iter_samples
     from mmtrain.inference import caption_images, load_run
 
-    run = load_run(args.run_dir, weights=args.weights, device=args.device, dtype=args.dtype)
+    run = load_run(args.run_dir, args.step, weights=args.weights, device=args.device, dtype=args.dtype)
     sample = _sample_cfg(run, args.overrides)
     if args.shards:
         items = [(s["key"], s["image"]) for s in itertools.islice(iter_samples(args.shards), args.num)]
@@ -315,7 +354,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmtrain.train import exit_rank
 
     ranks = init_ranks()
-    run = load_run(args.run_dir, weights=args.weights, device=args.device, dtype=args.dtype)
+    run = load_run(args.run_dir, args.step, weights=args.weights, device=args.device, dtype=args.dtype)
     sample = _sample_cfg(run, [o for o in args.overrides if not o.startswith("eval.")])
     options = {"num_samples": args.num, "shards": args.shards, "cfg_scales": getattr(args, "cfg", None),
                "ar_steps": getattr(args, "ar_steps", None)}
@@ -383,6 +422,8 @@ def _add_inference_options(parser: argparse.ArgumentParser) -> None:
                         help="sample (or eval.*) setting override, repeatable, e.g. --set ar_steps=8 --set eval.batch_size=32")
     parser.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
                         help="EMA or trained weights (auto: the EMA when the checkpoint has one)")
+    parser.add_argument("--step", "--tag", dest="step", metavar="STEP",
+                        help="the checkpoint to use, a step (100) or a tag (step00000100); default: the newest intact one")
     parser.add_argument("--device", default="auto",
                         help="where the model (and VAE, Inception, CLIP) runs: auto (this rank's GPU when CUDA is available, "
                              "else cpu), cpu, cuda, cuda:N")
@@ -492,8 +533,12 @@ def _add_training_parsers(sub) -> None:
     la.add_argument("--poll-s", type=float, default=10.0, help="with --wait: seconds between looks at the job")
     la.set_defaults(func=cmd_launch)
 
-    jo = sub.add_parser("jobs", help="a run's launched jobs: id, state, starts, last step; latest checkpoint")
-    jo.add_argument("run_dir")
+    jo = sub.add_parser("jobs", help="a run's jobs (`mmtrain launch` and `sbatch slurm/train.sbatch`): id, state and what "
+                                     "it means, starts, last step; latest checkpoint")
+    jo.add_argument("run_dir", help="a run directory, or a config file with its key=value overrides (their train.run_dir)")
+    jo.add_argument("overrides", nargs="*", help="key.sub=value, after a config file")
+    jo.add_argument("--print-run-dir", action="store_true",
+                    help="print the run directory of the config and overrides, and exit (slurm/train.sbatch)")
     jo.set_defaults(func=cmd_jobs)
 
 
@@ -584,7 +629,8 @@ def _add_export_and_demo_parsers(sub) -> None:
     ex = sub.add_parser("export", help="a run's ZeRO checkpoint -> model dir (model/EMA safetensors + config + tokenizer)")
     ex.add_argument("run_dir")
     ex.add_argument("--out", required=True, help="output model directory")
-    ex.add_argument("--tag", help="checkpoint to export, e.g. step00001000 (default: latest)")
+    ex.add_argument("--step", "--tag", dest="tag", metavar="STEP",
+                    help="checkpoint to export, a step (1000) or a tag (step00001000); default: the newest intact one")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     ex.set_defaults(func=cmd_export)
 

@@ -31,7 +31,7 @@ from mmtrain.launch.config import LaunchConfig
 from mmtrain.models.config import ModelConfig
 from mmtrain.models.diffusion import FLOW_SAMPLERS, DiffusionConfig
 from mmtrain.schema import apply_overrides, build_dataclass
-from mmtrain.tokenize.image import ImageTokenizerConfig
+from mmtrain.tokenize.image import ImageTokenizerConfig, load_image_tokenizer_yaml
 from mmtrain.tokenize.text import TextTokenizerConfig
 
 log = logging.getLogger("mmtrain.config")
@@ -53,7 +53,8 @@ class TokenizerPaths:
         text_model: path of the sentencepiece ``.model`` (its ``.json`` sidecar sits next
             to it). Default ``""``: ``<run_dir>/tokenizer/text.model``.
         text: settings used when ``mmtrain tokenizer train`` builds it.
-        image: the continuous image tokenizer (pixels for now; VAEs plug in later).
+        image: the continuous image tokenizer: its fields (``tokenizers/*.yaml``), or the path of a
+            tokenizer.yaml (e.g. the one ``mmtrain tokenizer train-vae`` writes), loaded in its place.
     """
 
     text_model: str = ""
@@ -67,7 +68,8 @@ class TrainConfig:
 
     Args:
         run_dir: everything of a run lands here (config, checkpoints, logs, samples).
-            Restarting with the same run_dir resumes. Default ``runs/default``.
+            Restarting with the same run_dir resumes. Required to train (no default: a
+            forgotten path must not train into a shared folder): :func:`require_run_paths`.
         steps: optimizer steps to train in total (not per restart). Default 200.
         micro_batch_size: samples per rank per forward. Default 16.
         grad_accum: micro-batches per optimizer step. Default 1.
@@ -104,9 +106,14 @@ class TrainConfig:
             learning-rate schedule and the totals still follow ``steps``, so a run stopped
             at every evaluation point (``benchmarks/bench_learning.py``) trains exactly as one
             uninterrupted run. 0 = ``steps``. Default 0.
+        resume_from: the checkpoint a restart resumes from, a step (``100``) or a tag
+            (``step00000100``); "" = the newest intact one (a damaged newer one is moved to
+            ``checkpoints/damaged/`` with a warning). Resuming from an older step moves the
+            newer checkpoints to ``checkpoints/set_aside/``; later restarts of the run (a
+            requeue) then resume from its newest checkpoint again. Default "".
     """
 
-    run_dir: str = "runs/default"
+    run_dir: str = ""
     steps: int = 200
     micro_batch_size: int = 16
     grad_accum: int = 1
@@ -122,6 +129,7 @@ class TrainConfig:
     convert_timeout_s: int = 7200
     init_from: str = ""
     stop_at: int = 0
+    resume_from: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.stop_at <= self.steps:
@@ -142,6 +150,8 @@ class TrainConfig:
             raise ConfigError("train.offload=optimizer needs train.zero_stage >= 1")
         if self.offload == "all" and self.zero_stage != 3:
             raise ConfigError("train.offload=all (parameters too) needs train.zero_stage=3")
+        if self.resume_from and not self.resume_from.removeprefix("step").isdigit():
+            raise ConfigError(f"train.resume_from: expected a step (100) or a checkpoint tag (step00000100), got {self.resume_from!r}")
         for name in ("steps", "micro_batch_size", "grad_accum", "nproc_per_node", "dist_timeout_s", "convert_timeout_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: expected >= 1, got {getattr(self, name)}")
@@ -253,10 +263,29 @@ def _drop_retired(tree: dict, source: str) -> dict:
     return tree
 
 
+def _resolve_image_tokenizer(tree: dict) -> dict:
+    """``tree`` with a ``tokenizer.image`` that names a tokenizer.yaml (a string, e.g. the one
+    ``mmtrain tokenizer train-vae`` writes) replaced by that file's section
+    (:func:`mmtrain.tokenize.image.load_image_tokenizer_yaml`; a relative path in it is resolved
+    against its folder), so the resolved config a run saves holds the section itself and is
+    self-contained. A relative tokenizer.yaml path is resolved against the working directory, as
+    every path of a config is. ``tree`` is not changed."""
+    tokenizer = tree.get("tokenizer")
+    if not isinstance(tokenizer, dict) or not isinstance(tokenizer.get("image"), str):
+        return tree
+    path = tokenizer["image"]
+    section = load_image_tokenizer_yaml(path, "tokenizer.image")
+    try:
+        build_dataclass(ImageTokenizerConfig, section, "tokenizer.image")
+    except ConfigError as exc:
+        raise ConfigError(f"tokenizer.image={path}: {exc}") from None
+    return {**tree, "tokenizer": {**tokenizer, "image": section}}
+
+
 def config_from_dict(tree: dict, source: str = "<dict>") -> Config:
     """The run config of a nested dict (a loaded YAML file); errors name ``source`` and the dotted key."""
     try:
-        return build_dataclass(Config, _drop_retired(tree or {}, source), "")
+        return build_dataclass(Config, _resolve_image_tokenizer(_drop_retired(tree or {}, source)), "")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 
@@ -277,10 +306,29 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not isinstance(tree, dict):
             raise ConfigError(f"{source}: expected a mapping at the top level")
     try:
-        apply_overrides(tree, list(overrides or []))
+        # a tokenizer.image file is loaded before the overrides after it, so `tokenizer.image=tok.yaml
+        # tokenizer.image.path=...` (or a config naming the file and such an override) sets a field of its section
+        tree = _resolve_image_tokenizer(tree)
+        for item in overrides or []:
+            tree = _resolve_image_tokenizer(apply_overrides(tree, [item]))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config_from_dict(tree, source)
+
+
+def require_run_paths(cfg: Config, source: str | os.PathLike | None) -> None:
+    """Raise :class:`ConfigError` naming ``source`` and the keys when a config about to train (``mmtrain train``,
+    ``launch``, the preflight, a rank) names no training data (``data.train_shards`` / ``data.sources``) or no
+    ``train.run_dir``: neither has a default, so a forgotten path fails here instead of training somewhere
+    nobody looks. Not checked on load: a saved run's config.yaml always has both, other configs need neither."""
+    missing = []
+    if not cfg.data.sources and not str(cfg.data.train_shards).strip():
+        missing.append("data.train_shards (or data.sources): where the training data is, e.g. "
+                       "data.train_shards=data/photos/train")
+    if not str(cfg.train.run_dir).strip():
+        missing.append("train.run_dir: where the run's checkpoints and logs go, e.g. train.run_dir=runs/photos")
+    if missing:
+        raise ConfigError(f"{source or '<defaults>'}: not set: {'; '.join(missing)} (in the file or as key=value overrides)")
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -15,18 +15,16 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from mmtrain.components.checkpoint import checkpoint_root, latest_tag, load_model_state
+from mmtrain.components.checkpoint import checkpoint_root, load_model_state, resolve_tag
 from mmtrain.components.ema import consolidate, has_ema
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None = None, overwrite: bool = False) -> Path:
+    """``tag``: a step (``100``) or a tag (``step00000100``), which must be intact; None: the newest
+    intact checkpoint (a damaged newer one is named in a warning)."""
     run_dir, out = Path(run_dir), Path(out)
-    tag = tag or latest_tag(run_dir)
-    if tag is None:
-        raise FileNotFoundError(f"{checkpoint_root(run_dir)}: no complete checkpoint to export (no 'latest' file)")
+    tag = resolve_tag(run_dir, tag)
     ckpt = checkpoint_root(run_dir) / tag
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"{ckpt}: no such checkpoint (--tag {tag})")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
 

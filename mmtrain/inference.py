@@ -8,13 +8,14 @@ The sampling noise is drawn on the CPU from per-batch seeds and copied over, so 
 draws the same noise as a CPU and any split of batches across ranks does too."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from mmtrain.components.checkpoint import checkpoint_root, latest_tag, load_model_state
+from mmtrain.components.checkpoint import checkpoint_root, load_model_state, resolve_tag
 from mmtrain.components.ema import consolidate as consolidate_ema
 from mmtrain.components.ema import has_ema
 from mmtrain.config import Config, SampleConfig, load_config
@@ -24,6 +25,8 @@ from mmtrain.models.diffusion import build_diffusion
 from mmtrain.tokenize.build import build_image_tokenizer
 from mmtrain.tokenize.image import ImageTokenizer, patchify, pil_to_tensor, tensor_to_pil, unpatchify
 from mmtrain.tokenize.text import TextTokenizer
+
+log = logging.getLogger("mmtrain.inference")
 
 
 @dataclass
@@ -38,6 +41,7 @@ class LoadedRun:
     image_tok_error: str = ""
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32  # compute dtype: autocast below fp32, weights stay as loaded
+    prompts_cut_reported: bool = False  # the one warning of a command about prompts longer than model.max_text_len
 
     def placement(self) -> dict:
         """Where the numbers were computed, for reports: device type and compute dtype."""
@@ -128,19 +132,23 @@ def _build_for_state(cfg: Config, text_tok, image_tok, state: dict) -> Model:
 
 def load_run(run_dir: str | Path, tag: str | None = None, weights: str = "auto", device: str | torch.device | None = "cpu",
              dtype: str = "fp32") -> LoadedRun:
-    """Model weights from the run's latest (or ``tag``) DeepSpeed checkpoint, with its config and tokenizers;
-    or a model directory written by ``mmtrain convert`` / ``mmtrain export``. ``weights``: see
+    """Model weights from the run's newest intact DeepSpeed checkpoint (or ``tag``: a step or a tag,
+    see :func:`resolve_tag`), with its config and tokenizers; or a model directory written by
+    ``mmtrain convert`` / ``mmtrain export`` (which has no steps to choose). ``weights``: see
     :func:`load_model_dir` (``auto`` = the EMA when the checkpoint has one); ``device``,
     ``dtype``: see :func:`place`."""
     _check_weights(weights)
     run_dir = Path(run_dir)
     if (run_dir / "model.safetensors").is_file() and not (run_dir / "checkpoints").is_dir():
+        if tag not in (None, ""):
+            raise ValueError(f"{run_dir} is a model directory (one set of weights): it has no --step {tag} to choose")
         return load_model_dir(run_dir, weights, device, dtype)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml); pass the train.run_dir of a training run")
     cfg = load_config(run_dir / "config.yaml")
+    tag = resolve_tag(run_dir, tag)
     state, meta = load_model_state(run_dir, tag)
-    ckpt = checkpoint_root(run_dir) / (tag or latest_tag(run_dir))
+    ckpt = checkpoint_root(run_dir) / tag
     if weights == "ema" or (weights == "auto" and has_ema(ckpt)):
         state = consolidate_ema(ckpt)  # raises naming the folder when the run kept no EMA
     text_tok = None
@@ -162,7 +170,14 @@ def _condition_batch(run: LoadedRun, conditions: list) -> Condition:
         if bad:
             raise ValueError(f"class labels {bad} outside [0, {run.cfg.model.num_classes}) (model.num_classes)")
         return Condition(labels=torch.tensor(labels).to(run.device))
-    text, text_len = run.text_tok.encode_batch([str(c) for c in conditions], run.cfg.model.max_text_len)
+    prompts, limit, cut = [str(c) for c in conditions], run.cfg.model.max_text_len, []
+    text, text_len = run.text_tok.encode_batch(prompts, limit, cut=cut)
+    if cut and not run.prompts_cut_reported:
+        run.prompts_cut_reported = True
+        row, tokens = max(cut, key=lambda c: c[1])
+        shown = prompts[row] if len(prompts[row]) <= 60 else prompts[row][:57] + "..."
+        log.warning("prompt %r is %d tokens; model.max_text_len=%d keeps the first %d (%d of %d prompt(s) of this batch "
+                    "cut; reported once)", shown, tokens, limit, limit, len({prompts[r] for r, _ in cut}), len(set(prompts)))
     return Condition(text=text.to(run.device), text_len=text_len.to(run.device))
 
 

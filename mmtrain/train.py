@@ -1,6 +1,7 @@
 """The training loop, run once per rank (``mmtrain train`` starts the ranks with torchrun).
 
-Resumes from ``<run_dir>/checkpoints/latest`` when it exists: model, optimizer, LR
+Resumes from the newest intact checkpoint of ``<run_dir>/checkpoints`` (or ``train.resume_from``;
+damaged newer ones are named and moved to ``checkpoints/damaged/``): model, optimizer, LR
 schedule, EMA, RNG states, step and samples seen come back; the data stream continues
 at stream position ``samples_seen`` (exact, even with another world size, where the
 DeepSpeed state goes through a universal checkpoint), and the diffusion noise, token
@@ -54,11 +55,15 @@ def check_run_tokenizer(cfg: Config, text_tok: TextTokenizer | None) -> None:
                                                    where=f"tokenizer.text_model={cfg.text_model_path} vs the copy in {kept.parent}")
 
 
-def _prepare_run_dir(cfg: Config, rank: int, text_tok: TextTokenizer | None) -> Path:
+def _prepare_run_dir(cfg: Config, rank: int, text_tok: TextTokenizer | None,
+                     point: checkpoint.ResumePoint | None = None) -> Path:
     run_dir = Path(cfg.train.run_dir)
     check_run_tokenizer(cfg, text_tok)  # every rank, so a refusal never leaves the others waiting at the barrier
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if point is not None and point.selection is not None:
+            # damaged (or, for train.resume_from, newer) checkpoints out of the way of this run's next saves
+            checkpoint.set_aside(run_dir, point.selection, cfg.train.resume_from)
         checkpoint.discard_incomplete(run_dir)
         save_config(cfg, run_dir / "config.yaml")
         if text_tok is not None:
@@ -212,8 +217,9 @@ def save_sample_grid(engine, cfg: Config, step: int, data: Batch, text_tok, imag
         # sampling reads the top module's own tensors (pos_embed, text_pos, ...) outside its
         # forward, where ZeRO-3's hooks would gather them: gather them for the duration
         with torch.no_grad(), GatheredParameters(list(module.parameters(recurse=False))):
-            images = generate_images(LoadedRun(cfg, module, text_tok, image_tok, step, "", device=distributed.device()), conditions,
-                                     cfg.sample, batch_size=n)
+            # the captions are the loader's: it said once already how many it cut
+            images = generate_images(LoadedRun(cfg, module, text_tok, image_tok, step, "", device=distributed.device(),
+                                               prompts_cut_reported=True), conditions, cfg.sample, batch_size=n)
     finally:
         module.train()
     if rank != 0:
@@ -241,25 +247,42 @@ class Trainer:
 
     def build(self) -> None:
         cfg = self.cfg
+        self._phase_t = self._startup_t = time.perf_counter()  # start-up lines: each phase's seconds (rank 0)
         self.rank, self.world = distributed.launched_rank(), distributed.launched_world_size()
         logging.basicConfig(level=logging.INFO if self.rank == 0 else logging.WARNING, format="[%(asctime)s] %(name)s: %(message)s")
-        self.point = checkpoint.plan_resume(cfg.train.run_dir, self.world, cfg.train.zero_stage)
+        # every rank chooses the same checkpoint (read only); the preflight already warned about damaged ones
+        self.point = checkpoint.plan_resume(cfg.train.run_dir, self.world, cfg.train.zero_stage, cfg.train.resume_from,
+                                            announce=self.rank == 0)
         if self.point is not None and self.point.universal:
             # before the process group exists: no collective timeout runs while rank 0 converts
             checkpoint.make_universal(cfg.train.run_dir, self.point, self.rank, cfg.train.convert_timeout_s)
         self.rank, self.world, self.dev = distributed.init(cfg.train.dist_timeout_s, with_deepspeed=True)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.text_tok = TextTokenizer.from_file(cfg.text_model_path) if cfg.model.condition == "text" else None
-        self.run_dir = _prepare_run_dir(cfg, self.rank, self.text_tok)
+        self.run_dir = _prepare_run_dir(cfg, self.rank, self.text_tok, self.point)
+        self._startup(f"process group of {self.world} rank(s) and run directory ready", "building the model")
         self.build_model()
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self._startup("model built", "initialising DeepSpeed", f"{n_params / 1e6:.2f}M parameters"
+                      + (", its blocks compile on the first step" if cfg.train.compile else ""))
         self.build_engine()
+        self._startup("DeepSpeed initialised",
+                      f"loading checkpoint {self.point.tag}" if self.point is not None else "setting up the data loader",
+                      f"ZeRO-{cfg.train.zero_stage}")
         if self.point is not None:
             self.resume()
+            self._startup(f"checkpoint {self.point.tag} loaded", "setting up the data loader")
         self.build_data()
         self.metrics = MetricsLogger(cfg.logging, str(self.run_dir), cfg.train.steps, self.step, cfg.to_dict(),
                                      enabled=self.rank == 0)
         self.peak = peak_flops(cfg.logging, cfg.train.precision)
         self.window = Window(self.dev)
+
+    def _startup(self, done: str, doing: str, detail: str = "") -> None:
+        """One start-up line (rank 0 logs INFO): what was done, in how many seconds, and what starts now."""
+        now = time.perf_counter()
+        log.info("start-up: %s in %.1f s%s; %s", done, now - self._phase_t, f" ({detail})" if detail else "", doing)
+        self._phase_t = now
 
     def build_model(self) -> None:
         """The image tokenizer, the model (initial weights, compiled blocks), its family and the diffusion process."""
@@ -360,6 +383,8 @@ class Trainer:
         self.gen.manual_seed(seed)
         self.rng.seed(seed)
         data = next(data_iter)
+        if self.step == self.start_step and micro == 0:  # a host-side clock read, no device sync
+            self._startup("first batch arrived", "first step" + (" (compiling the blocks)" if cfg.train.compile else ""))
         self.window.add_batch(data)
         with torch.no_grad(), torch.autocast(**self.encode_autocast):
             # data.use_latents: `mmtrain prep latents` stored image_tok.encode() output (already scaled)
@@ -423,6 +448,13 @@ class Trainer:
                     step, self.cfg.train.steps, stopped_by)
         return True
 
+    def first_step_done(self) -> None:
+        """The last start-up line, after the first step (one device sync, once: the step's real time)."""
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        self._startup("first step done", f"training (start-up took {time.perf_counter() - self._startup_t:.1f} s)",
+                      "compiling included: later steps reuse the graphs" if self.cfg.train.compile else "")
+
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict:
@@ -430,9 +462,12 @@ class Trainer:
         cfg = self.cfg
         data_iter = iter(self.loader)
         self.start_step = self.step
+        self._startup("data loader set up", "waiting for the first batch")
         try:
             while self.step < cfg.train.last_step:
                 data = self.train_step(data_iter)
+                if self.step == self.start_step + 1:
+                    self.first_step_done()
                 self.log()
                 self.sample(data)
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.last_step:
@@ -451,6 +486,9 @@ class Trainer:
 def train(cfg: Config, watch: PreemptionWatch | None = None) -> dict:
     """Train to ``train.steps`` (or ``train.stop_at``), or until ``watch`` reports a preemption signal: then every
     rank saves the current step and the result's ``stopped_by`` says ``requeue`` or ``stop``."""
+    from mmtrain.config import require_run_paths
+
+    require_run_paths(cfg, "the run config")
     return Trainer(cfg, watch).run()
 
 
@@ -462,11 +500,12 @@ def quiet_library_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     """One rank of ``mmtrain train`` (started by torchrun) or of ``slurm/train.sbatch`` (an srun task)."""
     quiet_library_warnings()
-    from mmtrain.config import load_config
+    from mmtrain.config import load_config, require_run_paths
     from mmtrain.launch import lifecycle
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = load_config(argv[0], argv[1:])
+    require_run_paths(cfg, argv[0])  # the ranks of --skip-preflight starts too
     # inside a Slurm job TERM announces a preemption or a cancel; under torchrun alone it is
     # torchrun ending the ranks after a failure
     job_id = os.environ.get("SLURM_JOB_ID")
@@ -481,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if job_id is not None:  # any rank: the first failure of a run is its cause
             lifecycle.record_failure(run_dir, job_id, exc, distributed.launched_rank(), watch.signal_name)
+        if isinstance(exc, checkpoint.CheckpointError):  # no checkpoint to resume from: one line, as the preflight says it
+            if distributed.launched_rank() == 0:
+                print(f"mmtrain train: error: {exc}", file=sys.stderr)
+            return 2
         raise
     finally:
         distributed.destroy()

@@ -210,7 +210,10 @@ def test_a_failed_universal_conversion_raises_on_rank_0_and_bounds_the_wait_of_t
 
     root = checkpoint_root(tmp_path)
     (root / "step00000004").mkdir(parents=True)
-    (root / "step00000004" / "meta.json").write_text(json.dumps({"step": 4, "world_size": 2, "zero_stage": 3}))
+    meta = root / "step00000004" / "meta.json"
+    meta.write_text(json.dumps({"step": 4, "world_size": 2, "zero_stage": 3}))
+    # its manifest vouches for it (so the resume plan takes it), but it holds no DeepSpeed file to convert
+    (root / "step00000004" / "manifest.json").write_text(json.dumps({"files": {"meta.json": meta.stat().st_size}}))
     (root / "latest").write_text("step00000004")
     point = plan_resume(tmp_path, world_size=4, zero_stage=3)
     assert point.universal and point.load_tag == "universal-step00000004" and point.world_size == 4

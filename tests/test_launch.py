@@ -100,6 +100,67 @@ def test_a_local_job_whose_controller_is_still_starting_is_pending_not_ended():
     assert job_state("local", str(proc.pid), [{"event": "submitted"}]) == "ENDED"
 
 
+def test_jobs_lists_sbatch_jobs_reads_the_last_step_from_the_metrics_tail_and_explains_states(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """A job of `sbatch slurm/train.sbatch` records no submission and its steps only when it starts and ends:
+    `mmtrain jobs` lists it from its start, its last step from the tail of metrics.jsonl (a large file:
+    only the tail is read), and says what each state shown means; no Slurm answers here (STARTED)."""
+    from mmtrain.launch import registry, slurm
+
+    monkeypatch.setattr(slurm, "job_state", lambda job_id: None)  # no Slurm here
+    run_dir = tmp_path / "run"
+    registry.record(run_dir, "submitted", "7", cluster="slurm", logs="run/logs/7")
+    registry.record(run_dir, "started", "7", cluster="slurm", step=0)
+    registry.record(run_dir, "failed", "7", step=0, rank=0, error="ShardDataError: bad-000000.tar: not a tar")
+    registry.record(run_dir, "started", "8", cluster="slurm", step=0, launcher="mmtrain train", logs="run/logs/slurm-8.out")
+    with open(run_dir / "metrics.jsonl", "w") as fh:
+        for step in range(1, 3001):  # ~150 kB, more than the tail read
+            fh.write(json.dumps({"step": step, "time": time.time() - 30, "loss": 1.0, "pad": "x" * 30}) + "\n")
+        fh.write('{"step": 3001, "ti')  # being written
+    assert registry.last_metrics(run_dir)["step"] == 3000
+    assert cli.main(["jobs", str(run_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["7", "slurm", "FAILED", "1", "0", lines[1].split()[5], "run/logs/7"]
+    assert lines[2].split() == ["8", "slurm", "STARTED", "1", "3000", "sbatch", "run/logs/slurm-8.out"]
+    assert lines[3].startswith("  FAILED: ended with an error") and lines[4].startswith("  STARTED: it recorded its start")
+    assert lines[5] == "  job 7 failed: ShardDataError: bad-000000.tar: not a tar"
+    assert lines[6].startswith("  job 8: last logged step 3000, 3") and lines[6].endswith(" s ago (" f"{run_dir / 'metrics.jsonl'})")
+    assert lines[7] == "latest checkpoint: none"
+    # a config and its overrides name the run: what slurm/train.sbatch asks for its log's place
+    assert cli.main(["jobs", "--print-run-dir", CONFIG, f"train.run_dir={run_dir}"]) == 0
+    assert capsys.readouterr().out == f"{run_dir}\n"
+    assert cli.main(["jobs", CONFIG, f"train.run_dir={run_dir}"]) == 0
+    assert "STARTED" in capsys.readouterr().out
+
+
+def test_launch_sh_finds_the_projects_own_mmtrain(tmp_path):
+    """From a fresh checkout, without mmtrain on PATH: this checkout's .venv/bin/mmtrain (the dry run of
+    test_site_wrapper_adds_the_site_defaults); without that venv, python3 -m mmtrain.cli with the checkout
+    on PYTHONPATH; without either, one line saying so."""
+    base = {k: v for k, v in os.environ.items() if k not in ("MMTRAIN", "MMTRAIN_SITE", "PYTHONPATH")}
+    bare = {**base, "PATH": "/usr/bin:/bin"}  # no mmtrain
+    assert not (Path("/usr/bin/mmtrain").exists() or Path("/bin/mmtrain").exists())
+
+    def launch(script: Path, env: dict) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(script), CONFIG, "--help"], env=env, capture_output=True, text=True, timeout=120)
+
+    # a checkout without .venv: the package beside slurm/, run by python3
+    checkout = tmp_path / "checkout"
+    (checkout / "slurm").mkdir(parents=True)
+    (checkout / "slurm" / "launch.sh").write_text((REPO / "slurm" / "launch.sh").read_text())
+    (checkout / "mmtrain").symlink_to(REPO / "mmtrain")
+    python = tmp_path / "bin" / "python3"
+    python.parent.mkdir()
+    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
+    out = launch(checkout / "slurm" / "launch.sh", {**bare, "PATH": f"{python.parent}:/usr/bin:/bin"})
+    assert out.returncode == 0 and out.stdout.startswith("usage: mmtrain launch "), out.stderr
+    python.write_text("#!/bin/sh\nexit 1\n")  # a python3 that cannot import mmtrain
+    out = launch(checkout / "slurm" / "launch.sh", {**bare, "PATH": f"{python.parent}:/usr/bin:/bin"})
+    assert out.returncode == 127 and out.stdout == ""
+    assert out.stderr.startswith(f"slurm/launch.sh: no mmtrain to run: none on PATH, no {checkout}/.venv/bin/mmtrain")
+
+
 def test_plain_sbatch_jobs_are_requeued_on_the_time_limit_at_most_max_timeouts_times(tmp_path):
     """slurm/train.sbatch's rank 0 counts the job's own time-limit requeues in its history: those of
     other jobs and preemptions (which Slurm requeues itself) do not count."""
@@ -275,6 +336,8 @@ def test_site_wrapper_adds_the_site_defaults(synthetic_data, tmp_path):
     site = tmp_path / "site.env"
     site.write_text("PARTITION=big\nACCOUNT=lab\nGPUS_PER_NODE=4\nVENV=/opt/mm/.venv\n")
     env = {**os.environ, "MMTRAIN_SITE": str(site), "MMTRAIN": str(Path(sys.executable).parent / "mmtrain")}
+    if (REPO / ".venv" / "bin" / "mmtrain").is_file():  # as from a fresh checkout: no mmtrain on PATH, this checkout's venv
+        env = {**{k: v for k, v in env.items() if k != "MMTRAIN"}, "PATH": "/usr/bin:/bin"}
     out = subprocess.run(["bash", str(REPO / "slurm" / "launch.sh"), CONFIG, "--account", "other", "--dry-run",
                           *tiny_overrides(synthetic_data, tmp_path / "run")], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -279,13 +279,19 @@ def test_train_sbatch_survives_time_limits_and_preemption_like_an_uninterrupted_
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     job = out.stdout.strip().split(";")[0]
-    batch_log = tmp_path / f"slurm-mmtrain-{job}.out"
+    # the batch script's log and each rank's are in the run directory; sbatch's --output file says where
+    first_lines, batch_log = tmp_path / f"slurm-mmtrain-{job}.out", run_dir / "logs" / f"slurm-mmtrain-{job}.out"
 
     def context() -> str:
-        return "".join(read_logs([batch_log]))[-3000:] + slurm_cluster.logs()
+        return "".join(read_logs([first_lines, batch_log]))[-3000:] + slurm_cluster.logs()
 
+    # while it runs, `mmtrain jobs` lists it (it recorded no submission) with the last step it logged
+    wait_until(lambda: trained_in_run(run_dir, job, 1, 3), 240, "run 1 to train 3 steps", context)
+    row = jobs_table(run_dir, env)[job]
+    assert row[1:3] == ["slurm", "RUNNING"] and int(row[4]) >= 3 and row[5:] == ["sbatch", str(batch_log)], row
     preempted_run = interrupt_twice(slurm_cluster, run_dir, job,
-                                    [tmp_path / f"slurm-mmtrain-{job}{task}.out" for task in ("", "-0", "-1")], context)
+                                    [run_dir / "logs" / f"slurm-mmtrain-{job}{task}.out" for task in ("", "-0", "-1")],
+                                    context)
     wait_until(lambda: slurm_cluster.job_state(job) in ("COMPLETED", "FAILED"), 240, "the job to end", context)
     assert slurm_cluster.job_state(job) == "COMPLETED", context()
     events = job_events(run_dir, job)
@@ -297,9 +303,16 @@ def test_train_sbatch_survives_time_limits_and_preemption_like_an_uninterrupted_
     assert "Exited with exit code" not in preempted_run and "Traceback" not in preempted_run
     # the preflight ran once per run, in the batch script, never in the tasks
     assert batch_log.read_text().count("preflight passed") == 3
-    assert not any("preflight" in (tmp_path / f"slurm-mmtrain-{job}-{t}.out").read_text() for t in (0, 1))
+    assert not any("preflight" in (run_dir / "logs" / f"slurm-mmtrain-{job}-{t}.out").read_text() for t in (0, 1))
+    assert first_lines.read_text().count(f"logs in {batch_log} and, per rank,") == 3
+    assert "preflight" not in first_lines.read_text()
+    # rank 0 said what each run's start-up did, with seconds
+    rank0 = (run_dir / "logs" / f"slurm-mmtrain-{job}-0.out").read_text()
+    for line in ("start-up: DeepSpeed initialised in ", "start-up: first batch arrived in ", "start-up: first step done in "):
+        assert rank0.count(line) == 3, (line, rank0[-3000:])
+    assert rank0.count("start-up: checkpoint step") == 2  # runs 2 and 3 resumed
     assert_like_uninterrupted(run_dir, uninterrupted_run)
-    assert jobs_table(run_dir, env)[job][1:5] == ["slurm", "COMPLETED", "3", str(UNINTERRUPTED_STEPS)]
+    assert jobs_table(run_dir, env)[job][1:] == ["slurm", "COMPLETED", "3", str(UNINTERRUPTED_STEPS), "sbatch", str(batch_log)]
 
 
 def test_a_job_that_fails_or_is_cancelled_is_recorded_as_such(slurm_cluster, synthetic_data, tmp_path):

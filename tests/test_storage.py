@@ -626,3 +626,23 @@ def test_prep_latents_reads_from_and_writes_to_the_bucket(bucket, tmp_path):
         expected = np.asarray(im.convert("RGB"))
     restored = np.round((raw.latent.astype(np.float32) + 1.0) * 127.5).astype(np.uint8).transpose(1, 2, 0)
     assert np.array_equal(restored, expected)
+
+
+# --------------------------------------------------------------------------- a bucket that does not exist
+
+
+def test_prep_to_a_missing_bucket_fails_before_staging_and_says_to_create_it(s3, tmp_path, capsys, monkeypatch):
+    from mmtrain import cli
+    from mmtrain.data.sources import detect_format
+
+    staging = tmp_path / "staging"
+    monkeypatch.setenv("MMTRAIN_STAGING_DIR", str(staging))
+    rc = cli.main(["prep", "synthetic", "--out", "s3://no-such-bucket/shapes", "--num", "10", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "bucket 'no-such-bucket' does not exist" in err[0] and "aws s3 mb s3://no-such-bucket" in err[0], err
+    assert not staging.exists()  # nothing was staged
+    # a prefix whose train/ holds the shards (prep folder --out s3://.../photos): the hint names it
+    storage.write_bytes(f"s3://{BUCKET}/photos/train/shard-000000.tar", b"x")
+    with pytest.raises(FileNotFoundError, match=rf"use s3://{BUCKET}/photos/train for data\.train_shards"):
+        detect_format(f"s3://{BUCKET}/photos")

@@ -8,6 +8,7 @@ Layout of ``<run_dir>/checkpoints/``::
         ema/rank00000.safetensors  this rank's EMA shard (see mmtrain.components.ema)
         rng/rank00000.pt           torch / numpy / python (/ CUDA) RNG states of each rank
         meta.json                  step, samples seen, world size, ZeRO stage, loader state
+        manifest.json              every file above with its size, written last (see verify)
         config.yaml, tokenizer/    the resolved config and the run's tokenizer files
     latest                         names the newest complete checkpoint
     universal-step00000100/        DeepSpeed universal checkpoint, made when resuming on
@@ -18,6 +19,11 @@ Layout of ``<run_dir>/checkpoints/``::
 ``latest`` can be written before other ranks are done) and is replaced atomically, so a
 process killed mid-save leaves it naming the previous checkpoint; the next start deletes
 the unfinished directory.
+
+A checkpoint damaged later (a file deleted or cut short, ``meta.json`` gone, the folder named
+by ``latest`` gone) is found by :func:`verify` against its manifest; :func:`select_checkpoint`
+then resumes (or samples, exports) from the newest intact one, and :func:`set_aside` moves the
+damaged ones to ``checkpoints/damaged/`` before the run saves that step again.
 """
 from __future__ import annotations
 
@@ -133,7 +139,10 @@ def save(engine, run_dir: str | os.PathLike, step: int, state: dict, keep_last: 
         meta = {k: state[k] for k in ("step", "samples_seen", "world_size", "zero_stage", "loader") if k in state}
         atomic_write_text(ckpt / "meta.json", json.dumps(meta, indent=1))
     distributed.barrier()  # every rank's files are on disk
+    # each rank lists what it sees: its own files with their true sizes, also where another node's view is stale (NFS)
+    seen = distributed.gather_objects(file_sizes(ckpt))
     if rank == 0:
+        write_manifest(ckpt, seen)
         atomic_write_text(root / "latest", tag)
         _prune(root, keep_last)
     distributed.barrier()
@@ -180,6 +189,229 @@ def discard_incomplete(run_dir: str | os.PathLike) -> list[str]:
     return removed
 
 
+# --------------------------------------------------------------------------- damage: verify, choose, set aside
+
+MANIFEST = "manifest.json"
+DAMAGED_DIR = "damaged"
+SET_ASIDE_DIR = "set_aside"
+_APPLIED = "resume_from.applied"
+
+
+class CheckpointError(ValueError):
+    """No checkpoint to use (none intact, or the requested one is missing or damaged); the message
+    is one line that says what to do. A ``ValueError``: the commands print it without a traceback."""
+
+
+def file_sizes(ckpt: Path) -> dict[str, int]:
+    return {str(f.relative_to(ckpt)): f.stat().st_size for f in sorted(ckpt.rglob("*"))
+            if f.is_file() and f.name != MANIFEST and not f.name.endswith(".tmp")}
+
+
+def write_manifest(ckpt: Path, seen: list[dict[str, int]] | None = None) -> None:
+    """Rank 0, once every rank's files are on disk: every file of the checkpoint with its size, from
+    what each rank saw (``seen``; a file's writer sees its full size, so the largest is taken)."""
+    files: dict[str, int] = {}
+    for sizes in seen or [file_sizes(ckpt)]:
+        for name, size in sizes.items():
+            files[name] = max(size, files.get(name, 0))
+    atomic_write_text(ckpt / MANIFEST, json.dumps({"files": dict(sorted(files.items()))}, indent=1))
+
+
+def _expected_deepspeed_files(ckpt: Path, meta: dict) -> list[str]:
+    """What a checkpoint without a manifest (saved before manifests existed) must hold."""
+    world, stage = int(meta.get("world_size", 1)), int(meta.get("zero_stage", 0))
+    missing = []
+    if stage == 3:
+        have = {_rank_of_optim_file(f) for f in ckpt.glob("zero_pp_rank_*_mp_rank_*_model_states.pt")}
+        missing += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world) if r not in have]
+    elif not (ckpt / "mp_rank_00_model_states.pt").is_file():
+        missing.append("mp_rank_00_model_states.pt")
+    if stage > 0:
+        have = {_rank_of_optim_file(f) for f in ckpt.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")}
+        missing += [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world) if r not in have]
+    return missing
+
+
+def verify(ckpt_dir: str | os.PathLike) -> str:
+    """What is wrong with a checkpoint folder, in a few words; "" when it is intact: every file its
+    manifest lists is there with its size (or, saved before manifests, ``meta.json`` and the
+    DeepSpeed files of its world size and ZeRO stage are there)."""
+    ckpt = Path(ckpt_dir)
+    if not ckpt.is_dir():
+        return "its folder is missing"
+    if not (ckpt / "meta.json").is_file():
+        return "meta.json is missing"
+    manifest = ckpt / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (ValueError, KeyError, TypeError):
+            return f"{MANIFEST} is unreadable"
+        missing = [name for name in files if not (ckpt / name).is_file()]
+        if missing:
+            return _missing(missing)
+        for name, size in files.items():
+            if (ckpt / name).stat().st_size != size:
+                return f"{name} has {(ckpt / name).stat().st_size} bytes, {size} were written"
+        return ""
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+    except ValueError:
+        return "meta.json is unreadable"
+    missing = _expected_deepspeed_files(ckpt, meta)
+    return _missing(missing) if missing else ""
+
+
+def _missing(names: list[str]) -> str:
+    more = f" and {len(names) - 3} more files" if len(names) > 3 else ""
+    return f"{', '.join(names[:3])}{more} missing"
+
+
+def parse_step(value: str | int | None, option: str = "--step ") -> str | None:
+    """``20``, ``"20"`` or ``"step00000020"`` -> ``"step00000020"``; None or "" -> None (the newest intact)."""
+    if value is None or value == "":
+        return None
+    text = str(value).strip()
+    digits = text[len("step"):] if text.startswith("step") else text
+    if not digits.isdigit():
+        raise CheckpointError(f"{option}{value}: expected a step number (e.g. 100) or a checkpoint tag (e.g. step00000100)")
+    return tag_for_step(int(digits))
+
+
+@dataclass
+class Selection:
+    """The checkpoint to use (None: the run has none yet), the damaged checkpoints newer than it
+    (tag -> what is wrong) and, when an older step was asked for, the intact ones newer than it."""
+
+    tag: str | None
+    damaged: dict
+    newer: list
+    requested: bool = False
+
+    def warning(self, option: str) -> str:
+        """One line naming each damaged checkpoint newer than the one used, or "" when there is none."""
+        if not self.damaged:
+            return ""
+        bad = "; ".join(f"{tag} is damaged ({why})" for tag, why in self.damaged.items())
+        if self.requested:
+            return f"{bad}; using {self.tag} ({option}{step_of(self.tag)})"
+        return f"{bad}: using {self.tag}, the newest intact checkpoint (choose one with {option}N)"
+
+
+def _listed(run_dir: str | os.PathLike) -> tuple[str | None, list[str]]:
+    """``latest``'s tag (None when there is no ``latest``) and the finished checkpoints' tags, oldest
+    first: those not newer than ``latest`` (newer ones are unfinished saves), ``latest``'s own tag
+    included even when its folder is gone."""
+    root = checkpoint_root(run_dir)
+    path = root / "latest"
+    steps = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step") and d.name[4:].isdigit()]
+    latest = path.read_text().strip() if path.is_file() else ""
+    if not (latest.startswith("step") and latest[4:].isdigit()):
+        # `latest` deleted (or garbled): a folder with a manifest was saved completely (the manifest is written last)
+        complete = sorted(d.name for d in steps if (d / MANIFEST).is_file())
+        if not complete:
+            return None, []
+        latest = complete[-1]
+    newest = step_of(latest)
+    tags = {d.name for d in steps if step_of(d.name) <= newest}
+    return latest, sorted(tags | {latest})
+
+
+def select_checkpoint(run_dir: str | os.PathLike, requested: str | int | None = None, option: str = "--step ",
+                      fresh_hint: str = "") -> Selection:
+    """Read only, so every rank of a start makes the same choice. ``requested`` (a step or tag, see
+    :func:`parse_step`; ``option`` names where it came from in messages): that checkpoint, which must
+    be intact; otherwise the newest intact one. Raises :class:`CheckpointError` (one line, with
+    ``fresh_hint``) when the run has checkpoints but none is intact, or the requested one is not."""
+    root = checkpoint_root(run_dir)
+    latest, tags = _listed(run_dir) if root.is_dir() else (None, [])
+    if latest is None:
+        if requested not in (None, ""):
+            raise CheckpointError(f"{option}{requested}: {root} has no checkpoint yet")
+        return Selection(None, {}, [])
+    want = parse_step(requested, option)
+    problems = {}
+
+    def intact(tag: str) -> bool:
+        problems[tag] = verify(root / tag)
+        return not problems[tag]
+
+    if want is not None:
+        applied = root / _APPLIED
+        if applied.is_file() and applied.read_text().strip() == want and step_of(tags[-1]) > step_of(want):
+            log.info("%s%s was applied by an earlier start, which set aside the newer checkpoints; resuming from "
+                     "the newest intact one", option, step_of(want))
+            want = None
+    if want is not None:
+        if want not in tags or not intact(want):
+            good = [t for t in reversed(tags) if t != want and intact(t)]
+            what = f"is damaged ({problems[want]})" if want in problems else "does not exist"
+            choose = (f"intact: step {', '.join(str(step_of(t)) for t in good)} (e.g. {option}{step_of(good[0])})" if good
+                      else "no checkpoint is intact")
+            raise CheckpointError(f"{option}{step_of(want)}: checkpoint {root / want} {what}; {choose}")
+        newer = [t for t in reversed(tags) if step_of(t) > step_of(want)]
+        return Selection(want, {t: problems[t] for t in newer if not intact(t)}, [t for t in reversed(newer) if not problems[t]],
+                         requested=True)
+    for tag in reversed(tags):
+        if intact(tag):
+            return Selection(tag, {t: problems[t] for t in reversed(tags) if step_of(t) > step_of(tag)}, [])
+    bad = "; ".join(f"{t}: {problems[t]}" for t in reversed(tags))
+    raise CheckpointError(f"no intact checkpoint in {root} ({bad}){'; ' + fresh_hint if fresh_hint else ''}")
+
+
+def resolve_tag(run_dir: str | os.PathLike, step: str | int | None = None) -> str:
+    """For the commands that read a run (sample, caption, edit, eval, export): the tag of ``--step``
+    (``100`` or ``step00000100``), which must be intact, or the newest intact checkpoint, with a
+    warning naming each damaged newer one. Raises one line (:class:`CheckpointError`, or
+    FileNotFoundError for a run that has none)."""
+    selection = select_checkpoint(run_dir, step, option="--step ")
+    if selection.tag is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_root(run_dir)} (expected a 'latest' file; has the run trained and saved?)")
+    if selection.damaged and not selection.requested:  # a step asked for: the newer ones do not matter here
+        log.warning(selection.warning("--step "))
+    return selection.tag
+
+
+def start_fresh_hint(run_dir: str | os.PathLike) -> str:
+    return (f"to start this run from scratch, move {checkpoint_root(run_dir)} away (or set a new train.run_dir)")
+
+
+def set_aside(run_dir: str | os.PathLike, selection: Selection, requested: str | int | None = None) -> list[Path]:
+    """Rank 0 (or the preflight), before any save: move the damaged checkpoints newer than
+    ``selection.tag`` to ``checkpoints/damaged/`` (and the intact ones newer than a requested older
+    step to ``checkpoints/set_aside/``), so that the run's next saves of those steps do not meet
+    them, and point ``latest`` at ``selection.tag``. Nothing is deleted. Returns where they went."""
+    root = checkpoint_root(run_dir)
+    latest = root / "latest"
+    if selection.tag is None or (latest.is_file() and latest.read_text().strip() == selection.tag
+                                 and not (selection.damaged or selection.newer)):
+        return []
+    if not latest.is_file() or latest.read_text().strip() != selection.tag and not (selection.damaged or selection.newer):
+        log.warning("%s is missing or unreadable; the newest complete checkpoint is %s", latest, selection.tag)
+    moved = []
+    for tags, folder in ((list(selection.damaged), DAMAGED_DIR), (selection.newer, SET_ASIDE_DIR)):
+        for tag in tags:
+            for name in (tag, UNIVERSAL_PREFIX + tag):
+                src = root / name
+                if not src.is_dir():
+                    continue
+                dst = root / folder / name
+                n = 1
+                while dst.exists():
+                    dst, n = root / folder / f"{name}.{n}", n + 1
+                dst.parent.mkdir(exist_ok=True)
+                os.replace(src, dst)
+                if name == tag:
+                    moved.append(dst)
+                    log.warning("moved %s checkpoint %s to %s", "damaged" if folder == DAMAGED_DIR else "newer", tag, dst)
+    if selection.newer and requested not in (None, ""):
+        atomic_write_text(root / _APPLIED, selection.tag)
+    atomic_write_text(latest, selection.tag)
+    log.info("%s now names %s", latest, selection.tag)
+    return moved
+
+
+
 # --------------------------------------------------------------------------- resume
 
 
@@ -194,6 +426,7 @@ class ResumePoint:
     load_tag: str
     world_changed: bool
     world_size: int
+    selection: Selection | None = None
 
     @property
     def universal(self) -> bool:
@@ -207,11 +440,27 @@ def read_meta(ckpt_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def plan_resume(run_dir: str | os.PathLike, world_size: int, zero_stage: int) -> ResumePoint | None:
-    """Decide how to resume; raises with instructions when it cannot. Reads only ``latest`` and
-    the checkpoint it names, so every rank can call it before the process group exists (a
-    save interrupted after ``latest`` was written cannot exist: ``latest`` comes last)."""
-    tag = latest_tag(run_dir)
+def choose_resume(run_dir: str | os.PathLike, resume_from: str | int | None = "", announce: bool = True) -> Selection:
+    """The checkpoint a start of training resumes from: ``train.resume_from`` (a step or tag) or the
+    newest intact one (:func:`select_checkpoint`); raises :class:`CheckpointError` (one line, how to
+    start fresh) when the run has checkpoints but none is intact. ``announce``: log the damaged ones
+    skipped (rank 0 and the preflight; the other ranks choose the same in silence)."""
+    selection = select_checkpoint(run_dir, resume_from, option="train.resume_from=", fresh_hint=start_fresh_hint(run_dir))
+    if announce and selection.damaged:
+        log.warning(selection.warning("train.resume_from="))
+    if announce and selection.newer:
+        log.warning("train.resume_from=%s: resuming from %s; the newer intact checkpoint(s) %s move to %s", resume_from,
+                    selection.tag, ", ".join(selection.newer), checkpoint_root(run_dir) / SET_ASIDE_DIR)
+    return selection
+
+
+def plan_resume(run_dir: str | os.PathLike, world_size: int, zero_stage: int, resume_from: str | int | None = "",
+                announce: bool = True) -> ResumePoint | None:
+    """Decide how to resume; raises with instructions when it cannot. Reads only, so every rank
+    can call it before the process group exists and all choose the same checkpoint
+    (:func:`choose_resume`); rank 0 then moves damaged newer ones aside (:func:`set_aside`)."""
+    selection = choose_resume(run_dir, resume_from, announce)
+    tag = selection.tag
     if tag is None:
         return None
     ckpt = checkpoint_root(run_dir) / tag
@@ -225,7 +474,7 @@ def plan_resume(run_dir: str | os.PathLike, world_size: int, zero_stage: int) ->
     world_changed = saved_world != world_size
     # ZeRO-0 keeps full optimizer state on every rank and loads on any world size as is
     universal = world_changed and zero_stage > 0
-    return ResumePoint(tag, meta, UNIVERSAL_PREFIX + tag if universal else tag, world_changed, world_size)
+    return ResumePoint(tag, meta, UNIVERSAL_PREFIX + tag if universal else tag, world_changed, world_size, selection)
 
 
 def make_universal(run_dir: str | os.PathLike, point: ResumePoint, rank: int, timeout_s: float) -> None:

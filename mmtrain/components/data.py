@@ -24,6 +24,7 @@ the next window fetched in the background (:class:`ShardPrefetcher`). Images lea
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -91,9 +92,10 @@ class DataConfig:
 
     Args:
         train_shards: single-source shortcut, used when ``sources`` is empty: a directory of
-            ``*.tar`` shards, one ``.tar``, a brace pattern, or an MDS directory.
-            Default ``data/synthetic/train``.
-        val_shards: the same for evaluation (read in order, once). Default ``data/synthetic/val``.
+            ``*.tar`` shards, one ``.tar``, a brace pattern, or an MDS directory. No default:
+            training needs it or ``sources`` (:func:`mmtrain.config.require_run_paths`).
+        val_shards: the same for evaluation (read in order, once); checked by the preflight when
+            set. Default ``""`` (none; ``mmtrain eval`` then needs ``--shards`` or ``eval.shards``).
         sources: training sources, each ``{path, format: auto|wds|mds, weight}`` (see
             :class:`SourceConfig`); when non-empty, ``train_shards`` is ignored. Default [].
         mode: ``epoch`` (each epoch holds every sample ``weight`` times, then the next
@@ -151,8 +153,8 @@ class DataConfig:
             process stops training with an error. Default 10.
     """
 
-    train_shards: str = "data/synthetic/train"
-    val_shards: str = "data/synthetic/val"
+    train_shards: str = ""
+    val_shards: str = ""
     sources: list[SourceConfig] = field(default_factory=list)
     mode: str = "epoch"
     shuffle: bool = True
@@ -198,6 +200,9 @@ class DataConfig:
 
     def train_sources(self) -> list[SourceConfig]:
         """``sources``, or ``train_shards`` as one source of weight 1."""
+        if not self.sources and not str(self.train_shards).strip():
+            raise ConfigError("data.train_shards: not set (and no data.sources): where the training data is, "
+                              "e.g. data.train_shards=data/photos/train")
         return list(self.sources) or [SourceConfig(path=self.train_shards)]
 
 
@@ -291,6 +296,8 @@ class SampleStream(IterableDataset):
         self.start_sample = start_sample
         self.max_bad_samples = cfg.max_bad_samples
         self.text_tokenizer, self.max_text_len = text_tokenizer, max_text_len
+        self._captions_read = self._captions_cut = 0  # of this process, until the one warning about cut captions
+        self._cut_reported = False
         self.latent_shape = tuple(latent_shape) if latent_shape is not None else None
         self._bad: set[tuple[int, int]] = set()
         self.bad_samples = 0  # in this process
@@ -403,8 +410,25 @@ class SampleStream(IterableDataset):
                       keys=keys, epochs=torch.tensor(got_epochs, dtype=torch.long),
                       positions=torch.from_numpy(positions.copy()), substituted=substituted, io=self._io_delta())
         if self.text_tokenizer is not None:
-            batch.text, batch.text_len = self.text_tokenizer.encode_batch(captions, self.max_text_len)
+            cut: list[tuple[int, int]] = []
+            batch.text, batch.text_len = self.text_tokenizer.encode_batch(captions, self.max_text_len, cut=cut)
+            if not self._cut_reported:
+                self._report_cut(keys, cut)
         return batch
+
+    def _report_cut(self, keys: list[str], cut: list[tuple[int, int]]) -> None:
+        """Warn once (rank 0, its first loader process) when captions are longer than ``model.max_text_len``:
+        counted here on the host, where the tokenizer cut them, not on the device."""
+        self._captions_read += len(keys)
+        self._captions_cut += len(cut)
+        worker = get_worker_info()
+        if not cut or self.rank != 0 or (worker is not None and worker.id != 0):
+            return
+        self._cut_reported = True
+        row, tokens = max(cut, key=lambda c: c[1])
+        logger.warning("caption of sample %s is %d tokens; model.max_text_len=%d keeps the first %d (%d of the first %d "
+                       "captions read were cut; reported once: raise model.max_text_len to keep them whole)",
+                       keys[row], tokens, self.max_text_len, self.max_text_len, self._captions_cut, self._captions_read)
 
 
 # --------------------------------------------------------------------------- builders
@@ -510,6 +534,32 @@ def _loader(stream: SampleStream, num_workers: int) -> DataLoader:
                       persistent_workers=False, prefetch_factor=2 if num_workers > 0 else None)
 
 
+def warn_if_downscaled(cfg: DataConfig, sources: list[Source], source_cfgs: list[SourceConfig]) -> None:
+    """Log once when the first image of a local source is larger than ``data.image_size``: data prepped at
+    a higher resolution (``prep ... --resolution 256``) that the loader downscales for training, which
+    otherwise happens without a word. Reads one image header per source; remote sources are not read."""
+    if cfg.use_latents or not cfg.image_size:
+        return
+    from PIL import Image
+
+    for sc, source in zip(source_cfgs, sources):
+        if source.shard_files.remote is not None or len(source) == 0:
+            continue
+        try:
+            image = source.read(0, want_image=True).image
+            size = image.size if hasattr(image, "size") and not isinstance(image, (bytes, bytearray)) \
+                else Image.open(io.BytesIO(image)).size
+        except Exception:  # noqa: BLE001 -- a bad first sample is the loader's to report, not this note's
+            continue
+        if min(size) > cfg.image_size:
+            logger.warning("data: %s stores images of %dx%d (its first sample), larger than data.image_size=%d: "
+                           "the loader downscales them (%s) to %dx%d for training; to train at the stored size set "
+                           "data.image_size=%d (a recipe at that size: configs/captions256_*.yaml), or prep at "
+                           "--resolution %d to store no more than is used",
+                           sc.path, size[0], size[1], cfg.image_size, cfg.resize_mode, cfg.image_size, cfg.image_size,
+                           min(size), cfg.image_size)
+
+
 def build_train_loader(cfg: DataConfig, micro_batch_size: int, rank: int, *, world_size: int, seed: int,
                        start_sample: int, text_tokenizer: Any = None, max_text_len: int = 0,
                        latent_shape: tuple[int, int, int] | None = None) -> DataLoader:
@@ -541,6 +591,8 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, rank: int, *, wor
     order = StreamOrder([len(s) for s in sources], [sc.weight for sc in source_cfgs], cfg.mode, cfg.shuffle, seed,
                         shards=[s.sample_shards() for s in sources], window=cfg.shuffle_window)
     check_cache_limit(cfg, sources)
+    if rank == 0:
+        warn_if_downscaled(cfg, sources, source_cfgs)
     remote = [s for s in sources if s.shard_files.remote is not None]
     prefetcher = ShardPrefetcher(sources, order, remote[0].shard_files.cache, cfg.prefetch_threads) if remote else None
     logger.info("data: %d source(s) %s, %s mode, %s; stream position %d",

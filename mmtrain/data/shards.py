@@ -318,6 +318,35 @@ def write_shards(
     return paths
 
 
+def subfolder_hint(path: str, listed: Mapping[str, int] | None = None) -> str:
+    """For a directory (or URL prefix, with its ``listed`` objects) that holds no shards itself: "" or a hint
+    naming its subfolders that do. ``mmtrain prep folder|manifest|coco|wds --out X`` writes ``X/train`` (and
+    ``X/val``), ``prep synthetic --out X`` its shards into X, so a parent of either is a likely slip."""
+    found: list[str] = []
+    if listed is not None:
+        prefix = path.rstrip("/") + "/"
+        for url in listed:
+            rest = url[len(prefix):] if url.startswith(prefix) else ""
+            sub, _, name = rest.partition("/")
+            if sub and "/" not in name and (name.endswith(".tar") or name == "index.json") and sub not in found:
+                found.append(sub)
+    elif os.path.isdir(path):
+        for sub in os.listdir(path):
+            d = os.path.join(path, sub)
+            if not sub.startswith(".") and os.path.isdir(d) and (os.path.isfile(os.path.join(d, "index.json")) or any(
+                    n.endswith(".tar") and not n.startswith(".") for n in os.listdir(d))):
+                found.append(sub)
+    if not found:
+        return ""
+    join = storage.join if listed is not None else os.path.join
+    if "train" in found:
+        val = f" and {join(path, 'val')} for data.val_shards" if "val" in found else ""
+        return (f"; its train/ subfolder holds the shards (`mmtrain prep ... --out {path}` writes {path}/train"
+                f"{' and /val' if val else ''}): use {join(path, 'train')} for data.train_shards{val}")
+    shown = ", ".join(join(path, sub) for sub in sorted(found)[:5])
+    return f"; its subfolders hold shards: point at one of them ({shown})"
+
+
 def list_shards(source: str | os.PathLike[str]) -> list[str]:
     """Resolve ``source`` to an ordered list of existing local shard paths.
 
@@ -340,7 +369,7 @@ def list_shards(source: str | os.PathLike[str]) -> list[str]:
     if os.path.isdir(source):
         names = sorted(n for n in os.listdir(source) if n.endswith(".tar") and not n.startswith("."))
         if not names:
-            raise FileNotFoundError(f"shard directory {source!r} contains no .tar files")
+            raise FileNotFoundError(f"shard directory {source!r} contains no .tar files{subfolder_hint(source)}")
         return [os.path.join(source, n) for n in names]
     if os.path.isfile(source):
         return [source]
@@ -378,5 +407,5 @@ def list_remote_shards(source: str, sizes: Callable[[str], dict[str, int] | None
     found = sorted((u, n) for u, n in listed.items()
                    if u.endswith(".tar") and "/" not in u[len(prefix):] and not storage.basename(u).startswith("."))
     if not found:
-        raise FileNotFoundError(f"shard source {source!r} holds no .tar shards")
+        raise FileNotFoundError(f"shard source {source!r} holds no .tar shards{subfolder_hint(source, listed)}")
     return found

@@ -46,7 +46,7 @@ from mmtrain.data.errors import ShardDataError
 from mmtrain.data.images import IMAGE_EXTENSIONS, decode_image, sniff_extension
 from mmtrain.data.index import FIELDS, TarIndex, load_remote_tar_indexes, load_tar_indexes
 from mmtrain.data.node_local import resolve_cache_dir
-from mmtrain.data.shards import list_remote_shards, list_shards
+from mmtrain.data.shards import list_remote_shards, list_shards, subfolder_hint
 from mmtrain.data.tar import read_tar_samples
 
 FORMATS: tuple[str, ...] = ("auto", "wds", "mds")
@@ -629,13 +629,14 @@ def detect_format(path: str, sizes: Callable[[str], dict[str, int] | None] | Non
         if any(u.endswith(".tar") and "/" not in u[len(prefix):] for u in listed):
             return "wds"
         raise FileNotFoundError(f"data source {path!r} holds neither index.json (MDS) nor .tar shards (webdataset)"
-                                f"{'' if listed else ': nothing is stored under that prefix'}")
+                                f"{subfolder_hint(path, listed) if listed else ': nothing is stored under that prefix'}")
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "index.json")):
             return "mds"
         if any(n.endswith(".tar") and not n.startswith(".") for n in os.listdir(path)):
             return "wds"
-        raise FileNotFoundError(f"data source {path!r} holds neither index.json (MDS) nor .tar shards (webdataset)")
+        raise FileNotFoundError(f"data source {path!r} holds neither index.json (MDS) nor .tar shards (webdataset)"
+                                f"{subfolder_hint(path)}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"data source {path!r} does not exist (expected a directory of .tar shards, "
                                 "a .tar file, a brace pattern, or an MDS directory with index.json)")

@@ -33,6 +33,7 @@ def staged_output(out: str) -> Iterator[str]:
     if not storage.is_url(out):
         yield out
         return
+    storage.store_for(out).check_writable(out)  # before anything is staged: a missing bucket is found now
     local = staging_dir(out, "out")
     os.makedirs(local, exist_ok=True)
     yield local

@@ -136,6 +136,11 @@ class Store:
         """``{url: bytes}`` of every object under ``prefix/``; None when the scheme cannot list."""
         return None
 
+    def check_writable(self, url: str) -> None:
+        """Raise before any work when nothing can be written under ``url`` (its bucket does not exist, or the
+        store is read-only): a command that stages a dataset locally checks this first, not at the upload."""
+        raise PermissionError(f"{url}: this storage is read-only (write to s3:// or gs://, or a local directory)")
+
     def size(self, url: str) -> int:
         raise NotImplementedError
 
@@ -272,6 +277,26 @@ class S3Store(Store):
         bucket, key = self._split(url)
         return self._call("stat", url, lambda: int(self.client.head_object(Bucket=bucket, Key=key)["ContentLength"]))
 
+    def check_writable(self, url: str) -> None:
+        bucket, _ = self._split(url)
+
+        def head() -> None:
+            import botocore.exceptions as bex
+
+            try:
+                self.client.head_bucket(Bucket=bucket)
+            except bex.ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+                if code in ("NoSuchBucket", "NotFound", "404") or status == 404:
+                    endpoint = os.environ.get("S3_ENDPOINT_URL")
+                    raise FileNotFoundError(
+                        f"{url}: bucket {bucket!r} does not exist{f' at {endpoint}' if endpoint else ''}; create it first "
+                        f"(e.g. `aws s3 mb s3://{bucket}`{' --endpoint-url ' + endpoint if endpoint else ''}), then run "
+                        "again (nothing was written)") from None
+                raise
+        self._call("check the bucket", url, head)
+
 
 # --------------------------------------------------------------------------- http
 
@@ -406,6 +431,12 @@ class FsspecStore(Store):
 
     def size(self, url: str) -> int:
         return int(self._call("stat", url, lambda: self.fs.size(url)))
+
+    def check_writable(self, url: str) -> None:
+        bucket = urlparse(url).netloc
+        if not self._call("check the bucket", url, lambda: self.fs.exists(f"{self.scheme}://{bucket}")):
+            raise FileNotFoundError(f"{url}: bucket {bucket!r} does not exist; create it first (e.g. "
+                                    f"`gcloud storage buckets create {self.scheme}://{bucket}`), then run again (nothing was written)")
 
 
 _STORES: dict[str, Store] = {}

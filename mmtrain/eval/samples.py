@@ -98,6 +98,9 @@ def open_eval_set(shards: str, coco_annotations: str, coco_images: str, num: int
         if not coco_images:
             raise ValueError("--coco-annotations needs --coco-images (the folder of the annotated images)")
         return CocoEvalSet(coco_annotations, coco_images, num, image_size, resize_mode)
+    if not shards:
+        raise ValueError("no evaluation data: pass --shards (or set eval.shards), or --coco-annotations with --coco-images; "
+                         "the run's data.val_shards is not set")
     return ShardEvalSet(shards, num, image_size, resize_mode)
 
 
@@ -110,6 +113,8 @@ def training_hold_out(cfg) -> list[dict[str, str]]:
     from mmtrain.data.synthetic import parse_hold_out
 
     combos: list[dict[str, str]] = []
+    if not cfg.data.sources and not cfg.data.train_shards:
+        return combos  # a converted model: no training data to read
     for source in cfg.data.train_sources():
         try:
             stats = json.loads(storage.read_bytes(storage.join(source.path, "stats.json")))

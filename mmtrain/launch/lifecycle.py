@@ -16,6 +16,7 @@ saved the same step. Then:
 from __future__ import annotations
 
 import logging
+import os
 import socket
 
 from mmtrain.launch import registry, slurm
@@ -26,11 +27,17 @@ log = logging.getLogger("mmtrain.launch")
 def latest_step(run_dir: str) -> int:
     from mmtrain.components.checkpoint import latest_tag, step_of
 
-    tag = latest_tag(run_dir)
+    try:
+        tag = latest_tag(run_dir)
+    except FileNotFoundError:  # `latest` names a missing folder: training resumes from an older one and says so
+        return 0
     return step_of(tag) if tag else 0
 
 
 def record_start(run_dir: str, job_id: str, cluster: str, world_size: int, **fields) -> None:
+    """``MMTRAIN_JOB_LOG``: the batch script's log, which slurm/train.sbatch names (its jobs record no submission)."""
+    if os.environ.get("MMTRAIN_JOB_LOG"):
+        fields.setdefault("logs", os.environ["MMTRAIN_JOB_LOG"])
     registry.record(run_dir, "started", job_id, cluster=cluster, step=latest_step(run_dir), world_size=world_size,
                     host=socket.gethostname(), **fields)
 

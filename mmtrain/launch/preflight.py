@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from mmtrain.config import Config, load_config
+from mmtrain.config import Config, load_config, require_run_paths
 
 log = logging.getLogger("mmtrain.preflight")
 
@@ -29,12 +29,18 @@ def preflight(config_path: str, overrides: list[str], on_this_node: bool = True)
     from mmtrain.components.data import check_cache_limit, open_sources
 
     cfg = load_config(config_path, overrides)
+    require_run_paths(cfg, config_path)  # no default for the data or the run directory
     # every training source exists and is well-formed (remote: every shard is there with its index's size,
     # and the credentials work) and fits data.cache_limit; fills the tar index cache for the ranks
     sources = open_sources(cfg.data, on_this_node=on_this_node)
     check_cache_limit(cfg.data, sources)
+    if cfg.data.val_shards:
+        check_val_shards(cfg.data.val_shards, os.path.expanduser(cfg.data.index_cache) if cfg.data.index_cache else "")
     if cfg.train.init_from and not (Path(cfg.train.init_from) / "model.safetensors").is_file() and not Path(cfg.train.init_from).is_file():
         raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no model.safetensors there")
+    from mmtrain.tokenize.build import check_image_tokenizer
+
+    check_image_tokenizer(cfg.tokenizer.image)  # e.g. a recipe's VAE path left unset: one line, before any rank
     if cfg.model.attention == "flex" and not cuda_available():
         raise ValueError("model.attention=flex: FlexAttention cannot train on CPU (no backward there); "
                          "set model.attention=sdpa, which gives the same numbers")
@@ -45,11 +51,40 @@ def preflight(config_path: str, overrides: list[str], on_this_node: bool = True)
         from mmtrain.train import check_run_tokenizer
 
         check_run_tokenizer(cfg, TextTokenizer.from_file(cfg.text_model_path))
+    check_checkpoints(cfg)
     if on_this_node:
         warn_about_cpus_per_task(cfg.data.num_workers)
     log.info("preflight passed: %s: %d source(s), %d samples%s", config_path, len(sources), sum(len(s) for s in sources),
              "" if cfg.model.condition == "class" else ", text tokenizer matches")
     return cfg
+
+
+def check_val_shards(path: str, index_cache: str = "") -> int:
+    """The number of samples of ``data.val_shards`` (evaluation reads it, after training): a path that
+    does not exist or holds no samples fails the preflight with the key, not ``mmtrain eval`` a run later."""
+    from mmtrain.data.sources import open_source
+
+    fix = "point data.val_shards at prepared validation shards (e.g. the val/ folder `mmtrain prep` writes) or leave it unset"
+    try:
+        source = open_source(path, cache_dir=index_cache)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"data.val_shards={path}: {exc}; {fix}") from None
+    except ValueError as exc:
+        raise ValueError(f"data.val_shards={path}: {exc}; {fix}") from None
+    if len(source) == 0:
+        raise ValueError(f"data.val_shards={path}: no samples; {fix}")
+    return len(source)
+
+
+def check_checkpoints(cfg: Config) -> str | None:
+    """The checkpoint the ranks will resume from (None: a fresh run): ``train.resume_from`` or the newest
+    intact one; damaged newer ones are named and moved to ``checkpoints/damaged/`` now, before any rank
+    starts. No intact checkpoint: a one-line error that says how to start fresh."""
+    from mmtrain.components import checkpoint
+
+    selection = checkpoint.choose_resume(cfg.train.run_dir, cfg.train.resume_from)
+    checkpoint.set_aside(cfg.train.run_dir, selection, cfg.train.resume_from)
+    return selection.tag
 
 
 def warn_about_cpus_per_task(num_workers: int) -> None:

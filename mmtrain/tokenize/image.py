@@ -25,8 +25,11 @@ because every consumer only uses ``latent_channels``, ``downsample`` and encode/
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,7 +142,8 @@ class PixelTokenizer(ImageTokenizer):
 
 @dataclass
 class ImageTokenizerConfig:
-    """Which image tokenizer to build (see ``tokenizers/*.yaml``).
+    """Which image tokenizer to build (see ``tokenizers/*.yaml``): the run's ``tokenizer.image``, which
+    also takes the path of such a file (:func:`load_image_tokenizer_yaml`).
 
     Attributes:
         kind: Tokenizer name (:mod:`mmtrain.tokenize.build`). Default ``"pixels"``. The VAE kinds
@@ -166,6 +170,69 @@ class ImageTokenizerConfig:
     allow_random: bool = False
     sample_posterior: bool = False
     arch: dict[str, Any] = field(default_factory=dict)
+
+
+def load_image_tokenizer_yaml(path: str | os.PathLike, where: str = "tokenizer.image") -> dict[str, Any]:
+    """The image tokenizer section a ``tokenizer.yaml`` holds (``tokenizers/*.yaml``, or the one
+    ``mmtrain tokenizer train-vae`` / ``estimate-scale --write`` write), as a mapping of
+    :class:`ImageTokenizerConfig` fields with a relative ``path`` resolved against the YAML's folder.
+
+    Raises :class:`~mmtrain.errors.ConfigError` naming ``where`` and the file when it is missing,
+    not YAML or not a mapping; its keys and types are checked where the mapping is built
+    (:func:`image_tokenizer_config`, or the run config's loader)."""
+    import yaml
+
+    from mmtrain.errors import ConfigError
+
+    text = os.fspath(path)
+    file = Path(text).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{where}={os.fspath(path)}: no such tokenizer file (expected a tokenizer.yaml such as "
+                          "tokenizers/sd_vae.yaml or the one `mmtrain tokenizer train-vae` writes, or a mapping of "
+                          "image tokenizer fields" + ("" if text.endswith((".yaml", ".yml")) else
+                                                      f"; to choose a kind, set {where}.kind={text}") + ")")
+    try:
+        tree = yaml.safe_load(file.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{where}={os.fspath(path)}: cannot read it as YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}={os.fspath(path)}: expected a mapping of image tokenizer fields "
+                          f"({', '.join(f.name for f in dataclasses.fields(ImageTokenizerConfig))}), got {tree!r}")
+    tree = dict(tree)
+    vae_path = tree.get("path")
+    if isinstance(vae_path, str) and vae_path and not Path(vae_path).expanduser().is_absolute():
+        tree["path"] = str((file.resolve().parent / vae_path).resolve())
+    return tree
+
+
+def image_tokenizer_config(spec: str | os.PathLike | dict[str, Any] | ImageTokenizerConfig = "pixels",
+                           where: str = "tokenizer.image", **fields: Any) -> ImageTokenizerConfig:
+    """The :class:`ImageTokenizerConfig` of a kind name, a ``tokenizer.yaml`` path, a mapping or a config,
+    with ``fields`` (those not None) set over it; keys and types checked as the run config checks them.
+
+    A string is a ``tokenizer.yaml`` when it ends in ``.yaml``/``.yml`` or names an existing file,
+    otherwise a kind (``pixels``, ``sd_vae``, ...). Errors are ConfigErrors naming ``where``."""
+    from mmtrain.schema import build_dataclass
+
+    if isinstance(spec, ImageTokenizerConfig):
+        tree = dataclasses.asdict(spec)
+    elif isinstance(spec, dict):
+        tree = dict(spec)
+    elif is_tokenizer_yaml(spec):
+        tree = load_image_tokenizer_yaml(spec, where)
+    else:
+        tree = {"kind": os.fspath(spec)}
+    tree.update({k: v for k, v in fields.items() if v is not None})
+    return build_dataclass(ImageTokenizerConfig, tree, where)
+
+
+def is_tokenizer_yaml(spec: Any) -> bool:
+    """Whether ``spec`` (a ``tokenizer.image`` value or ``--tokenizer`` argument) names a tokenizer.yaml file
+    rather than a kind: a path ending in ``.yaml``/``.yml``, or an existing file."""
+    if not isinstance(spec, (str, os.PathLike)):
+        return False
+    text = os.fspath(spec)
+    return text.endswith((".yaml", ".yml")) or os.sep in text or Path(text).expanduser().is_file()
 
 
 # ------------------------------------------------------------------ patches

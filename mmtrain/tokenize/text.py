@@ -359,12 +359,16 @@ class TextTokenizer:
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_batch(
-        self, texts: Sequence[str], max_len: int, bos: bool = True, eos: bool = True
+        self, texts: Sequence[str], max_len: int, bos: bool = True, eos: bool = True,
+        cut: list[tuple[int, int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode, truncate and right-pad a batch.
 
         Truncation keeps the leading bos and, if ``eos``, overwrites the last
         kept token with eos so every sequence is still properly terminated.
+        ``cut``: a list that gets ``(row, tokens before the cut)`` for each text longer than
+        ``max_len`` (tokens counted with bos/eos), so that the caller can say what it cut
+        (a silent cut changes what a prompt asks for).
 
         Returns:
             ids: LongTensor ``# B, max_len`` padded with ``pad_id``.
@@ -386,6 +390,8 @@ class TextTokenizer:
         for row, body in enumerate(pieces):
             seq = ([self.bos_id] if bos else []) + body + ([self.eos_id] if eos else [])
             if len(seq) > max_len:
+                if cut is not None:
+                    cut.append((row, len(seq)))
                 seq = seq[:max_len]
                 if eos:
                     seq[-1] = self.eos_id

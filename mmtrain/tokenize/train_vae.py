@@ -5,7 +5,8 @@ when local VGG-16 weights are given, ``perceptual_weight`` * a VGG feature dista
 LPIPS idea without its learned linear heads); the LDM recipe's adversarial term is left out.
 Nothing is downloaded: without ``perceptual_weights`` there is no perceptual term. The result is a diffusers
 ``AutoencoderKL`` folder plus a tokenizer YAML pointing at it, with the latent scale
-measured on the training images, so ``tokenizer.image`` can be set to that YAML's contents.
+measured on the training images: ``tokenizer.image=OUT/tokenizer.yaml`` trains on it and
+``mmtrain prep latents --tokenizer OUT/tokenizer.yaml`` precomputes its latents.
 """
 from __future__ import annotations
 
@@ -119,11 +120,21 @@ def _image_batches(shards: str, size: int, batch_size: int, seed: int, buffer: i
                 batch = []
 
 
+def write_tokenizer_yaml(path: str | Path, tree: dict, by: str = "`mmtrain tokenizer train-vae`") -> Path:
+    """Write an image tokenizer section (:class:`~mmtrain.tokenize.image.ImageTokenizerConfig` fields) as a
+    tokenizer.yaml: what ``tokenizer.image=PATH`` and ``prep latents --tokenizer PATH`` take (a relative
+    ``path`` in it is read against the file's folder)."""
+    from mmtrain.atomic import atomic_write_text
+
+    atomic_write_text(path, f"# written by {by}; use as tokenizer.image=THIS_FILE (training) and --tokenizer THIS_FILE "
+                            "(prep latents)\n" + yaml.safe_dump(dict(tree), sort_keys=False))
+    return Path(path)
+
+
 def train_vae(shards: str, out_dir: str | Path, cfg: VAETrainConfig, progress: bool = True) -> dict:
     """Train, save ``out_dir/vae`` (diffusers) and ``out_dir/tokenizer.yaml``; returns the final figures."""
     from diffusers import AutoencoderKL
 
-    from mmtrain.atomic import atomic_write_text
     from mmtrain.tokenize.build import build_image_tokenizer
     from mmtrain.tokenize.image import ImageTokenizerConfig
     from mmtrain.tokenize.vae import estimate_scale_factor
@@ -161,7 +172,6 @@ def train_vae(shards: str, out_dir: str | Path, cfg: VAETrainConfig, progress: b
     scale_batches = itertools.islice(_image_batches(shards, cfg.image_size, cfg.batch_size, cfg.seed + 1),
                                      max(1, cfg.num_scale_samples // cfg.batch_size))
     est = estimate_scale_factor(build_image_tokenizer(tok_cfg), scale_batches, num_samples=cfg.num_scale_samples)
-    tree = {"kind": "vae", "path": tok_cfg.path, "scale_factor": est["scale_factor"], "shift_factor": 0.0}
-    atomic_write_text(out_dir / "tokenizer.yaml", "# written by `mmtrain tokenizer train-vae`; use as tokenizer.image\n"
-                      + yaml.safe_dump(tree, sort_keys=False))
+    write_tokenizer_yaml(out_dir / "tokenizer.yaml", {"kind": "vae", "path": tok_cfg.path,
+                                                       "scale_factor": est["scale_factor"], "shift_factor": 0.0})
     return {"steps": cfg.steps, "seconds": elapsed, "recent_mse": sum(recent) / len(recent), **est}

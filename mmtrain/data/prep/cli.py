@@ -120,9 +120,18 @@ def cmd_wds(args: argparse.Namespace) -> int:
 
 def cmd_latents(args: argparse.Namespace) -> int:
     from mmtrain.data.prep.latents import precompute_latents
-    from mmtrain.tokenize.image import ImageTokenizerConfig
+    from mmtrain.tokenize.build import VAE_KINDS
+    from mmtrain.tokenize.image import image_tokenizer_config
 
-    tokenizer = ImageTokenizerConfig(kind=args.tokenizer, scale_factor=args.scale_factor, shift_factor=args.shift_factor)
+    # the section training reads as tokenizer.image, from a kind or a tokenizer.yaml, the options set over it
+    tokenizer = image_tokenizer_config(args.tokenizer, where="--tokenizer", path=args.tokenizer_path,
+                                       scale_factor=args.scale_factor, shift_factor=args.shift_factor,
+                                       sample_posterior=True if args.sample_posterior else None)
+    if tokenizer.kind in VAE_KINDS and not tokenizer.path and not tokenizer.allow_random:
+        raise ValueError(f"--tokenizer {args.tokenizer}: a {tokenizer.kind!r} VAE needs its weights: give --tokenizer-path "
+                         "(a local diffusers AutoencoderKL folder" + ("" if tokenizer.kind == "vae" else
+                                                                    " or an original checkpoint file")
+                         + "; never downloaded), or a tokenizer.yaml whose path is set")
     stats = precompute_latents(args.shards, args.out, tokenizer, batch_size=args.batch_size, dtype=args.dtype,
                                device=args.device, output_format=None if args.output_format == "auto" else args.output_format,
                                progress=not args.quiet, overwrite=args.overwrite, image_size=args.image_size,
@@ -141,11 +150,13 @@ def staged(cmd: Any) -> Any:
     import functools
 
     from mmtrain.data.staging import stage_input, staged_output
-    from mmtrain.data.storage import is_url
+    from mmtrain.data.storage import is_url, store_for
 
     @functools.wraps(cmd)
     def run(args: argparse.Namespace) -> int:
         url = args.out
+        if is_url(url):
+            store_for(url).check_writable(url)  # a missing bucket fails now, not after staging everything
         if isinstance(getattr(args, "shards", None), list) and any(is_url(s) for s in args.shards):
             args.shards = [stage_input(s) for s in args.shards]
         with staged_output(url) as local:
@@ -222,9 +233,19 @@ def add_prep_subcommands(prep_subparsers: Any) -> None:
     la.add_argument("--out", required=True, help="output directory or URL (not the input one)")
     la.add_argument("--format", dest="output_format", choices=["auto", *OUTPUT_FORMATS], default="auto",
                     help="output format (default auto: same as the input)")
-    la.add_argument("--tokenizer", default="pixels", help="image tokenizer kind (default pixels)")
-    la.add_argument("--scale-factor", type=float, default=1.0, help="tokenizer latent scale (default 1.0)")
-    la.add_argument("--shift-factor", type=float, default=0.0, help="tokenizer latent shift (default 0.0)")
+    la.add_argument("--tokenizer", default="pixels",
+                    help="the image tokenizer, as the run's tokenizer.image: a kind (pixels, sd_vae, mar_kl16, vae) or a "
+                         "tokenizer.yaml (tokenizers/sd_vae.yaml, or the one `mmtrain tokenizer train-vae` writes); "
+                         "the options below override its fields (default pixels)")
+    la.add_argument("--tokenizer-path", default=None,
+                    help="the VAE: a local diffusers AutoencoderKL folder or (sd_vae, mar_kl16) an original checkpoint "
+                         "file (tokenizer.image.path; default: the yaml's, none for a kind)")
+    la.add_argument("--scale-factor", type=float, default=None,
+                    help="latent scale (tokenizer.image.scale_factor; default: the yaml's, 1.0 for a kind)")
+    la.add_argument("--shift-factor", type=float, default=None,
+                    help="latent shift (tokenizer.image.shift_factor; default: the yaml's, 0.0 for a kind)")
+    la.add_argument("--sample-posterior", action="store_true",
+                    help="store a posterior sample instead of its mean (tokenizer.image.sample_posterior; default: the yaml's, off)")
     la.add_argument("--image-size", type=int, default=0,
                     help="resize each image to this square size before encoding, as training does (set it to the "
                          "run's data.image_size; default 0: as stored, the same pixels for shards prepped at that size)")

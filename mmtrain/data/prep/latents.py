@@ -53,13 +53,15 @@ _KNOWN_MEMBERS = frozenset({"txt", "json", "cls", "latent.npy"})
 def _tokenizer(image_tokenizer: Any) -> tuple[Any, dict[str, Any]]:
     """Build/accept the tokenizer; return it and a description for the fingerprint."""
     from mmtrain.tokenize.build import build_image_tokenizer
-    from mmtrain.tokenize.image import ImageTokenizerConfig
+    from mmtrain.tokenize.image import ImageTokenizerConfig, image_tokenizer_config
 
-    if isinstance(image_tokenizer, str):
-        image_tokenizer = ImageTokenizerConfig(kind=image_tokenizer)
+    if isinstance(image_tokenizer, (str, os.PathLike, dict)):  # a kind or a tokenizer.yaml, as tokenizer.image takes
+        image_tokenizer = image_tokenizer_config(image_tokenizer, where="image_tokenizer")
     if isinstance(image_tokenizer, ImageTokenizerConfig):
         described = {"kind": image_tokenizer.kind, "scale_factor": image_tokenizer.scale_factor,
                      "shift_factor": image_tokenizer.shift_factor}
+        if image_tokenizer.path:  # only then: runs made without one keep their fingerprint (weights are not hashed)
+            described["path"] = image_tokenizer.path
         return build_image_tokenizer(image_tokenizer), described
     if not callable(getattr(image_tokenizer, "encode", None)):
         raise ValueError(  # noqa: TRY004 -- bad user input: the CLI maps ValueError to exit 2
@@ -131,8 +133,9 @@ def precompute_latents(
             or at a URL (``s3://``, ``gs://``, ``http(s)://``; remote shards are read through
             ``shard_cache``, default :func:`~mmtrain.data.sources.default_shard_cache`).
         out_dir: Output directory (must differ from the input).
-        image_tokenizer: A registered kind name (default ``"pixels"``), an
-            ``ImageTokenizerConfig``, or an object with ``encode(images)`` mapping
+        image_tokenizer: A registered kind name (default ``"pixels"``), the path of a
+            ``tokenizer.yaml`` (what ``tokenizer.image`` takes), an ``ImageTokenizerConfig``
+            or its mapping, or an object with ``encode(images)`` mapping
             B,3,H,W floats in [-1, 1] to B,C,h,w latents.
         batch_size: Images per ``encode`` call, default 32.
         dtype: Stored latent dtype, ``"float16"`` (default) or ``"float32"``.
