@@ -16,7 +16,12 @@ Recognised members of sample ``KEY`` (extensions are matched case-insensitively)
 - ``KEY.cls``: decimal class label (optional);
 - ``KEY.latent.npy``: precomputed latent, an ``.npy`` float16/float32 array ``C, h, w`` (optional).
 
-Other members are ignored.
+Other members are not indexed one by one; the index records every sample's byte span
+(:data:`SPAN`, first header to last padded data, see :class:`mmtrain.data.tar.TarSample`), so
+a document (``KEY.json`` + image members ``KEY.0.jpg``, ``KEY.1.png``, ... named by the JSON,
+:mod:`mmtrain.data.documents`) is read with one read of its span. Sidecars written before
+spans were indexed load with the span unknown (-1): reading a document from them asks for
+``mmtrain prep index``; pair samples read as before.
 """
 from __future__ import annotations
 
@@ -46,15 +51,18 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "cls": ("cls",),
     "latent": ("latent.npy",),
 }
+SPAN = "sample"  # the field holding each sample's byte span (offset of its first header, bytes through its last data)
+INDEXED: tuple[str, ...] = (*FIELDS, SPAN)  # every field of offsets/sizes
 
 
 @dataclass
 class TarIndex:
     """Where the members of every sample of one tar shard are.
 
-    ``keys`` are the sample keys in file order; for each field of :data:`FIELDS`,
-    ``offsets[field][i]`` / ``sizes[field][i]`` locate sample i's member data in the
-    file (offset -1 when the sample has no such member). ``size`` and ``sha256`` describe
+    ``keys`` are the sample keys in file order; for each field of :data:`INDEXED`,
+    ``offsets[field][i]`` / ``sizes[field][i]`` locate sample i's member data (its whole
+    span for :data:`SPAN`) in the file (offset -1 when the sample has no such member, or
+    the span is unknown). ``size`` and ``sha256`` describe
     the whole shard file when known (sidecar indexes record both), else -1 / "".
     """
 
@@ -72,13 +80,15 @@ class TarIndex:
 def scan_tar(path: str, where: str = "") -> TarIndex:
     """Index ``path`` from its member headers; ShardDataError naming the shard (``where``) when it cannot."""
     keys: list[str] = []
-    columns: dict[str, tuple[list[int], list[int]]] = {f: ([], []) for f in FIELDS}
+    columns: dict[str, tuple[list[int], list[int]]] = {f: ([], []) for f in INDEXED}
     for sample in iter_tar_samples(path, where):
         keys.append(sample.key)
         for name, exts in FIELDS.items():
             found = next((sample.members[e] for e in exts if e in sample.members), (-1, 0))
             columns[name][0].append(found[0])
             columns[name][1].append(found[1])
+        columns[SPAN][0].append(sample.start)
+        columns[SPAN][1].append(sample.end - sample.start)
     return TarIndex(
         path=path,
         keys=keys,
@@ -130,6 +140,9 @@ def parse_sidecar(text: str | bytes, shard: str, where: str) -> TarIndex:
         n = len(obj["keys"])
         offsets = {f: np.asarray(obj["offsets"][f], dtype=np.int64) for f in FIELDS}
         sizes = {f: np.asarray(obj["sizes"][f], dtype=np.int64) for f in FIELDS}
+        # spans: absent from sidecars written before documents; unknown then (-1), pair reads need none
+        offsets[SPAN] = np.asarray(obj["offsets"].get(SPAN, [-1] * n), dtype=np.int64)
+        sizes[SPAN] = np.asarray(obj["sizes"].get(SPAN, [0] * n), dtype=np.int64)
         if any(len(a) != n for a in (*offsets.values(), *sizes.values())):
             raise ValueError("the offset and size lists do not match the key list in length")
         return TarIndex(path=shard, keys=[str(k) for k in obj["keys"]], offsets=offsets, sizes=sizes,
@@ -139,7 +152,7 @@ def parse_sidecar(text: str | bytes, shard: str, where: str) -> TarIndex:
 
 
 def _cache_file(cache_dir: str, path: str, stat: os.stat_result) -> str:
-    ident = f"{INDEX_VERSION}\0{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    ident = f"{INDEX_VERSION}{SPAN}\0{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
     return os.path.join(cache_dir, hashlib.sha256(ident.encode()).hexdigest()[:40] + ".json")
 
 

@@ -219,7 +219,12 @@ class ShardWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.close()
-        elif self._shard is not None:
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        """Delete the open shard, if any (the committed ones stay)."""
+        if self._shard is not None:
             self._shard.abort()
             self._shard = None
 

@@ -14,7 +14,10 @@ Every command reads samples through here: the training loader and eval by index
 (``read``), the commands that go once through a dataset with :func:`iter_samples`
 (decoded, resized pixels), and the ones that rewrite a dataset shard by shard with
 ``read_shard`` / :func:`iter_shards` (every field as stored, :class:`StoredSample`).
-Format detection is :func:`detect_format`, nowhere else.
+Format detection is :func:`detect_format`, nowhere else. A source of documents (several
+images and text spans per sample, :mod:`mmtrain.data.documents`) is read with
+``read_document`` / :func:`iter_documents`; each source class says whether it holds them
+(``holds_documents``: webdataset from its index, MDS from its columns).
 
 Sample schema (the contract with the data_prep converters):
 
@@ -25,6 +28,8 @@ Sample schema (the contract with the data_prep converters):
   ``image: bytes`` (encoded image file; ``jpeg``/``png``/``pil`` encodings are accepted
   too), ``caption: str``, optional ``json: json``, ``cls: int`` (any integer encoding),
   ``latent: ndarray``.
+- documents: webdataset ``KEY.json`` (``texts``/``images`` lists) + ``KEY.0.jpg``, ...; MDS
+  columns ``key: str``, ``doc: json``, ``images: bytes`` (see :mod:`mmtrain.data.documents`).
 """
 from __future__ import annotations
 
@@ -41,13 +46,15 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from mmtrain.data import storage
+from mmtrain.data.documents import MDS_COLUMNS as DOCUMENT_COLUMNS
+from mmtrain.data.documents import Document, from_mds_row, from_wds_members
 from mmtrain.data.cache import CacheFullError, CorruptShardError, RemoteFile, ShardCache
 from mmtrain.data.errors import ShardDataError
 from mmtrain.data.images import IMAGE_EXTENSIONS, decode_image, sniff_extension
-from mmtrain.data.index import FIELDS, TarIndex, load_remote_tar_indexes, load_tar_indexes
+from mmtrain.data.index import INDEXED, SPAN, TarIndex, load_remote_tar_indexes, load_tar_indexes
 from mmtrain.data.node_local import resolve_cache_dir
 from mmtrain.data.shards import list_remote_shards, list_shards, subfolder_hint
-from mmtrain.data.tar import read_tar_samples
+from mmtrain.data.tar import parse_sample_span, read_tar_samples
 
 FORMATS: tuple[str, ...] = ("auto", "wds", "mds")
 MAX_OPEN_FILES = 64  # per process and source: a global permutation touches every shard
@@ -296,8 +303,12 @@ class WdsSource:
         self.shard_files = _ShardFiles(self.shards, remote, shard_cache or (default_shard_cache() if remote else None))
         counts = np.asarray([len(ix) for ix in indexes], dtype=np.int64)
         self.shard_of = np.repeat(np.arange(len(indexes), dtype=np.int32), counts)  # sample -> shard
-        self.offsets = {f: np.concatenate([ix.offsets[f] for ix in indexes]) for f in FIELDS}
-        self.sizes = {f: np.concatenate([ix.sizes[f] for ix in indexes]) for f in FIELDS}
+        self.offsets = {f: np.concatenate([ix.offsets[f] for ix in indexes]) for f in INDEXED}
+        self.sizes = {f: np.concatenate([ix.sizes[f] for ix in indexes]) for f in INDEXED}
+        # Documents: every sample has KEY.json and neither a caption nor a single image member (the
+        # layout of mmtrain.data.documents); decided from the index, without reading a sample.
+        self.holds_documents = bool(len(self.offsets["json"])) and bool(np.all(
+            (self.offsets["json"] >= 0) & (self.offsets["txt"] < 0) & (self.offsets["image"] < 0)))
         # Fixed-width bytes: no per-key Python objects, so forked workers share the pages.
         self.keys = np.asarray([k.encode("utf-8") for ix in indexes for k in ix.keys], dtype=np.bytes_)
 
@@ -319,6 +330,8 @@ class WdsSource:
 
     def validate(self, need_image: bool, need_latent: bool) -> None:
         """Every sample must have a caption, and an image (or a latent with ``need_latent``)."""
+        if self.holds_documents:
+            raise ShardDataError(_documents_not_pairs(self.spec))
         required = [("txt", "caption member KEY.txt")]
         if need_image:
             required.append(("image", "image member KEY.jpg|jpeg|png|webp"))
@@ -345,6 +358,24 @@ class WdsSource:
                 raise
             raise ShardDataError(f"{where}: cannot read: {exc}") from exc
         return RawSample(key=self.key(i), where=where, caption=caption, label=label, image=image, latent=latent)
+
+    def read_document(self, i: int) -> Document:
+        """Sample ``i`` as a :class:`~mmtrain.data.documents.Document`: its byte span read at once (one
+        pread, from the shard cache for a remote source) and its members parsed; ShardDataError naming
+        the shard and key when the sample is not a well-formed document."""
+        where = self.where(i)
+        offset, size = int(self.offsets[SPAN][i]), int(self.sizes[SPAN][i])
+        if offset < 0:
+            raise ShardDataError(f"{where}: the shard's index has no sample spans (written before documents were "
+                                 f"indexed); rewrite it with `mmtrain prep index {self.shards[self.shard_of[i]]}`")
+        try:
+            span = self.shard_files.pread(int(self.shard_of[i]), size, offset)
+        except OSError as exc:
+            if isinstance(exc, CacheFullError):
+                raise
+            raise ShardDataError(f"{where}: cannot read: {exc}") from exc
+        key = self.key(i)
+        return from_wds_members(key, parse_sample_span(span, key, where), where)
 
     def read_metadata(self, i: int) -> dict | None:
         """The sample's ``KEY.json`` object (e.g. the synthetic generator's ground truth), or None."""
@@ -478,6 +509,12 @@ class MdsSource:
 
     def _check_columns(self, names: list[str], encodings: list[str], is_mds_encoding) -> None:
         columns = dict(zip(names, encodings))
+        self.holds_documents = "doc" in columns  # the document layout (mmtrain.data.documents)
+        if self.holds_documents:
+            if columns != DOCUMENT_COLUMNS:
+                raise ShardDataError(f"{self.index_file}: a document source (it has a 'doc' column) must have exactly "
+                                     f"the columns {DOCUMENT_COLUMNS}; columns present: {columns}")
+            return
         for name, (required, allowed, what) in _MDS_COLUMNS.items():
             if name not in columns:
                 if required:
@@ -496,6 +533,8 @@ class MdsSource:
         return name in self.column_index
 
     def validate(self, need_image: bool, need_latent: bool) -> None:
+        if self.holds_documents:
+            raise ShardDataError(_documents_not_pairs(self.spec))
         if need_image and not self.has_column("image"):
             raise ShardDataError(f"{self.index_file}: missing column 'image' (expected bytes, an encoded image file); "
                                  f"columns present: {dict(zip(self.column_names, self.column_encodings))}")
@@ -562,6 +601,14 @@ class MdsSource:
         latent = _check_latent(decode("latent"), where) if want_latent and "latent" in raw else None
         return RawSample(key=key, where=where, caption=caption, label=label, image=image, latent=latent)
 
+    def read_document(self, i: int) -> Document:
+        """Row ``i`` as a :class:`~mmtrain.data.documents.Document`; ShardDataError naming the shard and key
+        when the row is not a well-formed document (a pair source: use ``read``)."""
+        if not self.holds_documents:
+            raise ShardDataError(f"{self.index_file}: holds image-caption pairs (no 'doc' column), not documents")
+        key, where, raw, decode = self._record(i)
+        return from_mds_row(key, decode("doc"), raw["images"], where)
+
     @property
     def _image_encoding(self) -> str | None:
         k = self.column_index.get("image")
@@ -601,6 +648,11 @@ class MdsSource:
 
 
 Source = WdsSource | MdsSource
+
+
+def _documents_not_pairs(spec: str) -> str:
+    return (f"data source {spec}: holds documents (KEY.json with texts/images lists, or an MDS 'doc' column), "
+            "not image-caption pairs; read it with read_document / iter_documents")
 
 
 def _remote_exists(url: str) -> bool:
@@ -704,6 +756,27 @@ def iter_shards(path: str | os.PathLike, fmt: str = "auto",
     try:
         for shard, name in enumerate(source.shards):
             yield storage.basename(name), list(source.read_shard(shard))
+    finally:
+        source.close()
+
+
+def iter_documents(path: str | os.PathLike, fmt: str = "auto",
+                   shard_cache: ShardCache | None = None) -> Iterator[Document]:
+    """Every document of the source at ``path`` (local or URL, webdataset or MDS: :func:`open_source`),
+    in order, as stored (:class:`~mmtrain.data.documents.Document`, images as encoded files).
+
+    The reader of what goes through a document dataset once (``prep documents-wds``, tests).
+    ShardDataError naming the source when it holds image-caption pairs, naming the shard and
+    key when a document is malformed.
+    """
+    source = open_source(os.fspath(path), fmt, shard_cache=shard_cache)
+    try:
+        if not source.holds_documents:
+            raise ShardDataError(f"data source {source.spec}: holds image-caption pairs, not documents (expected "
+                                 "KEY.json with texts/images lists and no KEY.txt, or MDS columns "
+                                 f"{DOCUMENT_COLUMNS}; see mmtrain.data.documents)")
+        for i in range(len(source)):
+            yield source.read_document(i)
     finally:
         source.close()
 

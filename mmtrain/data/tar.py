@@ -17,6 +17,7 @@ Only ``"r:"`` (uncompressed) tars are read: a compressed tar has no byte offsets
 """
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 from collections.abc import Iterator
@@ -38,12 +39,23 @@ def split_member(name: str) -> tuple[str, str] | None:
     return key, ext.lower()
 
 
+BLOCK = 512  # tar's block: every header and every member's padded data is a whole number of them
+
+
 @dataclass
 class TarSample:
-    """One sample's members: ``{extension: (offset of the data in the file, size)}``, in member order."""
+    """One sample's members: ``{extension: (offset of the data in the file, size)}``, in member order.
+
+    ``start``/``end``: the sample's byte span in the file, from its first member's first header
+    (extended headers included) to the end of its last member's padded data, so a reader that
+    needs every member (a document: :mod:`mmtrain.data.documents`) gets them with one read
+    (:func:`parse_sample_span`) without an index entry per member name.
+    """
 
     key: str
     members: dict[str, tuple[int, int]] = field(default_factory=dict)
+    start: int = -1
+    end: int = -1
 
 
 def iter_tar_samples(path: str, where: str = "") -> Iterator[TarSample]:
@@ -72,8 +84,9 @@ def iter_tar_samples(path: str, where: str = "") -> Iterator[TarSample]:
                     if current is not None:
                         yield current
                     seen.add(key)
-                    current = TarSample(key)
+                    current = TarSample(key, start=member.offset)
                 current.members.setdefault(ext, (member.offset_data, member.size))
+                current.end = member.offset_data + -(-member.size // BLOCK) * BLOCK
     except tarfile.ReadError as exc:
         after = f" after sample {current.key!r}" if current is not None else ""
         raise ShardDataError(f"shard {where}: not a readable uncompressed tar archive{after} ({exc}); "
@@ -83,6 +96,27 @@ def iter_tar_samples(path: str, where: str = "") -> Iterator[TarSample]:
         raise ShardDataError(f"shard {where}: cannot read tar archive{after}: {exc}") from exc
     if current is not None:
         yield current
+
+
+def parse_sample_span(data: bytes, key: str, where: str) -> dict[str, bytes]:
+    """``{extension: bytes}`` of sample ``key`` from its byte span (:attr:`TarSample.start`/``end``),
+    by the grouping rule above; ShardDataError naming ``where`` when the span is not that sample's members."""
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
+            for member in archive:
+                split = split_member(member.name) if member.isfile() else None
+                if split is None:
+                    continue
+                if split[0] != key:
+                    raise ShardDataError(f"{where}: the index's span of sample {key!r} holds member {member.name!r} "
+                                         "of another sample (a stale index? rewrite it with `mmtrain prep index`)")
+                if member.offset_data + member.size > len(data):
+                    raise ShardDataError(f"{where}: member {member.name!r} runs past the indexed span of the sample")
+                members.setdefault(split[1], data[member.offset_data:member.offset_data + member.size])
+    except tarfile.TarError as exc:
+        raise ShardDataError(f"{where}: cannot read the sample's tar members: {exc}") from exc
+    return members
 
 
 def read_member(fd: int, offset: int, size: int, where: str) -> bytes:

@@ -1,4 +1,8 @@
-"""``mmtrain prep folder|manifest|coco|wds|latents``: argparse wiring for the converters.
+"""``mmtrain prep folder|manifest|coco|wds|latents|index|documents-wds|obelics|mmc4``: argparse wiring for the converters.
+
+Document preps (``documents-wds``; the web-document converters ``obelics`` and ``mmc4``) share
+:func:`add_document_options`, :func:`write_documents_from_args` and :func:`documents_summary`
+around :func:`mmtrain.data.documents.write_document_shards`.
 
 ``mmtrain.cli`` calls :func:`add_prep_subcommands` with its ``prep`` subparsers;
 each subcommand sets ``func`` to a handler that returns an exit code and prints
@@ -192,6 +196,118 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def documents_summary(kind: str, out: str, stats: dict[str, Any]) -> str:
+    """The one-line summary of a document prep (``write_document_shards``' stats)."""
+    splits = ", ".join(f"{name} {s['documents']} in {s['shards']} shards" for name, s in sorted(stats["splits"].items()))
+    images = ", ".join(f"{r} {n}" for r, n in stats["dropped_images"].items() if n) or "none"
+    docs = ", ".join(f"{r} {n}" for r, n in stats["dropped_documents"].items() if n) or "none"
+    return (f"prep {kind}: {stats['documents']} documents from {stats['documents_in']} ({splits}; "
+            f"{stats['documents_split']} split) with {stats['images']} images and {stats['text_segments']} text "
+            f"segments to {out}; images left out: {images}; documents dropped: {docs} (stats: {Path(out) / 'stats.json'})")
+
+
+def add_document_options(p: argparse.ArgumentParser) -> None:
+    """The flags of every document prep: output layout, split, sequence budget, images."""
+    p.add_argument("--out", required=True, help="output directory or URL (s3://, gs://): writes OUT/train, OUT/val, "
+                                               "OUT/stats.json (a URL: staged locally, then uploaded)")
+    p.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default="wds",
+                   help="wds: KEY.json + KEY.0.jpg, ... per document; mds: one row per document (default wds)")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="documents per shard (default 1000)")
+    p.add_argument("--shard-size", type=parse_shard_size, default=0,
+                   help="byte limit per shard, e.g. 500MB (10^6) or 512MiB (2^20) (default 0 = none)")
+    p.add_argument("--prefix", default="shard", help="webdataset shard name prefix (default shard)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="fraction of documents routed to OUT/val by key hash (default 0)")
+    p.add_argument("--split-seed", type=int, default=0, help="salt of the split hash (default 0)")
+    p.add_argument("--max-images", type=int, default=0,
+                   help="images per sequence: longer documents are split at segment boundaries (default 0 = no limit)")
+    p.add_argument("--max-text-tokens", type=int, default=0,
+                   help="text tokens per sequence: longer documents are split at segment boundaries (default 0 = no "
+                        "limit); counted by --tokenizer, else estimated as whitespace-separated words")
+    p.add_argument("--tokenizer", default=None,
+                   help="the run's sentencepiece model (.model) to count --max-text-tokens (default: word estimate)")
+    p.add_argument("--min-images", type=int, default=0, help="drop documents with fewer images (default 0)")
+    p.add_argument("--resolution", type=int, default=0,
+                   help="resize every image's shorter side to this many pixels and re-encode (default 0 = keep bytes)")
+    p.add_argument("--resize-mode", choices=PREP_RESIZE_MODES, default="keep_aspect",
+                   help="how --resolution resizes (default keep_aspect: documents keep their images' shapes)")
+    p.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpg",
+                   help="encoding of resized images (default jpg)")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1-95 (default 95)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def write_documents_from_args(documents: Any, args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
+    """``write_document_shards`` with the options of :func:`add_document_options`."""
+    from mmtrain.data.documents import ImageOptions, count_words, sentencepiece_counter, write_document_shards
+
+    return write_document_shards(
+        documents, args.out, fmt=args.output_format, samples_per_shard=args.samples_per_shard,
+        shard_size=args.shard_size, prefix=args.prefix, val_fraction=args.val_fraction, split_seed=args.split_seed,
+        max_images=args.max_images, max_text_tokens=args.max_text_tokens, min_images=args.min_images,
+        count_tokens=sentencepiece_counter(args.tokenizer) if args.tokenizer else count_words,
+        images=ImageOptions(resolution=args.resolution, resize_mode=args.resize_mode, image_format=args.image_format,
+                            jpeg_quality=args.jpeg_quality),
+        progress=not args.quiet, **kwargs)
+
+
+def cmd_documents_wds(args: argparse.Namespace) -> int:
+    """Re-write document sources (multi-image webdataset in Energon's layout, or document MDS) read through
+    the one reader: filter, split to the sequence budget, resize."""
+    from mmtrain.data.sources import iter_documents
+
+    def documents():
+        for source in args.sources:
+            yield from iter_documents(source)
+
+    stats = write_documents_from_args(documents(), args, source={"kind": "documents-wds", "paths": list(args.sources)})
+    print(documents_summary("documents-wds", args.out, stats))
+    return 0
+
+
+def _add_fetch_workers(p: argparse.ArgumentParser) -> None:
+    from mmtrain.data.prep.fetch import DEFAULT_FETCH_WORKERS
+
+    p.add_argument("--workers", type=int, default=DEFAULT_FETCH_WORKERS,
+                   help=f"threads that fetch, read and check images (default {DEFAULT_FETCH_WORKERS}); URL fetches retry "
+                        "as shard reads do: MMTRAIN_IO_RETRIES (default 5), MMTRAIN_IO_BACKOFF_S (0.5), "
+                        "MMTRAIN_IO_TIMEOUT_S (60)")
+
+
+def _write_web_documents(kind: str, raws: Any, stats: Any, args: argparse.Namespace, source: dict[str, Any]) -> int:
+    """Fetch the images of ``raws`` on ``args.workers`` threads and write the documents; print the summary."""
+    from mmtrain.data.prep.fetch import ImageFetcher
+    from mmtrain.data.prep.web_documents import resolve_documents
+
+    with ImageFetcher(args.workers) as fetcher:
+        result = write_documents_from_args(resolve_documents(raws, fetcher), args, stats=stats, source=source)
+    print(documents_summary(kind, args.out, result))
+    return 0
+
+
+def cmd_obelics(args: argparse.Namespace) -> int:
+    """OBELICS / OmniCorpus parquet -> document shards (images fetched, read or given inline)."""
+    from mmtrain.data.prep.sources.obelics import iter_obelics
+    from mmtrain.data.prep.web_documents import new_stats
+
+    stats = new_stats()
+    raws = iter_obelics(args.parquet, stats)
+    return _write_web_documents("obelics", raws, stats, args, {"kind": "obelics", "paths": list(args.parquet)})
+
+
+def cmd_mmc4(args: argparse.Namespace) -> int:
+    """MMC4 JSON lines -> document shards (images from --images DIR or fetched with --fetch)."""
+    from mmtrain.data.prep.sources.mmc4 import iter_mmc4
+    from mmtrain.data.prep.web_documents import new_stats
+
+    stats = new_stats()
+    raws = iter_mmc4(args.jsonl, stats, images_dir=args.images, fetch=args.fetch, min_sim=args.min_sim,
+                     max_images=args.max_images_per_doc)
+    source = {"kind": "mmc4", "paths": list(args.jsonl), "images": args.images, "fetch": args.fetch,
+              "min_sim": args.min_sim, "max_images_per_doc": args.max_images_per_doc}
+    return _write_web_documents("mmc4", raws, stats, args, source)
+
+
 def add_prep_subcommands(prep_subparsers: Any) -> None:
     """Add ``folder``, ``manifest``, ``coco``, ``wds`` and ``latents`` to ``mmtrain prep``.
 
@@ -261,3 +377,36 @@ def add_prep_subcommands(prep_subparsers: Any) -> None:
     ix = prep_subparsers.add_parser("index", help="write NAME.tar.index.json next to tar shards made by other tools")
     ix.add_argument("shards", help="webdataset shards: a directory, .tar, brace pattern or URL (s3://, gs://, http(s)://)")
     ix.set_defaults(func=cmd_index)
+
+    dw = prep_subparsers.add_parser("documents-wds", help="multi-image webdataset (Energon's interleaved layout: KEY.json "
+                                    "texts/images + KEY.0.jpg, ...) or document MDS: re-shard, filter, split, resize")
+    dw.add_argument("sources", nargs="+", help="document sources: shard directories, .tar files, brace patterns or MDS "
+                    "directories; local or URLs (s3://, gs://, http(s)://, read through the shard cache)")
+    add_document_options(dw)
+    dw.set_defaults(func=staged(cmd_documents_wds))
+
+    ob = prep_subparsers.add_parser("obelics", help="OBELICS / OmniCorpus parquet web documents (images by URL, bytes "
+                                    "or path): one document per row")
+    ob.add_argument("parquet", nargs="+", help="parquet files with list columns images and texts (at each index exactly "
+                    "one non-null), optional JSON columns metadata and general_metadata")
+    add_document_options(ob)
+    _add_fetch_workers(ob)
+    ob.set_defaults(func=staged(cmd_obelics))
+
+    from mmtrain.data.prep.sources.mmc4 import DEFAULT_MAX_IMAGES, DEFAULT_MIN_SIM
+
+    mc = prep_subparsers.add_parser("mmc4", help="MMC4 JSON-lines web documents: each image before its matched sentence")
+    mc.add_argument("jsonl", nargs="+", help="JSON-lines files: text_list, image_info (image_name, raw_url, "
+                    "matched_text_index, matched_sim) per line")
+    where = mc.add_mutually_exclusive_group(required=True)
+    where.add_argument("--images", default=None, help="folder of the images, found by image_name")
+    where.add_argument("--fetch", action="store_true", help="fetch each image from its raw_url")
+    mc.add_argument("--min-sim", type=float, default=DEFAULT_MIN_SIM,
+                    help=f"leave out images whose matched_sim is below this (default {DEFAULT_MIN_SIM}, OpenFlamingo's "
+                         "threshold on MMC4; 0 keeps all)")
+    mc.add_argument("--max-images-per-doc", type=int, default=DEFAULT_MAX_IMAGES,
+                    help=f"keep at most this many images per document, the highest matched_sim first (default "
+                         f"{DEFAULT_MAX_IMAGES}, OpenFlamingo's; 0 = no cap); --max-images instead splits documents")
+    add_document_options(mc)
+    _add_fetch_workers(mc)
+    mc.set_defaults(func=staged(cmd_mmc4))

@@ -18,12 +18,13 @@ import copy
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mmtrain.atomic import atomic_write_text
 from mmtrain.data.prep.config import MDS_MAX_SHARD_BYTES
-from mmtrain.data.prep.sample import OutSample, to_mds
+from mmtrain.data.prep.sample import to_mds
 from mmtrain.data.shards import remove_stale_shards
 
 INDEX = "index.json"
@@ -41,10 +42,14 @@ class MdsChunkWriter:
         split_dir: Output directory (created).
         columns: MDS column spec (see ``sample.mds_columns``).
         shard_size: Byte limit per shard, 0 = streaming's 4 GiB maximum.
+        encode: A sample -> its MDSWriter row (default: an :class:`OutSample` by ``sample.to_mds``;
+            documents pass ``mmtrain.data.documents.to_mds_row``).
     """
 
-    def __init__(self, split_dir: str | os.PathLike[str], columns: dict[str, str], shard_size: int = 0) -> None:
+    def __init__(self, split_dir: str | os.PathLike[str], columns: dict[str, str], shard_size: int = 0,
+                 encode: Callable[[Any], dict[str, Any]] | None = None) -> None:
         self.dir = Path(split_dir)
+        self.encode = encode or (lambda sample: to_mds(sample, self.columns))
         self.columns = dict(columns)
         self.shard_size = shard_size or MDS_MAX_SHARD_BYTES
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +64,7 @@ class MdsChunkWriter:
             if name.startswith(".tmp-") and (self.dir / name).is_dir():
                 shutil.rmtree(self.dir / name)
 
-    def write_chunk(self, samples: list[OutSample], start: int) -> list[dict[str, Any]]:
+    def write_chunk(self, samples: list[Any], start: int) -> list[dict[str, Any]]:
         """Write ``samples`` into shards numbered from ``start``.
 
         Returns ``[{name, samples, bytes, mds}]``, where ``mds`` is the shard's
@@ -77,7 +82,7 @@ class MdsChunkWriter:
             writer = MDSWriter(out=str(tmp), columns=self.columns, size_limit=self.shard_size, hashes=["sha1"])
             try:
                 for sample in samples:
-                    writer.write(to_mds(sample, self.columns))
+                    writer.write(self.encode(sample))
             except BaseException:
                 # Stop the writer's upload thread pool; the temp dir is deleted below.
                 writer.cancel_future_jobs()
