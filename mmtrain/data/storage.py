@@ -302,9 +302,15 @@ class S3Store(Store):
 
 
 class HttpStore(Store):
-    def __init__(self) -> None:
+    """``send_token`` False: never send ``MMTRAIN_HTTP_BEARER_TOKEN`` (a store for fetching from arbitrary web
+    hosts, e.g. the image URLs of web documents, which must not see the token meant for the shard server).
+    ``pool_size``: connections kept per host (default None: requests' 10), for a store many threads share."""
+
+    def __init__(self, send_token: bool = True, pool_size: int | None = None) -> None:
         self._session: Any = None
         self._pid = -1
+        self.send_token = send_token
+        self.pool_size = pool_size
 
     @property
     def session(self):
@@ -313,7 +319,11 @@ class HttpStore(Store):
             import requests
 
             self._session = requests.Session()
-            token = os.environ.get("MMTRAIN_HTTP_BEARER_TOKEN")
+            if self.pool_size:
+                adapter = requests.adapters.HTTPAdapter(pool_connections=self.pool_size, pool_maxsize=self.pool_size)
+                self._session.mount("http://", adapter)
+                self._session.mount("https://", adapter)
+            token = os.environ.get("MMTRAIN_HTTP_BEARER_TOKEN") if self.send_token else None
             if token:
                 self._session.headers["Authorization"] = f"Bearer {token}"
             self._pid = ident
