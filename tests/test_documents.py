@@ -213,3 +213,18 @@ def test_remote_documents(tmp_path):
     finally:
         restore_env(old)
         server.stop()
+
+
+def test_an_image_in_a_format_shards_do_not_store_is_re_encoded_and_named_by_its_bytes():
+    """A GIF (or a PNG arriving named .jpg) is stored under the extension of the bytes actually written."""
+    from mmtrain.data.documents import DocImage, ImageOptions, process_image
+
+    gif, png = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (12, 9), (200, 10, 10)).save(gif, format="GIF")
+    Image.new("RGB", (12, 9), (10, 200, 10)).save(png, format="PNG")
+    out = process_image(DocImage(data=gif.getvalue(), ext="jpg"), ImageOptions(image_format="png"))
+    assert out.ext == "png" and out.data[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(io.BytesIO(out.data)) as im:
+        assert im.size == (12, 9) and im.convert("RGB").getpixel((3, 3))[0] > 150
+    renamed = process_image(DocImage(data=png.getvalue(), ext="jpg"), ImageOptions())
+    assert renamed.ext == "png" and renamed.data == png.getvalue()  # kept as stored, named by its format

@@ -368,10 +368,15 @@ def process_image(image: DocImage, options: ImageOptions) -> DocImage:
     try:
         with Image.open(io.BytesIO(image.data)) as opened:
             opened.load()
-            if not options.resolution or options.resize_mode == "none":
-                return image
-            pixels, _ = oriented(opened)
-            pixels = resize_image(to_rgb(pixels), options.resolution, options.resize_mode)
+            # the extension a shard member gets is the format the bytes are in; a format shards do not
+            # store (GIF, BMP, TIFF, ...) is re-encoded as options.image_format
+            stored = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(opened.format or "")
+            resize = bool(options.resolution) and options.resize_mode != "none"
+            if stored and not resize:
+                return image if image.ext == stored else DocImage(data=image.data, ext=stored, meta=image.meta)
+            pixels = to_rgb(oriented(opened)[0])
+            if resize:
+                pixels = resize_image(pixels, options.resolution, options.resize_mode)
             data = encode(pixels, options.image_format, options.jpeg_quality)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         raise ShardDataError(f"cannot decode image: {exc}") from exc
