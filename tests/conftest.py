@@ -56,6 +56,18 @@ def tiny_overrides(data: dict, run_dir: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    """One S3-compatible server (moto, credentials checked) for the whole session: moto keeps its
+    authentication switch per process, so a second in-process server started after the first turned
+    it on would refuse its own bootstrap keys. Tests write under prefixes of their own."""
+    from storage_servers import start_s3
+
+    server = start_s3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A real one-node Slurm (tests/slurm_cluster.py), started once for the tests that ask for it.
     Skipped where Slurm is not installed or the tests do not run as root (slurmd must); with

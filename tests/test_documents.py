@@ -190,12 +190,11 @@ def test_prep_documents_wds_cli(tmp_path):
     assert stats["documents"] == 6 and stats["documents_split"] == 3 and stats["source"]["kind"] == "documents-wds"
 
 
-def test_remote_documents(tmp_path):
+def test_remote_documents(s3_server, tmp_path):
     """prep documents-wds to S3 (staged, uploaded with sidecars), then read back through the shard cache."""
-    pytest.importorskip("moto")
-    from storage_servers import BUCKET, restore_env, set_env, start_s3
+    from storage_servers import BUCKET, restore_env, set_env
 
-    server = start_s3()
+    server = s3_server
     old = set_env({**server.env(), "MMTRAIN_IO_BACKOFF_S": "0.01", "MMTRAIN_STAGING_DIR": str(tmp_path / "staging"),
                    "MMTRAIN_CACHE_DIR": str(tmp_path / "cache")})
     try:
@@ -212,7 +211,6 @@ def test_remote_documents(tmp_path):
         assert any(files for _, _, files in os.walk(tmp_path / "cache"))  # read through the shard cache
     finally:
         restore_env(old)
-        server.stop()
 
 
 def test_an_image_in_a_format_shards_do_not_store_is_re_encoded_and_named_by_its_bytes():

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, assert_same_training, tiny_overrides
-from storage_servers import BUCKET, Faults, restore_env, set_env, start_fault_proxy, start_http, start_s3
+from storage_servers import BUCKET, Faults, restore_env, set_env, start_fault_proxy, start_http
 
 from mmtrain import cli
 from mmtrain.components.data import DataConfig, build_train_loader, check_cache_limit, open_sources, shard_cache_for
@@ -37,14 +37,13 @@ CONFIG = str(REPO / "configs" / "tiny.yaml")
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = start_s3()
+def s3(s3_server, tmp_path_factory):
+    server = s3_server
     scratch = tmp_path_factory.mktemp("s3env")
     old = set_env({**server.env(), "MMTRAIN_IO_BACKOFF_S": "0.01", "MMTRAIN_STAGING_DIR": str(scratch / "staging"),
                    "MMTRAIN_CACHE_DIR": str(scratch / "default_cache")})
     yield server
     restore_env(old)
-    server.stop()
 
 
 @pytest.fixture(scope="module")
