@@ -53,7 +53,7 @@ from typing import Any
 
 from mmtrain.atomic import atomic_write_text
 from mmtrain.data.errors import ShardDataError
-from mmtrain.data.images import IMAGE_EXTENSIONS, IMAGE_FORMATS, PREP_RESIZE_MODES, resize_image, sniff_extension
+from mmtrain.data.images import IMAGE_EXTENSIONS, resize_image, sniff_extension
 
 logger = logging.getLogger("mmtrain.data")
 
@@ -345,14 +345,10 @@ class ImageOptions:
     jpeg_quality: int = 95
 
     def validate(self) -> ImageOptions:
-        if self.resolution < 0:
-            raise ValueError(f"resolution must be >= 0, got {self.resolution}")
-        if self.resize_mode not in PREP_RESIZE_MODES:
-            raise ValueError(f"resize_mode: expected one of {list(PREP_RESIZE_MODES)}, got {self.resize_mode!r}")
-        if self.image_format not in IMAGE_FORMATS:
-            raise ValueError(f"image_format: expected one of {list(IMAGE_FORMATS)}, got {self.image_format!r}")
-        if not 1 <= self.jpeg_quality <= 95:
-            raise ValueError(f"jpeg_quality must be 1-95, got {self.jpeg_quality}")
+        """ConfigError (a ValueError) naming the field; the same check as the pair converters' options."""
+        from mmtrain.data.prep.config import check_image_options
+
+        check_image_options(self)
         return self
 
 

@@ -41,6 +41,30 @@ DROP_REASONS: tuple[str, ...] = (
 MDS_MAX_SHARD_BYTES = 2**32 - 1
 
 
+def check_int(options: Any, name: str, low: int, high: int | None = None) -> None:
+    """``options.name`` is an int in [low, high]; else ConfigError naming ``Class.name``."""
+    value = getattr(options, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{type(options).__name__}.{name}: expected an int {bound}, got {value!r}")
+
+
+def check_choice(options: Any, name: str, choices: tuple[str, ...]) -> None:
+    """``options.name`` is one of ``choices``; else ConfigError naming ``Class.name``."""
+    if getattr(options, name) not in choices:
+        raise ConfigError(f"{type(options).__name__}.{name}: expected one of {list(choices)}, got {getattr(options, name)!r}")
+
+
+def check_image_options(options: Any) -> None:
+    """The image fields every converter shares (``image_format``, ``resize_mode``, ``jpeg_quality``,
+    ``resolution``): one check for pair prep (:class:`PrepConfig`) and documents
+    (:class:`mmtrain.data.documents.ImageOptions`)."""
+    check_choice(options, "image_format", IMAGE_FORMATS)
+    check_choice(options, "resize_mode", PREP_RESIZE_MODES)
+    check_int(options, "jpeg_quality", 1, 95)
+    check_int(options, "resolution", 0)
+
+
 @dataclass
 class PrepConfig:
     """Options for converting a raw dataset into training shards.
@@ -113,30 +137,16 @@ class PrepConfig:
     overwrite: bool = False
 
     def validate(self) -> PrepConfig:
-        """Raise ValueError naming the field on any invalid option; return self."""
-
-        def _int(name: str, low: int, high: int | None = None) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-                bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-                raise ConfigError(f"PrepConfig.{name}: expected an int {bound}, got {value!r}")
-
-        def _choice(name: str, choices: tuple[str, ...]) -> None:
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"PrepConfig.{name}: expected one of {list(choices)}, got {getattr(self, name)!r}")
-
-        _choice("output_format", OUTPUT_FORMATS)
-        _choice("image_format", IMAGE_FORMATS)
-        _choice("resize_mode", PREP_RESIZE_MODES)
-        _int("samples_per_shard", 1)
-        _int("shard_size", 0)
-        _int("jpeg_quality", 1, 95)
-        _int("resolution", 0)
-        _int("min_size", 0)
-        _int("min_caption_words", 0)
-        _int("max_caption_words", 0)
-        _int("split_seed", 0)
-        _int("workers", 1)
+        """Raise ConfigError (a ValueError) naming the field on any invalid option; return self."""
+        check_choice(self, "output_format", OUTPUT_FORMATS)
+        check_image_options(self)
+        check_int(self, "samples_per_shard", 1)
+        check_int(self, "shard_size", 0)
+        check_int(self, "min_size", 0)
+        check_int(self, "min_caption_words", 0)
+        check_int(self, "max_caption_words", 0)
+        check_int(self, "split_seed", 0)
+        check_int(self, "workers", 1)
         if self.output_format == "mds" and self.shard_size > MDS_MAX_SHARD_BYTES:
             raise ConfigError(f"PrepConfig.shard_size: MDS shards must stay below 4 GiB, got {self.shard_size}")
         if self.resize_mode == "none" and self.resolution:
