@@ -81,6 +81,75 @@ def evaluate(run_dir: Path, step: int, args, log: Path, captions: bool) -> dict:
     return point
 
 
+DOCUMENT_METRICS = ("draw_attribute", "draw_consistency", "draw_exact", "tell_exact")
+
+
+def evaluate_documents(run_dir: Path, step: int, args, log: Path) -> dict:
+    """``mmtrain eval documents`` (shape stories, --task documents): per split the overall means and the means per k."""
+    out = run_dir / "learning" / f"step{step:08d}" / "documents"
+    shards = args.eval_shards or str(Path(load_val_shards(args)))
+    held = ["--held-out", args.held_out] if args.held_out else []
+    t = run_cli(["eval", "documents", str(run_dir), "--shards", shards, *held, "--num", str(args.eval_num), "--out", str(out),
+                 *(f"--set={o}" for o in args.sample)], log)
+    report = json.loads((out / "metrics.json").read_text())
+    return {"documents": {split: {"overall": r["overall"], "by_k": r["by_k"]} for split, r in report["splits"].items()},
+            "eval_wall_s": t}
+
+
+def load_val_shards(args) -> str:
+    from mmtrain.config import load_config
+
+    shards = load_config(args.config, args.overrides).data.val_shards
+    if not shards:
+        raise SystemExit("--task documents: give --eval-shards (story shards) or set data.val_shards")
+    return shards
+
+
+def table_documents(points: list[dict]) -> str:
+    splits = sorted({s for p in points for s in p["documents"]})
+    ks = sorted({k for p in points for s in p["documents"].values() for k in s["by_k"]}, key=int)
+    head = ["step", "train wall s", "loss"]
+    for split in splits:
+        head += [f"{split} {m}" for m in DOCUMENT_METRICS] + [f"{split} draw consistency k={k}" for k in ks]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for p in points:
+        row = [str(p["step"]), f"{p['train_wall_s']:.0f}", "-" if p["loss"] is None else f"{p['loss']:.4f}"]
+        for split in splits:
+            d = p["documents"].get(split, {"overall": {}, "by_k": {}})
+            row += [fmt(d["overall"].get(m)) for m in DOCUMENT_METRICS]
+            row += [fmt(d["by_k"].get(k, {}).get("draw_consistency")) for k in ks]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def plot_documents(points: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = sorted({s for p in points for s in p["documents"]})
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.6 * len(splits), 3.4), sharey=True, squeeze=False)
+    steps = [p["step"] for p in points]
+    for ax, split in zip(axes[0], splits):
+        for m in DOCUMENT_METRICS:
+            ax.plot(steps, [p["documents"].get(split, {}).get("overall", {}).get(m, float("nan")) for p in points],
+                    marker="o", label=m)
+        ax.set_title(f"shape stories: {split}")
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("score")
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(textwrap.fill(title, 45 * len(splits)), fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def scores(d: dict, suffix: str = "") -> list[str]:
     return [f"{d[f'attr_{a}{suffix}']:.2f}" if f"attr_{a}{suffix}" in d else "-" for a in ATTRIBUTES]
 
@@ -149,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-shards", default="", help="evaluation shards (default: the run's data.val_shards)")
     ap.add_argument("--ar-steps", default="1,4", help="AR step counts of the image evaluation (default 1,4)")
     ap.add_argument("--eval-nproc", type=int, default=1, help="ranks of each evaluation (default 1)")
+    ap.add_argument("--task", choices=["captions", "documents"], default="captions",
+                    help="captions: eval caption + eval generate; documents: eval documents (shape stories) (default captions)")
+    ap.add_argument("--held-out", default="", help="--task documents: held-out story shards, scored apart")
+    ap.add_argument("--sample", action="append", default=[], metavar="KEY=VALUE",
+                    help="--task documents: sample setting for the evaluation, e.g. diffusion_steps=50 (repeatable)")
     args = ap.parse_args(argv)
     from mmtrain.components.checkpoint import latest_tag
     from mmtrain.config import load_config
@@ -173,20 +247,29 @@ def main(argv: list[str] | None = None) -> int:
         if tag is None or int(tag.removeprefix("step")) < step:
             state["train_wall_s"] += run_cli(["train", args.config, *overrides, f"train.run_dir={run_dir}",
                                               f"train.stop_at={step}", f"checkpoint.every_steps={args.eval_every}"], log)
-        point = {"step": step, "train_wall_s": state["train_wall_s"], "loss": train_loss(run_dir, step),
-                 **evaluate(run_dir, step, args, log, captions)}
+        scored = evaluate_documents(run_dir, step, args, log) if args.task == "documents" else \
+            evaluate(run_dir, step, args, log, captions)
+        point = {"step": step, "train_wall_s": state["train_wall_s"], "loss": train_loss(run_dir, step), **scored}
         state["points"] = sorted([*state["points"], point], key=lambda p: p["step"])
         tmp = curve_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         os.replace(tmp, curve_path)
-        print(f"step {step}: loss {point['loss']}, caption exact {point['caption'].get('attr_exact', float('nan')):.2f}, "
-              + ", ".join(f"image S={s} exact {point['generate'][s].get('attr_exact', float('nan')):.2f}" for s in ar_steps)
-              + f" (train {state['train_wall_s']:.0f} s so far)", flush=True)
-    text = table(state["points"], ar_steps)
-    header = (f"{args.config} {' '.join(overrides)}: {args.eval_num} eval samples per point, "
-              f"{state['train_wall_s']:.0f} s of training (wall, launches included)")
+        if args.task == "documents":
+            said = ", ".join(f"{split} {m} {d['overall'].get(m, float('nan')):.2f}" for split, d in point["documents"].items()
+                             for m in DOCUMENT_METRICS)
+        else:
+            said = (f"caption exact {point['caption'].get('attr_exact', float('nan')):.2f}, "
+                    + ", ".join(f"image S={s} exact {point['generate'][s].get('attr_exact', float('nan')):.2f}" for s in ar_steps))
+        print(f"step {step}: loss {point['loss']}, {said} (train {state['train_wall_s']:.0f} s so far)", flush=True)
+    header = (f"{args.config} {' '.join(overrides)}: {args.eval_num} eval {'stories' if args.task == 'documents' else 'samples'} "
+              f"per point, {state['train_wall_s']:.0f} s of training (wall, launches included)")
+    if args.task == "documents":
+        text = table_documents(state["points"])
+        plot_documents(state["points"], run_dir / "learning" / "curve.png", header)
+    else:
+        text = table(state["points"], ar_steps)
+        plot(state["points"], ar_steps, run_dir / "learning" / "curve.png", header)
     (run_dir / "learning" / "curve.md").write_text(f"{header}\n\n{text}\n")
-    plot(state["points"], ar_steps, run_dir / "learning" / "curve.png", header)
     print(f"\n{header}\n\n{text}\n\nplot: {run_dir / 'learning' / 'curve.png'}")
     return 0
 

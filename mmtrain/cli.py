@@ -1,4 +1,4 @@
-"""The ``mmtrain`` command: prep, tokenizer, train, launch, jobs, sample, caption, edit, eval, convert, export, demo.
+"""The ``mmtrain`` command: prep, tokenizer, train, launch, jobs, sample, caption, edit, generate, eval, convert, export, demo.
 
 Argument parsing and dispatch only: each ``cmd_*`` turns its arguments into calls of the library
 module that owns the work and prints what it returns.
@@ -26,6 +26,8 @@ def cmd_prep(args: argparse.Namespace) -> int:
     from mmtrain.data.synthetic import HOLD_OUT_DIR, write_synthetic_shards
     from mmtrain.data.synthetic import SyntheticConfig, parse_hold_out
 
+    if args.documents or args.hold_out_changes or args.val_fraction:
+        return _prep_stories(args)
     cfg = SyntheticConfig(image_size=args.image_size, seed=args.seed, min_shapes=args.min_shapes, max_shapes=args.max_shapes)
     hold_out = parse_hold_out(args.hold_out) if args.hold_out else []
     stats = write_synthetic_shards(args.out, args.num, cfg, samples_per_shard=args.samples_per_shard,
@@ -34,6 +36,26 @@ def cmd_prep(args: argparse.Namespace) -> int:
     if hold_out:
         print(f"held out {stats['held_out_samples']} samples with {', '.join(stats['hold_out'])} to "
               f"{Path(args.out) / HOLD_OUT_DIR}")
+    return 0
+
+
+def _prep_stories(args: argparse.Namespace) -> int:
+    """``prep synthetic --documents``: shape stories (mmtrain.data.stories) as document shards."""
+    from mmtrain.data.stories import StoryConfig, parse_change_kinds, write_story_shards
+
+    if not args.documents:
+        raise ValueError("--hold-out-changes and --val-fraction are options of --documents (shape stories); add --documents")
+    if args.hold_out:
+        raise ValueError("--hold-out holds out attribute combinations of image-caption samples; with --documents "
+                         "use --hold-out-changes KIND[,KIND]")
+    held = parse_change_kinds(args.hold_out_changes, "--hold-out-changes")
+    stats = write_story_shards(args.out, args.num, StoryConfig(image_size=args.image_size, seed=args.seed),
+                               hold_out_changes=held, val_fraction=args.val_fraction,
+                               samples_per_shard=args.samples_per_shard, progress=not args.quiet)
+    print(f"wrote {stats['documents']} stories ({json.dumps(stats['change_counts'])} changes) to {args.out} "
+          f"(stats: {Path(args.out) / 'stats.json'})")
+    if held:
+        print(f"held out {stats['held_out_stories']} stories with {', '.join(held)} to {Path(args.out) / 'holdout'}")
     return 0
 
 
@@ -250,6 +272,50 @@ def _conditions(run, args: argparse.Namespace) -> list:
     return list(args.prompt)
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import io
+
+    from PIL import Image
+
+    from mmtrain.data.documents import Document, DocImage, read_document_file, write_document_file
+    from mmtrain.inference import continue_documents, load_run
+    from mmtrain.models.document_sampling import GenerationLimits
+
+    for name in ("max_images", "max_text_tokens", "max_segments", "batch_size"):
+        if getattr(args, name) < (0 if name == "max_images" else 1):
+            raise ValueError(f"--{name.replace('_', '-')}: expected >= {0 if name == 'max_images' else 1}, got {getattr(args, name)}")
+    docs = [read_document_file(path) for path in args.doc]
+    run = load_run(args.run_dir, args.step, weights=args.weights, device=args.device, dtype=args.dtype)
+    sample = _sample_cfg(run, args.overrides)
+    prompts = [[seg if isinstance(seg, str) else Image.open(io.BytesIO(seg.data)).convert("RGB") for seg in doc.segments]
+               for doc in docs]
+    plan = tuple(k.strip() for k in args.plan.split(",") if k.strip()) if args.plan else ()
+    limits = GenerationLimits(max_images=args.max_images, max_text_tokens=args.max_text_tokens, max_segments=args.max_segments,
+                              plan=plan)
+    generated = continue_documents(run, prompts, sample, limits, top_p=args.top_p, temperature=args.temperature,
+                                   batch_size=args.batch_size)
+    out = Path(args.out)
+    names = set()
+    for path, doc, new in zip(args.doc, docs, generated):
+        segments = list(doc.segments)
+        for seg in new:
+            if isinstance(seg, str):
+                segments.append(seg)
+            else:
+                buf = io.BytesIO()
+                seg.save(buf, format="PNG")
+                segments.append(DocImage(buf.getvalue(), "png", {"generated": True}))
+        name = Path(path).stem
+        while name in names:
+            name += "_"
+        names.add(name)
+        meta = {**doc.meta, "prompt_segments": len(doc.segments), "checkpoint_step": run.step}
+        write_document_file(Document(doc.key, segments, meta), out / f"{name}.json")
+        said = " | ".join(f"<image {k}>" if not isinstance(s, str) else repr(s) for k, s in enumerate(new))
+        print(f"{out / (name + '.json')}: +{len(new)} segment(s): {said}")
+    return 0
+
+
 def cmd_edit(args: argparse.Namespace) -> int:
     from PIL import Image
 
@@ -380,6 +446,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_documents(args: argparse.Namespace) -> int:
+    from mmtrain.eval.documents import evaluate_stories, table_rows
+    from mmtrain.eval.report import print_table
+    from mmtrain.inference import load_run
+
+    run = load_run(args.run_dir, args.step, weights=args.weights, device=args.device, dtype=args.dtype)
+    sample = _sample_cfg(run, args.overrides)
+    out = args.out or str(Path(args.run_dir) / "eval" / f"step{run.step:08d}" / "documents")
+    result = evaluate_stories(run, args.shards, sample, out, num=args.num, held_out=args.held_out, batch_size=args.batch_size)
+    rows = table_rows(result)
+    print_table(f"shape stories, step {run.step}", list(rows[0]), rows)
+    print(f"metrics: {result['files']['metrics']}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from mmtrain.export import export_run
 
@@ -446,6 +527,12 @@ def _add_prep_parsers(sub) -> None:
     syn.add_argument("--image-format", choices=["png", "jpg"], default="png")
     syn.add_argument("--hold-out", default="", help="attribute combinations kept out of the shards, e.g. "
                      "'red triangle,large blue circle': samples with a matching shape go to OUT/holdout instead")
+    syn.add_argument("--documents", action="store_true", help="write shape stories instead: documents of 2-4 scenes "
+                     "(1-3 shapes at first, --min/--max-shapes unused) with the change texts between them "
+                     "(mmtrain.data.stories); always PNG")
+    syn.add_argument("--hold-out-changes", default="", metavar="KIND[,KIND]", help="with --documents: stories with a "
+                     "change of these kinds (move, appear, recolor, resize, disappear) go to OUT/holdout instead")
+    syn.add_argument("--val-fraction", type=float, default=0.0, help="with --documents: share of stories in OUT/val")
     syn.add_argument("--quiet", action="store_true")
     from mmtrain.data.prep.cli import add_prep_subcommands, staged
 
@@ -574,6 +661,24 @@ def _add_inference_parsers(sub) -> None:
     _add_inference_options(ed)
     ed.set_defaults(func=cmd_edit)
 
+    ge = sub.add_parser("generate", help="interleaved generation: continue documents (text and images in; text and images out)")
+    ge.add_argument("run_dir")
+    ge.add_argument("--doc", action="append", required=True, metavar="DOC.json",
+                    help="a document to continue, repeatable (one batch): {\"texts\": [...], \"images\": [...]} parallel "
+                         "lists, one non-null per segment, images as paths relative to the JSON")
+    ge.add_argument("--out", required=True, help="directory: one NAME.json per document (prompt + continuation) and its images")
+    ge.add_argument("--max-images", type=int, default=1, help="images drawn per document at most (default 1)")
+    ge.add_argument("--max-text-tokens", type=int, default=32, help="tokens per generated text span at most (default 32)")
+    ge.add_argument("--max-segments", type=int, default=3, help="generated text spans and images per document at most (default 3)")
+    ge.add_argument("--plan", default="", metavar="KIND[,KIND]",
+                    help="the segments to generate, e.g. text,image,text or image (the caller decides where images go; "
+                         "--max-images/--max-segments then follow it); default: the model decides, within the limits")
+    ge.add_argument("--top-p", type=float, default=0.0, help="text: nucleus sampling mass, 0 = greedy")
+    ge.add_argument("--temperature", type=float, default=1.0)
+    ge.add_argument("--batch-size", type=int, default=8, help="documents per KV-cached batch")
+    _add_inference_options(ge)
+    ge.set_defaults(func=cmd_generate)
+
 
 def _add_convert_parsers(sub) -> None:
     """``mmtrain convert ...``: checkpoints of other code bases."""
@@ -605,7 +710,7 @@ def _add_convert_parsers(sub) -> None:
 
 
 def _add_eval_parsers(sub) -> None:
-    """``mmtrain eval caption | generate``."""
+    """``mmtrain eval caption | generate | documents``."""
     ev = sub.add_parser("eval", help="evaluate captioning or generation: metrics.json + report.html")
     ev_sub = ev.add_subparsers(dest="eval_kind", required=True)
     evc = ev_sub.add_parser("caption", help="BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap); attribute accuracy on synthetic data")
@@ -620,6 +725,16 @@ def _add_eval_parsers(sub) -> None:
         p_.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun); batches are split across them")
         _add_inference_options(p_)
         p_.set_defaults(func=cmd_eval)
+    evd = ev_sub.add_parser("documents", help="shape stories: draw the next scene from a change, tell the change from two "
+                                               "scenes; per k and change kind, held-out kinds apart")
+    evd.add_argument("run_dir", help="a run directory or a model directory")
+    evd.add_argument("--shards", required=True, help="story shards (`mmtrain prep synthetic --documents`), e.g. OUT/val")
+    evd.add_argument("--held-out", default="", help="the held-out stories (OUT/holdout/train), scored apart")
+    evd.add_argument("--num", type=int, default=0, help="stories per split at most (0 = all)")
+    evd.add_argument("--batch-size", type=int, default=16, help="documents per KV-cached batch")
+    evd.add_argument("--out", help="report directory (default: RUN_DIR/eval/stepN/documents)")
+    _add_inference_options(evd)
+    evd.set_defaults(func=cmd_eval_documents)
     evg.add_argument("--cfg", type=_float_list, help="CFG scales to sweep, e.g. 1,2,4 (eval.cfg_scales)")
     evg.add_argument("--ar-steps", type=_int_list, help="AR step counts to sweep, e.g. 1,4,16 (eval.ar_steps)")
 

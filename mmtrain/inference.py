@@ -280,6 +280,45 @@ def caption_images(run: LoadedRun, images: list[Image.Image], sample: SampleConf
     return captions
 
 
+def continue_documents(run: LoadedRun, prompts: list, sample: SampleConfig, limits, top_p: float = 0.0,
+                       temperature: float = 1.0, batch_size: int = 8) -> list[list]:
+    """Interleaved generation (:mod:`mmtrain.models.document_sampling`): continue each prompt
+    document (its segments: ``str`` text spans and PIL images, in reading order) with text and
+    images within ``limits`` (:class:`~mmtrain.models.document_sampling.GenerationLimits`).
+    Returns per prompt the generated segments (``str`` or PIL image). Batches of ``batch_size``
+    documents share one KV cache each; batch ``b`` draws from :func:`batch_generator` ``(seed, b)``."""
+    from mmtrain.models.document_sampling import continue_documents as sample_documents
+
+    if run.cfg.model.condition != "text" or family(run.model).name != "causalfusion":
+        raise ValueError("interleaved generation needs a text CausalFusion model (model.family=causalfusion, "
+                         "model.condition=text): one model that reads and writes text and images")
+    diffusion = build_diffusion(run.cfg.diffusion, sample.diffusion_steps)
+    kwargs = _sampler_kwargs(run, sample)
+    kwargs.pop("use_cache", None)
+    out: list[list] = []
+    for b, i in enumerate(range(0, len(prompts), batch_size)):
+        batch = prompts[i:i + batch_size]
+        pictures = [seg for doc in batch for seg in doc if isinstance(seg, Image.Image)]
+        rows, docs = 0, []
+        for doc in batch:
+            segs = []
+            for seg in doc:
+                if isinstance(seg, Image.Image):
+                    segs.append(rows)
+                    rows += 1
+                else:
+                    segs.append(run.text_tok.encode(str(seg), bos=False, eos=False))
+            docs.append(segs)
+        tokens = images_to_tokens(run, pictures) if pictures else torch.zeros(0, run.model.num_image_tokens, run.model.token_dim)
+        with run.autocast():
+            generated, drawn = sample_documents(run.model, diffusion, docs, tokens, generator=batch_generator(sample.seed, b, run.device),
+                                               limits=limits, top_p=top_p, temperature=temperature, **kwargs)
+        images = tokens_to_images(run, drawn.float()) if drawn.shape[0] else []
+        for segs in generated:
+            out.append([run.text_tok.decode(v) if kind == "text" else images[v] for kind, v in segs])
+    return out
+
+
 def image_grid(images: list[Image.Image], captions: list[str] | None = None, cols: int = 8, scale: int = 2) -> Image.Image:
     """A PNG-ready grid; when captions are given each cell is labelled underneath (truncated)."""
     from PIL import ImageDraw

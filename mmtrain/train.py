@@ -333,7 +333,8 @@ class Trainer:
         self.loader = build_train_loader(cfg.data, cfg.train.micro_batch_size, self.rank, world_size=self.world,
                                          seed=cfg.train.seed, start_sample=self.samples_seen, text_tokenizer=self.text_tok,
                                          max_text_len=cfg.model.max_text_len,
-                                         latent_shape=self.image_tok.latent_shape(cfg.data.image_size, cfg.data.image_size))
+                                         latent_shape=self.image_tok.latent_shape(cfg.data.image_size, cfg.data.image_size),
+                                         max_images=cfg.model.max_images)
         point = self.point
         if point is not None and point.meta.get("loader", {}).get("stream") not in (None, self.loader.stream_identity):
             log.warning("the data config changed since %s (was %s): stream position %d now indexes a different stream",
@@ -366,7 +367,7 @@ class Trainer:
                 if cfg.train.zero_stage == 0 and logs_now:
                     self.grad_norm = _full_grad_norm(self.engine.module)  # DeepSpeed reports none without ZeRO
             self.engine.step()
-            self.window.add(out, self.family.training_flops(self.model, len(data.keys), out["sequence_length"]))
+            self.window.add(out, self.family.training_flops(self.model, out.get("sequence_rows", len(data.keys)), out["sequence_length"]))
         self.step += 1
         self.samples_seen += cfg.train.micro_batch_size * cfg.train.grad_accum * self.world
         if self.step == self.start_step + 1:  # optimizer state now exists; init transients are over
@@ -393,7 +394,9 @@ class Trainer:
         # float32: the diffusion forward process (q_sample, targets) runs in float32 and
         # the model casts its inputs once, to the weights' dtype, where it embeds them
         tokens = patchify(latents.float(), cfg.model.patch_size)
-        if self.text_tok is not None:
+        if data.documents is not None:
+            cond = Condition(documents=data.documents, pairs=data.pairs)
+        elif self.text_tok is not None:
             cond = Condition(text=data.text, text_len=data.text_len)
         else:
             check_labels(data.labels, cfg.model.num_classes, data.keys)

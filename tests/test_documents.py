@@ -112,6 +112,33 @@ def test_split_through_writer_keeps_parts_together(tmp_path):
     assert again["splits"]["val"]["documents"] == stats["splits"]["val"]["documents"]
 
 
+def test_keys_stay_unique_when_a_split_part_meets_a_document_of_its_name(tmp_path):
+    """Splitting "a" makes "a" and "a_1"; a source document already named "a_1" (and a key that
+    comes twice) is written under a free key, counted, its original key kept in its meta."""
+    docs = [Document("a", ["t", image((1, 0, 0)), "u", image((2, 0, 0))], {}),
+            Document("a_1", ["v", image((3, 0, 0))], {}), Document("b", ["w"], {}), Document("b", ["x"], {})]
+    stats = write_document_shards(docs, tmp_path, max_images=1)
+    written = {d.key: d for d in iter_documents(tmp_path / "train")}
+    assert sorted(written) == ["a", "a_1", "a_1_dup1", "b", "b_dup1"]
+    assert stats["documents_renamed"] == 2 and stats["documents"] == 5
+    assert written["a_1_dup1"].meta["original_key"] == "a_1" and written["a_1_dup1"].segments[0] == "v"
+    assert written["b_dup1"].segments == ["x"] and written["b_dup1"].meta["original_key"] == "b"
+
+
+def test_a_one_image_document_stored_as_key_jpg_reads_as_a_document(tmp_path):
+    """Energon's layout lets a one-image document name its image member KEY.jpg: the source is
+    still read as documents (no KEY.txt decides it), not as a pair source missing its captions."""
+    red = image((255, 0, 0), "jpg")
+    with ShardWriter(tmp_path) as writer:
+        for k in range(2):
+            writer.write({"__key__": f"d{k}", "json": json.dumps({"texts": [f"text {k}", None], "images": [None, "jpg"]}).encode(),
+                          "jpg": red.data})
+    source = open_source(str(tmp_path))
+    assert source.holds_documents
+    docs = list(iter_documents(tmp_path))
+    assert [d.segments[0] for d in docs] == ["text 0", "text 1"] and all(d.images[0].data == red.data for d in docs)
+
+
 def write_raw(directory, key: str, members: dict[str, bytes]) -> str:
     with ShardWriter(directory) as writer:
         writer.write({"__key__": key, **members})

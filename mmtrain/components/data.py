@@ -230,6 +230,13 @@ class Batch:
             saw in the shard cache, a maximum.
         text, text_len: ``B, L`` token ids and ``B`` lengths when the loader was given a
             text tokenizer, else None.
+        documents: when a source holds documents (every sample is then a document; a pair
+            is ``[caption, image]``): per sample its segments in reading order, a text span as
+            its token ids (int64 array, no ``<s>``/``</s>``) or an image as its row in
+            ``pixels`` (M images, padded with black rows to a multiple of B: static shapes);
+            ``captions`` then holds each document's text. None otherwise.
+        pairs: with ``documents``, True where the sample is an image-caption pair (the layout
+            draws its direction, as for pairs).
     """
 
     pixels: torch.Tensor | None
@@ -243,6 +250,8 @@ class Batch:
     io: dict[str, int] = field(default_factory=dict)
     text: torch.Tensor | None = None
     text_len: torch.Tensor | None = None
+    documents: list[list] | None = None
+    pairs: list[bool] | None = None
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -289,8 +298,12 @@ class SampleStream(IterableDataset):
 
     def __init__(self, sources: list[Source], order: StreamOrder, cfg: DataConfig, micro_batch_size: int,
                  rank: int, world_size: int, start_sample: int, text_tokenizer: Any = None, max_text_len: int = 0,
-                 latent_shape: tuple[int, int, int] | None = None, prefetcher: ShardPrefetcher | None = None):
+                 latent_shape: tuple[int, int, int] | None = None, prefetcher: ShardPrefetcher | None = None,
+                 max_images: int = 1):
         super().__init__()
+        # documents: when any source holds them, every sample is read as one (pairs as [caption, image])
+        self.documents = any(getattr(src, "holds_documents", False) for src in sources)
+        self.max_images = max_images
         self.sources, self.order, self.cfg = sources, order, cfg
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.start_sample = start_sample
@@ -321,6 +334,8 @@ class SampleStream(IterableDataset):
 
     # -------------------------------------------------------------- samples
     def _load(self, s: int, i: int) -> tuple[Any, RawSample]:
+        if self.documents:
+            return self._load_document(s, i)
         raw = self.sources[s].read(i, want_image=not self.cfg.use_latents, want_latent=self.cfg.use_latents)
         if self.cfg.use_latents:
             if raw.latent is None:
@@ -329,6 +344,32 @@ class SampleStream(IterableDataset):
         if raw.image is None:
             raise ShardDataError(f"{raw.where}: has no image")
         return decode_image(raw.image, self.cfg.image_size, self.cfg.resize_mode, self.cfg.fast_jpeg_decode, raw.where), raw
+
+    def _load_document(self, s: int, i: int) -> tuple[tuple[list, bool], RawSample]:
+        """A document's segments (text spans as str, images decoded to ``H, W, 3`` uint8) cut at the
+        image over ``model.max_images``, and whether it is a pair; a pair source's sample is ``[caption, image]``."""
+        src = self.sources[s]
+        if src.holds_documents:
+            doc = src.read_document(i)
+            where, stored, pair = src.where(i), [seg if isinstance(seg, str) else seg.data for seg in doc.segments], False
+        else:
+            raw = src.read(i, want_image=True)
+            if raw.image is None:
+                raise ShardDataError(f"{raw.where}: has no image")
+            where, stored, pair = raw.where, [raw.caption, raw.image], True
+        segments: list = []
+        n_images = 0
+        for seg in stored:
+            if isinstance(seg, str):
+                segments.append(seg)
+                continue
+            if n_images == self.max_images:  # the sequence budget: the rest of the document is cut
+                break
+            segments.append(decode_image(seg, self.cfg.image_size, self.cfg.resize_mode, self.cfg.fast_jpeg_decode,
+                                         f"{where} (image {n_images})"))
+            n_images += 1
+        text = " ".join(seg for seg in segments if isinstance(seg, str))
+        return (segments, pair), RawSample(key=src.key(i), where=where, caption=text, label=None)
 
     def _sample(self, position: int, s: int, i: int, epoch: int) -> tuple[Any, RawSample, int, bool]:
         """The pixels/latent and fields at ``position``; a bad sample is replaced by the next good one."""
@@ -395,6 +436,8 @@ class SampleStream(IterableDataset):
             keys.append(f"{s}:{raw.key}")
             got_epochs.append(epoch)
             substituted += sub
+        if self.documents:
+            return self._document_batch(values, captions, keys, got_epochs, positions, substituted)
         pixels = latents = None
         if self.cfg.use_latents:
             shapes = {v.shape for v in values}
@@ -415,6 +458,33 @@ class SampleStream(IterableDataset):
             if not self._cut_reported:
                 self._report_cut(keys, cut)
         return batch
+
+    def _document_batch(self, values: list, captions: list[str], keys: list[str], epochs: list[int], positions: np.ndarray,
+                        substituted: int) -> Batch:
+        """Documents -> one Batch: every image a row of ``pixels`` (padded to a multiple of B rows), every
+        text span its token ids (the layout adds ``<s>``, ``<boi>``, ``<eoi>``, ``</s>``)."""
+        if self.text_tokenizer is None:
+            raise ShardDataError(f"{keys[0]}: documents need a text tokenizer (model.condition=text)")
+        images: list[np.ndarray] = []
+        documents: list[list] = []
+        for segments, _ in values:
+            doc: list = []
+            for seg in segments:
+                if isinstance(seg, str):
+                    doc.append(np.asarray(self.text_tokenizer.encode(seg, bos=False, eos=False), dtype=np.int64))
+                else:
+                    doc.append(len(images))
+                    images.append(seg)
+            documents.append(doc)
+        B = len(values)
+        rows = max(-(-len(images) // B) * B, B)  # a multiple of B: at most max_images shapes in a run
+        pixels = np.zeros((rows, self.cfg.image_size, self.cfg.image_size, 3), dtype=np.uint8)
+        if images:
+            pixels[:len(images)] = np.stack(images)
+        return Batch(pixels=torch.from_numpy(pixels), latents=None, captions=captions,
+                     labels=torch.full((B,), -1, dtype=torch.long), keys=keys, epochs=torch.tensor(epochs, dtype=torch.long),
+                     positions=torch.from_numpy(positions.copy()), substituted=substituted, io=self._io_delta(),
+                     documents=documents, pairs=[pair for _, pair in values])
 
     def _report_cut(self, keys: list[str], cut: list[tuple[int, int]]) -> None:
         """Warn once (rank 0, its first loader process) when captions are longer than ``model.max_text_len``:
@@ -480,13 +550,15 @@ def check_cache_limit(cfg: DataConfig, sources: list[Source]) -> None:
                                                " or set data.shuffle_window (shards per window)"))
 
 
-def open_sources(cfg: DataConfig, source_cfgs: list[SourceConfig] | None = None, on_this_node: bool = True) -> list[Source]:
+def open_sources(cfg: DataConfig, source_cfgs: list[SourceConfig] | None = None, on_this_node: bool = True,
+                 documents_ok: bool = False) -> list[Source]:
     """Index every source (train sources by default) and check it has what the config needs.
 
     Raises FileNotFoundError / ShardDataError / ValueError naming the path, file, key or
     column. Cheap to call again for local tars: their indexes are cached in ``cfg.index_cache``.
     A remote source lists its store and reads every shard index again (see
     :func:`open_sources_once_per_node`). ``on_this_node``: see :func:`shard_cache_for`.
+    ``documents_ok``: document sources are welcome (the training loader), else an error.
     """
     cache = os.path.expanduser(cfg.index_cache) if cfg.index_cache else ""
     source_cfgs = source_cfgs if source_cfgs is not None else cfg.train_sources()
@@ -496,7 +568,7 @@ def open_sources(cfg: DataConfig, source_cfgs: list[SourceConfig] | None = None,
         source = open_source(sc.path, sc.format, cache, shard_cache)
         if len(source) == 0:
             raise ShardDataError(f"data source {sc.path!r} holds no samples")
-        source.validate(need_image=not cfg.use_latents, need_latent=cfg.use_latents)
+        source.validate(need_image=not cfg.use_latents, need_latent=cfg.use_latents, documents_ok=documents_ok)
         sources.append(source)
     return sources
 
@@ -510,13 +582,13 @@ def open_sources_once_per_node(cfg: DataConfig, source_cfgs: list[SourceConfig])
     through node-local disk (:func:`mmtrain.data.node_local.share_on_node`) instead of
     asking the store themselves. Local sources, and one process alone, open as before."""
     if not any(storage.is_url(sc.path) for sc in source_cfgs) or distributed.world_size() == 1:
-        return open_sources(cfg, source_cfgs)
+        return open_sources(cfg, source_cfgs, documents_ok=True)
     # names the value (sources, what they must hold, the cache) and this start (the job's rendezvous
     # address; two jobs on one node have two) on this host (a shared cache_dir may serve several)
     key = repr((socket.gethostname(), os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"),
                 os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID"), os.environ.get("TORCHELASTIC_RUN_ID"),
                 [(sc.path, sc.format) for sc in source_cfgs], cfg.use_latents, cfg.cache_dir, cfg.cache_limit))
-    return share_on_node(key, lambda: open_sources(cfg, source_cfgs), producer=distributed.local_rank() == 0,
+    return share_on_node(key, lambda: open_sources(cfg, source_cfgs, documents_ok=True), producer=distributed.local_rank() == 0,
                          barrier=distributed.barrier)
 
 
@@ -562,7 +634,7 @@ def warn_if_downscaled(cfg: DataConfig, sources: list[Source], source_cfgs: list
 
 def build_train_loader(cfg: DataConfig, micro_batch_size: int, rank: int, *, world_size: int, seed: int,
                        start_sample: int, text_tokenizer: Any = None, max_text_len: int = 0,
-                       latent_shape: tuple[int, int, int] | None = None) -> DataLoader:
+                       latent_shape: tuple[int, int, int] | None = None, max_images: int = 1) -> DataLoader:
     """An endless loader of :class:`Batch` for ``rank`` of ``world_size``, from stream position ``start_sample``.
 
     Args:
@@ -578,6 +650,9 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, rank: int, *, wor
         latent_shape: with ``use_latents``, the ``C, h, w`` every latent must have (e.g.
             ``image_tok.latent_shape(size, size)``); a sample that differs is an error naming
             its file and key. None = only latents within a batch must agree.
+        max_images: documents: images per sample (``model.max_images``); a longer document is
+            cut before the image over it. When any source holds documents every sample is read
+            as one (see :class:`Batch`).
 
     The sources are indexed here, in the calling process, so a missing path or a
     malformed dataset raises before any worker starts; remote sources once per node
@@ -600,7 +675,7 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, rank: int, *, wor
                 cfg.mode, f"epoch length {order.epoch_length}" if cfg.mode == "epoch" else "endless", start_sample)
     stream = SampleStream(sources, order, cfg, micro_batch_size, rank, world_size, start_sample,
                           text_tokenizer=text_tokenizer, max_text_len=max_text_len, latent_shape=latent_shape,
-                          prefetcher=prefetcher)
+                          prefetcher=prefetcher, max_images=max_images)
     loader = _loader(stream, cfg.num_workers)
     # what defines the stream; with the position (samples seen) it is the loader state a checkpoint keeps
     loader.stream_identity = {"seed": seed, "mode": cfg.mode, "shuffle": cfg.shuffle,

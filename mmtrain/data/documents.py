@@ -21,8 +21,8 @@ out are the same layout), one document per sample:
   metadata object at image positions, null at text positions).
 - ``KEY.0.jpg``, ``KEY.1.png``, ...: the image files, as stored.
 
-A source is read as documents when every sample has ``KEY.json`` and neither ``KEY.txt`` nor
-a single-image member ``KEY.jpg|jpeg|png|webp`` (decided from the sidecar index alone, no read;
+A source is read as documents when every sample has ``KEY.json`` and none has ``KEY.txt`` (a
+one-image document may store its image as ``KEY.jpg``; decided from the sidecar index alone, no read;
 see :attr:`mmtrain.data.sources.WdsSource.holds_documents`). The index records each sample's
 byte span, so a document is one read (:func:`mmtrain.data.tar.parse_sample_span`).
 
@@ -202,6 +202,59 @@ def _image_ext(name: str, data: bytes) -> str:
 
 
 # ---------------------------------------------------------------------------- webdataset layout
+
+
+def read_document_file(path: str | os.PathLike) -> Document:
+    """A document as a file pair, what ``mmtrain generate --doc`` reads: ``NAME.json`` holds the
+    object of the webdataset layout (``texts``/``images`` parallel lists, ``meta``) with each
+    image given as a path relative to the JSON's directory (or absolute). ValueError naming the
+    file, the index and what was expected when it is malformed or an image is missing."""
+    path = Path(path)
+    where = str(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{where}: no such document file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{where}: not a JSON document ({exc})") from None
+    try:
+        texts, names, meta, image_meta = _parse_doc_json(obj, where)
+    except ShardDataError as exc:
+        raise ValueError(str(exc)) from None
+    segments: list[Segment] = []
+    for i, (text, name) in enumerate(zip(texts, names)):
+        if text is not None:
+            segments.append(text)
+            continue
+        file = Path(name) if Path(name).is_absolute() else path.parent / name
+        try:
+            data = file.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"{where}: images[{i}] = {name!r}: cannot read {file} ({exc.strerror or exc})") from None
+        segments.append(DocImage(data, _image_ext(name, data), image_meta[i]))
+    return Document(key=path.stem.replace(".", "_") or "doc", segments=segments, meta=meta)
+
+
+def write_document_file(doc: Document, path: str | os.PathLike) -> list[Path]:
+    """Write ``doc`` as ``path`` (the JSON of :func:`read_document_file`) and its images beside it
+    as ``STEM.0.png``, ``STEM.1.jpg``, ... (each written under a temp name, then renamed; the
+    JSON last). Returns the files written."""
+    from mmtrain.atomic import atomic_write_bytes
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    obj, images = _doc_json(doc, str(path))
+    files = []
+    names = iter(range(len(images)))
+    for i, name in enumerate(obj["images"]):
+        if name is not None:
+            k = next(names)
+            file = path.parent / f"{path.stem}.{name}"
+            atomic_write_bytes(file, images[k].data)
+            obj["images"][i] = file.name
+            files.append(file)
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    return files + [path]
 
 
 def to_wds_members(doc: Document) -> dict[str, bytes]:
@@ -400,7 +453,7 @@ class DocumentStats:
     def as_dict(self) -> dict[str, Any]:
         return {"documents_in": self.counts["documents_in"], "documents": self.counts["documents"],
                 "documents_split": self.counts["documents_split"], "images": self.counts["images"],
-                "text_segments": self.counts["text_segments"],
+                "text_segments": self.counts["text_segments"], "documents_renamed": self.counts["documents_renamed"],
                 "dropped_images": self.counts_of(self.image_drops),
                 "dropped_documents": self.counts_of(self.document_drops), "drop_examples": self.examples}
 
@@ -481,6 +534,19 @@ class _SplitWriter:
         return self.wds.shards
 
 
+def _renamed(doc: Document, keys: set[str], stats: DocumentStats) -> Document:
+    """``doc`` under the first free key ``KEY_dupN``, counted (``documents_renamed``) and logged."""
+    n = 1
+    while f"{doc.key}_dup{n}" in keys:
+        n += 1
+    new = f"{doc.key}_dup{n}"
+    stats.counts["documents_renamed"] += 1
+    if stats.counts["documents_renamed"] <= 20:
+        logger.warning("document key %r is taken (a split part of another document, or a repeated key); written as %r",
+                       doc.key, new)
+    return replace(doc, key=new, meta={**doc.meta, "original_key": doc.key})
+
+
 def write_document_shards(documents: Iterable[Document], out_dir: str | os.PathLike, *, fmt: str = "wds",
                           samples_per_shard: int = 1000, shard_size: int = 0, prefix: str = "shard",
                           val_fraction: float = 0.0, split_seed: int = 0, max_images: int = 0,
@@ -505,8 +571,12 @@ def write_document_shards(documents: Iterable[Document], out_dir: str | os.PathL
     (recorded in stats.json) and ``extra_stats`` (its own counts, added to stats.json's top
     level; a key the writer writes itself is a ValueError).
 
+    Keys are unique across the output: a document whose key was already written (the part
+    ``KEY_1`` of a split ``KEY`` meeting a document named ``KEY_1``, or a key given twice) is
+    written as ``KEY_dup1`` (``_dup2``, ...) with ``meta["original_key"]``, counted.
+
     Returns the stats written to ``stats.json``: ``documents_in``, ``documents`` (written,
-    after splitting), ``documents_split``, ``images``, ``text_segments``, ``dropped_images``
+    after splitting), ``documents_split``, ``documents_renamed``, ``images``, ``text_segments``, ``dropped_images``
     and ``dropped_documents`` (by reason, zeros included), ``drop_examples``, ``splits``
     (``{split: {documents, shards, bytes, shard_files}}``), ``output_format``, ``options``,
     ``source``, ``elapsed_s``. Not resumable: a re-run rewrites every shard.
@@ -527,6 +597,7 @@ def write_document_shards(documents: Iterable[Document], out_dir: str | os.PathL
     out = Path(out_dir)
     splits = ["train"] + (["val"] if val_fraction > 0 else [])
     writers = {s: _SplitWriter(out / s, fmt, prefix, samples_per_shard, shard_size) for s in splits}
+    keys: set[str] = set()  # every key written, all splits: keys stay unique across shards
     try:
         for doc in tqdm(documents, desc="documents", unit="doc", disable=not progress):
             stats.counts["documents_in"] += 1
@@ -542,6 +613,9 @@ def write_document_shards(documents: Iterable[Document], out_dir: str | os.PathL
             stats.counts["documents_split"] += len(parts) > 1
             writer = writers[split_of(doc.key, val_fraction, split_seed)]
             for part in parts:
+                if part.key in keys:  # a part KEY_1 of KEY met a document of that key (or a key came twice)
+                    part = _renamed(part, keys, stats)
+                keys.add(part.key)
                 writer.write(part)
                 stats.counts["documents"] += 1
                 stats.counts["images"] += len(part.images)

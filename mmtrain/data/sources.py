@@ -305,10 +305,11 @@ class WdsSource:
         self.shard_of = np.repeat(np.arange(len(indexes), dtype=np.int32), counts)  # sample -> shard
         self.offsets = {f: np.concatenate([ix.offsets[f] for ix in indexes]) for f in INDEXED}
         self.sizes = {f: np.concatenate([ix.sizes[f] for ix in indexes]) for f in INDEXED}
-        # Documents: every sample has KEY.json and neither a caption nor a single image member (the
-        # layout of mmtrain.data.documents); decided from the index, without reading a sample.
+        # Documents: every sample has KEY.json and none a caption KEY.txt (the layout of
+        # mmtrain.data.documents; a one-image document may store its image as KEY.jpg, so image
+        # members do not decide it); decided from the index, without reading a sample.
         self.holds_documents = bool(len(self.offsets["json"])) and bool(np.all(
-            (self.offsets["json"] >= 0) & (self.offsets["txt"] < 0) & (self.offsets["image"] < 0)))
+            (self.offsets["json"] >= 0) & (self.offsets["txt"] < 0)))
         # Fixed-width bytes: no per-key Python objects, so forked workers share the pages.
         self.keys = np.asarray([k.encode("utf-8") for ix in indexes for k in ix.keys], dtype=np.bytes_)
 
@@ -328,10 +329,13 @@ class WdsSource:
     def has_field(self, field: str) -> np.ndarray:
         return self.offsets[field] >= 0
 
-    def validate(self, need_image: bool, need_latent: bool) -> None:
-        """Every sample must have a caption, and an image (or a latent with ``need_latent``)."""
+    def validate(self, need_image: bool, need_latent: bool, documents_ok: bool = False) -> None:
+        """Every sample must have a caption, and an image (or a latent with ``need_latent``).
+        ``documents_ok``: the reader takes documents too (the training loader); a document is
+        then checked when it is read (a bad one is substituted like any bad sample)."""
         if self.holds_documents:
-            raise ShardDataError(_documents_not_pairs(self.spec))
+            _check_documents_ok(self.spec, documents_ok, need_latent)
+            return
         required = [("txt", "caption member KEY.txt")]
         if need_image:
             required.append(("image", "image member KEY.jpg|jpeg|png|webp"))
@@ -532,9 +536,10 @@ class MdsSource:
     def has_column(self, name: str) -> bool:
         return name in self.column_index
 
-    def validate(self, need_image: bool, need_latent: bool) -> None:
+    def validate(self, need_image: bool, need_latent: bool, documents_ok: bool = False) -> None:
         if self.holds_documents:
-            raise ShardDataError(_documents_not_pairs(self.spec))
+            _check_documents_ok(self.spec, documents_ok, need_latent)
+            return
         if need_image and not self.has_column("image"):
             raise ShardDataError(f"{self.index_file}: missing column 'image' (expected bytes, an encoded image file); "
                                  f"columns present: {dict(zip(self.column_names, self.column_encodings))}")
@@ -648,6 +653,14 @@ class MdsSource:
 
 
 Source = WdsSource | MdsSource
+
+
+def _check_documents_ok(spec: str, documents_ok: bool, need_latent: bool) -> None:
+    if not documents_ok:
+        raise ShardDataError(_documents_not_pairs(spec))
+    if need_latent:
+        raise ShardDataError(f"data source {spec}: holds documents, which store images, not latents; "
+                             "set data.use_latents=false to train on them (the VAE encodes their images)")
 
 
 def _documents_not_pairs(spec: str) -> str:

@@ -144,6 +144,34 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, 
         draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=rgb)
 
 
+def draw_shape_in_quadrant(draw: ImageDraw.ImageDraw, kind: str, color: str, size: str, position: str,
+                           image_size: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Draw one ``size`` ``color`` ``kind`` in the quadrant ``position`` of an ``image_size`` image, its
+    centre jittered by two draws from ``rng``; return its shape dict (kind, color, size, position,
+    ``center`` [x, y] in continuous pixel coordinates, ``extent_px``: bounding-box side in pixels).
+
+    The one drawing routine of synthetic scenes: :func:`generate_sample` and the stories of
+    :mod:`mmtrain.data.stories` both draw through it, so both read back alike with ``estimate_shapes``.
+    """
+    half = image_size // 2
+    quadrant = POSITIONS.index(position)
+    extent = shape_extent(size, image_size)
+    max_jitter = max(0, min(round(JITTER_FRACTION * half), (half - extent) // 2 - 1))
+    jx, jy = (int(j) for j in rng.integers(-max_jitter, max_jitter + 1, size=2))
+    qx, qy = (quadrant % 2) * half, (quadrant // 2) * half
+    x0 = qx + (half - extent) // 2 + jx
+    y0 = qy + (half - extent) // 2 + jy
+    _draw_shape(draw, kind, (x0, y0, x0 + extent - 1, y0 + extent - 1), COLOR_RGB[color])
+    return {
+        "kind": kind,
+        "color": color,
+        "size": size,
+        "position": position,
+        "center": [x0 + extent / 2, y0 + extent / 2],
+        "extent_px": extent,
+    }
+
+
 def synthetic_class(shape: dict) -> int:
     """Class label of a sample for class-conditional training: kind x colour of its first shape
     (``len(KINDS) * len(COLORS)`` = 18 classes)."""
@@ -171,7 +199,6 @@ def generate_sample(index: int, cfg: SyntheticConfig) -> dict[str, Any]:
     # so generation order and worker sharding never change the data.
     rng = np.random.default_rng([cfg.seed, index])
     size = cfg.image_size
-    half = size // 2
 
     num = int(rng.integers(cfg.min_shapes, cfg.max_shapes + 1))
     quadrants = sorted(int(q) for q in rng.choice(len(POSITIONS), size=num, replace=False))
@@ -183,23 +210,7 @@ def generate_sample(index: int, cfg: SyntheticConfig) -> dict[str, Any]:
         kind = KINDS[int(rng.integers(len(KINDS)))]
         color = COLORS[int(rng.integers(len(COLORS)))]
         size_name = SIZES[int(rng.integers(len(SIZES)))]
-        extent = shape_extent(size_name, size)
-        max_jitter = max(0, min(round(JITTER_FRACTION * half), (half - extent) // 2 - 1))
-        jx, jy = (int(j) for j in rng.integers(-max_jitter, max_jitter + 1, size=2))
-        qx, qy = (quadrant % 2) * half, (quadrant // 2) * half
-        x0 = qx + (half - extent) // 2 + jx
-        y0 = qy + (half - extent) // 2 + jy
-        _draw_shape(draw, kind, (x0, y0, x0 + extent - 1, y0 + extent - 1), COLOR_RGB[color])
-        shapes.append(
-            {
-                "kind": kind,
-                "color": color,
-                "size": size_name,
-                "position": POSITIONS[quadrant],
-                "center": [x0 + extent / 2, y0 + extent / 2],
-                "extent_px": extent,
-            }
-        )
+        shapes.append(draw_shape_in_quadrant(draw, kind, color, size_name, POSITIONS[quadrant], size, rng))
 
     attributes = {
         "seed": int(cfg.seed),

@@ -32,7 +32,7 @@ def preflight(config_path: str, overrides: list[str], on_this_node: bool = True)
     require_run_paths(cfg, config_path)  # no default for the data or the run directory
     # every training source exists and is well-formed (remote: every shard is there with its index's size,
     # and the credentials work) and fits data.cache_limit; fills the tar index cache for the ranks
-    sources = open_sources(cfg.data, on_this_node=on_this_node)
+    sources = open_sources(cfg.data, on_this_node=on_this_node, documents_ok=True)
     check_cache_limit(cfg.data, sources)
     if cfg.data.val_shards:
         check_val_shards(cfg.data.val_shards, os.path.expanduser(cfg.data.index_cache) if cfg.data.index_cache else "")

@@ -4,7 +4,7 @@ the samplers and eval call through :func:`family`; :func:`build_model` turns a r
 plus its tokenizers into a model of that family."""
 from __future__ import annotations
 
-from mmtrain.models import causalfusion, transdiff
+from mmtrain.models import causalfusion_family, transdiff
 from mmtrain.models.base import Condition, ModelFamily
 from mmtrain.models.causalfusion import CausalFusion
 from mmtrain.models.config import FAMILIES as FAMILY_NAMES
@@ -14,7 +14,7 @@ from mmtrain.models.transdiff import TransDiff
 __all__ = ["FAMILIES", "Condition", "Model", "ModelFamily", "build_model", "captioning_families", "family", "model_class"]
 
 Model = CausalFusion | TransDiff
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (causalfusion.FAMILY, transdiff.FAMILY)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (causalfusion_family.FAMILY, transdiff.FAMILY)}
 if tuple(FAMILIES) != FAMILY_NAMES:  # every name model.family accepts has an implementation, and no other
     raise ImportError(f"model families {tuple(FAMILIES)} != the names model.family accepts {FAMILY_NAMES}")
 

@@ -48,11 +48,15 @@ class ImageTokenModel(nn.Module):
 @dataclass(frozen=True)
 class Condition:
     """The condition of a batch of B images: prompts (``text`` B, T ids and ``text_len`` B,
-    text mode) or ``labels`` (B, class mode); the other fields stay None."""
+    text mode) or ``labels`` (B, class mode); or a batch of B documents (``documents``, each
+    image a row of the batch's M images, and ``pairs``: see
+    :class:`mmtrain.components.data.Batch`). The other fields stay None."""
 
     text: torch.Tensor | None = None
     text_len: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    documents: list | None = None
+    pairs: list | None = None
 
     def as_kwargs(self) -> dict:
         return {"text": self.text, "text_len": self.text_len, "labels": self.labels}

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mmtrain.distributed import to_device
-from mmtrain.models.base import Condition, ImageTokenModel, ModelFamily
+from mmtrain.models.base import ImageTokenModel
 from mmtrain.models.config import ModelConfig
 
 # what a slot embeds
@@ -104,33 +104,50 @@ def split_inputs(split: list[int], buckets: int, device: torch.device | str = "c
 # --------------------------------------------------------------------------- masks
 
 
-def attention_allowed(role_q, level_q, idx_q, role_k, level_k, idx_k, same_sample=True):
+def attention_allowed(role_q, level_q, idx_q, seg_q, alone_q, role_k, level_k, idx_k, seg_k, same_sample=True):
     """The generalized causal rule on slot descriptors (broadcasting tensors).
 
-    Roles: BIDIR (class tokens; <boi> + image when captioning) see BIDIR keys; CAUSAL
-    (text) sees condition keys at or before itself; CLEAN of level i sees the condition
-    and CLEAN keys of level <= i; NOISY of level i sees the condition, CLEAN of level < i
-    and NOISY of level i. Pads are invisible; every slot sees itself so softmax stays finite.
-    ``same_sample``: False where query and key belong to different samples packed into
-    one sequence, which never see each other.
+    A sequence is a run of segments: text slots (CAUSAL, ``seg`` -1) and image blocks, each
+    block its own ``seg`` id. Within a block the single-image rule holds: BIDIR slots (class
+    tokens; ``<boi>`` + image of an image that is context only, as when captioning) see their
+    block; CLEAN of AR level i sees CLEAN of levels <= i; NOISY of level i sees CLEAN of
+    levels < i and NOISY of level i. Across segments a slot sees what comes before it
+    (text causally) except NOISY slots: an image's noisy tokens are seen only by its own
+    noisy tokens, so what follows an image sees its clean copy and never a noisy one.
+    ``alone_q``: the slot's image had its context dropped (classifier-free guidance) and sees
+    only its own block. Pads are invisible; every slot sees itself so softmax stays finite.
+    ``same_sample``: False where query and key belong to different samples (documents)
+    packed into one sequence, which never see each other.
     """
-    cond_k = (role_k == ROLE_BIDIR) | (role_k == ROLE_CAUSAL)
+    same_seg = seg_k == seg_q
+    context = ((role_k != ROLE_NOISY) & (idx_k < idx_q) & (~same_seg | (role_q == ROLE_CAUSAL)) & ~alone_q)
     allowed = (
-        ((role_q == ROLE_BIDIR) & (role_k == ROLE_BIDIR))
-        | ((role_q == ROLE_CAUSAL) & cond_k & (idx_k <= idx_q))
-        | ((role_q == ROLE_CLEAN) & (cond_k | ((role_k == ROLE_CLEAN) & (level_k <= level_q))))
-        | ((role_q == ROLE_NOISY) & (cond_k | ((role_k == ROLE_CLEAN) & (level_k < level_q))
-                                     | ((role_k == ROLE_NOISY) & (level_k == level_q))))
+        context
+        | ((role_q == ROLE_BIDIR) & (role_k == ROLE_BIDIR) & same_seg)
+        | ((role_q == ROLE_CLEAN) & (role_k == ROLE_CLEAN) & same_seg & (level_k <= level_q))
+        | ((role_q == ROLE_NOISY) & same_seg & (((role_k == ROLE_CLEAN) & (level_k < level_q))
+                                                | ((role_k == ROLE_NOISY) & (level_k == level_q))))
     )
     return (allowed & (role_k != ROLE_PAD) & same_sample) | (idx_q == idx_k)
 
 
-def dense_mask(role: torch.Tensor, level: torch.Tensor, sample: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean allowed-attention matrix (B, N, N) for slots described by role/level (and sample, when packed) (B, N)."""
+def default_segments(role: torch.Tensor) -> torch.Tensor:
+    """``seg`` of a one-image layout (B, N): 0 for the image's CLEAN / NOISY slots, -1 for the
+    condition (text, class tokens, and the BIDIR ``<boi>`` + image of a caption row, the only
+    BIDIR block there)."""
+    return torch.where((role == ROLE_CLEAN) | (role == ROLE_NOISY), 0, -1)
+
+
+def dense_mask(role: torch.Tensor, level: torch.Tensor, sample: torch.Tensor | None = None,
+               seg: torch.Tensor | None = None, alone: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean allowed-attention matrix (B, N, N) for slots described by role/level (and sample,
+    when packed; seg and alone, for documents: see :func:`attention_allowed`) (B, N)."""
     idx = torch.arange(role.shape[1], device=role.device)
     same = True if sample is None else sample[:, :, None] == sample[:, None, :]
-    return attention_allowed(role[:, :, None], level[:, :, None], idx[None, :, None],
-                             role[:, None, :], level[:, None, :], idx[None, None, :], same)
+    seg = default_segments(role) if seg is None else seg
+    alone = torch.zeros_like(role, dtype=torch.bool) if alone is None else alone
+    return attention_allowed(role[:, :, None], level[:, :, None], idx[None, :, None], seg[:, :, None], alone[:, :, None],
+                             role[:, None, :], level[:, None, :], idx[None, None, :], seg[:, None, :], same)
 
 
 _flex_ok: bool | None = None
@@ -157,7 +174,8 @@ def flex_available() -> bool:
 _compiled_create_block_mask = None
 
 
-def flex_block_mask(role: torch.Tensor, level: torch.Tensor, sample: torch.Tensor | None = None):
+def flex_block_mask(role: torch.Tensor, level: torch.Tensor, sample: torch.Tensor | None = None,
+                    seg: torch.Tensor | None = None, alone: torch.Tensor | None = None):
     """The same rule as a FlexAttention BlockMask, built on the slots' device.
 
     On CUDA ``create_block_mask`` runs compiled (fused, block by block: no B x N x N
@@ -169,9 +187,12 @@ def flex_block_mask(role: torch.Tensor, level: torch.Tensor, sample: torch.Tenso
 
     if sample is None:
         sample = torch.zeros_like(role)
+    seg = default_segments(role) if seg is None else seg
+    alone = torch.zeros_like(role, dtype=torch.bool) if alone is None else alone
 
     def mask_mod(b, h, q, k):
-        return attention_allowed(role[b, q], level[b, q], q, role[b, k], level[b, k], k, sample[b, q] == sample[b, k])
+        return attention_allowed(role[b, q], level[b, q], q, seg[b, q], alone[b, q], role[b, k], level[b, k], k, seg[b, k],
+                                 sample[b, q] == sample[b, k])
 
     B, N = role.shape
     build = create_block_mask
@@ -335,15 +356,21 @@ class Layout:
     target: torch.Tensor | None = None  # next-token target of TEXT slots, -100 elsewhere
     loss_weight: torch.Tensor | None = None  # diffusion loss weight of NOISY slots, 0 elsewhere
     noisy_start: int = 0  # first noisy slot of generation rows (unpacked layouts)
-    sample: torch.Tensor | None = None  # batch row of the sample a slot belongs to; set when packed
+    sample: torch.Tensor | None = None  # batch row of the sample (document) a slot belongs to; set when packed
+    # documents (mmtrain.models.document_layout), None in one-image layouts:
+    seg: torch.Tensor | None = None  # image block id of image slots, -1 for text (see attention_allowed)
+    alone: torch.Tensor | None = None  # bool: the slot's image had its context dropped (CFG)
+    image: torch.Tensor | None = None  # row of the batch's image tensors (M, L, P) an image slot reads, -1 elsewhere
 
     def attention_mask(self, backend: str = "sdpa"):
         if backend == "flex" and flex_available():
-            return flex_block_mask(self.role, self.level, self.sample)
-        return dense_mask(self.role, self.level, self.sample)
+            return flex_block_mask(self.role, self.level, self.sample, self.seg, self.alone)
+        return dense_mask(self.role, self.level, self.sample, self.seg, self.alone)
 
     def sample_rows(self) -> torch.Tensor:
-        """B, N: which batch row's image, timestep and label each slot reads."""
+        """B, N: which row of the image tensors (image, timestep) and labels each slot reads."""
+        if self.image is not None:
+            return self.image.clamp(min=0)
         if self.sample is not None:
             return self.sample.clamp(min=0)
         B, N = self.kind.shape
@@ -568,9 +595,9 @@ class CausalFusion(ImageTokenModel):
 
     # ---------------------------------------------------------------- training
 
-    def forward(self, *, latents_tokens, noisy_tokens, t, target, order, ar_step, clean_slots, loss_weights, text=None,
-                text_len=None, caption_rows=None, labels=None, pack_sample=None, pack_offset=None,
-                return_pred: bool = False) -> dict:
+    def forward(self, *, latents_tokens, noisy_tokens, t, target, order=None, ar_step=None, clean_slots=0, loss_weights=None,
+                text=None, text_len=None, caption_rows=None, labels=None, pack_sample=None, pack_offset=None,
+                layout: Layout | None = None, max_text_targets: int = 0, return_pred: bool = False) -> dict:
         """Training losses. Every tensor lives on the model's device; the only host values
         are ``clean_slots`` and the shapes, so the forward compiles to one graph per
         sequence shape (``model.seq_buckets``) and reads nothing back.
@@ -587,11 +614,20 @@ class CausalFusion(ImageTokenModel):
             labels: class mode: B labels (num_classes = dropped).
             pack_sample, pack_offset: with ``model.pack_length``, the host's :func:`pack_plan`
                 (R, pack_length each), as :func:`training_inputs` makes it.
+            layout, max_text_targets: documents (:mod:`mmtrain.models.document_layout`): the
+                laid-out rows, built on the host, with ``image`` naming the row of
+                ``latents_tokens`` / ``noisy_tokens`` / ``t`` / ``target`` (M images) each image
+                slot reads, and a static bound on the text targets; the one-image arguments
+                (order ... pack_offset) are then unused.
             return_pred: also return ``pred`` (B, L, P): the diffusion head on the noisy
                 tokens of generation rows, in AR order.
         """
-        lay = self.layout(order, ar_step, clean_slots, loss_weights, text, text_len, caption_rows)
-        if self.cfg.pack_length:
+        if layout is not None:
+            lay = layout
+        else:
+            lay = self.layout(order, ar_step, clean_slots, loss_weights, text, text_len, caption_rows)
+            max_text_targets = latents_tokens.shape[0] * (text.shape[1] - 1) if text is not None else 0
+        if layout is None and self.cfg.pack_length:
             if return_pred:
                 raise ValueError("return_pred needs an unpacked batch (model.pack_length=0)")
             if pack_sample is None:
@@ -607,14 +643,16 @@ class CausalFusion(ImageTokenModel):
         is_noisy = lay.kind == NOISY
         diff_loss = (per_tok * lay.loss_weight * is_noisy).sum() / is_noisy.sum().clamp(min=1)
         if self.cfg.condition == "text":
-            text_loss, n_text = self.text_loss(h, lay.target, max_targets=latents_tokens.shape[0] * (text.shape[1] - 1))
+            text_loss, n_text = self.text_loss(h, lay.target, max_targets=max_text_targets)
         else:
             n_text, text_loss = torch.zeros((), dtype=torch.long, device=h.device), torch.zeros((), device=h.device)
         loss = diff_loss + self.cfg.text_loss_weight * text_loss
         out = {"loss": loss, "diffusion_loss": diff_loss.detach(), "text_loss": text_loss.detach(),
                "text_tokens": n_text.detach(), "image_tokens": is_noisy.sum().detach(),
-               "sequence_tokens": (lay.kind != PAD).sum().detach(), "sequence_length": h.shape[1]}
+               "sequence_tokens": (lay.kind != PAD).sum().detach(), "sequence_length": h.shape[1], "sequence_rows": h.shape[0]}
         if return_pred:
+            if layout is not None:
+                raise ValueError("return_pred needs a one-image layout")
             out["pred"] = pred[:, lay.noisy_start:lay.noisy_start + order.shape[1]]
         return out
 
@@ -925,39 +963,3 @@ def generate_caption_ids(model: CausalFusion, image_tokens: torch.Tensor, max_le
         h = model.run_blocks(h_new, mask, caches, update_cache=True)
         n_keys += 1
     return out
-
-
-# --------------------------------------------------------------------------- the family
-
-
-class CausalFusionFamily(ModelFamily):
-    """CausalFusion for the trainer, the samplers and eval: generates images and, in text mode, captions."""
-
-    name = "causalfusion"
-    model_class = CausalFusion
-    token_proj_key, image_pos_key = "x_proj.weight", "pos_embed"
-    captions = True
-
-    def training_inputs(self, model: CausalFusion, latent_tokens: torch.Tensor, cond: Condition, diffusion,
-                        gen: torch.Generator, rng: random.Random) -> dict:
-        return training_inputs(model, latent_tokens, diffusion, gen, rng, **cond.as_kwargs())
-
-    def training_flops(self, model: CausalFusion, batch_size: int, seq_len: int) -> float:
-        return training_flops(model, batch_size, seq_len)
-
-    def sample_image_tokens(self, model: CausalFusion, diffusion, cond: Condition, *, ar_steps: int,
-                            generator: torch.Generator, **options) -> torch.Tensor:
-        return sample_image_tokens(model, diffusion, ar_steps=ar_steps, generator=generator, **cond.as_kwargs(), **options)
-
-    def caption_ids(self, model: CausalFusion, image_tokens: torch.Tensor, max_len: int, generator: torch.Generator,
-                    top_p: float = 0.0) -> list[list[int]]:
-        return generate_caption_ids(model, image_tokens, max_len, generator, top_p=top_p)
-
-    def compile_warning(self, cfg: ModelConfig) -> str | None:
-        if cfg.seq_buckets == 0:
-            return ("train.compile with model.seq_buckets=0: every AR split is a new sequence length, so the blocks "
-                    "recompile every few micro-batches; set model.seq_buckets (default 4)")
-        return None
-
-
-FAMILY = CausalFusionFamily()

@@ -90,6 +90,10 @@ class ModelConfig:
         cond_drop_prob: probability to drop the prompt or label (for classifier-free
             guidance). Default 0.1.
         caption_prob: fraction of samples laid out image -> text (text mode). Default 0.5.
+        max_images: images per training sequence (documents): the loader cuts a longer
+            document at the image over the budget, as ``max_text_len`` cuts its text; with
+            ``pack_length: 0`` rows are as long as the longest document the budget allows.
+            Pairs are one image. Default 1.
         pack_length: pack the samples of a batch into rows of this many slots, dropping
             their padding (first-fit; samples in one row never see each other); 0 = one
             row per sample. Must be at least the longest sample. Default 0.
@@ -128,6 +132,7 @@ class ModelConfig:
     text_loss_weight: float = 1.0
     cond_drop_prob: float = 0.1
     caption_prob: float = 0.5
+    max_images: int = 1
     pack_length: int = 0
     seq_buckets: int = 4
     attention: str = "sdpa"
@@ -156,5 +161,7 @@ class ModelConfig:
             raise ConfigError(f"model.max_text_len: expected >= 2, got {self.max_text_len}")
         if self.seq_buckets < 0 or self.pack_length < 0:
             raise ConfigError(f"model.seq_buckets and model.pack_length must be >= 0, got {self.seq_buckets}, {self.pack_length}")
+        if self.max_images < 1:
+            raise ConfigError(f"model.max_images: expected >= 1, got {self.max_images}")
         if self.num_classes < 1 or self.num_cond_tokens < 1:
             raise ConfigError(f"model.num_classes and model.num_cond_tokens must be >= 1, got {self.num_classes}, {self.num_cond_tokens}")

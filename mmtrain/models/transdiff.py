@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mmtrain.distributed import to_device
+from mmtrain.errors import ConfigError
 from mmtrain.models.base import Condition, ImageTokenModel, ModelFamily
 from mmtrain.models.causalfusion import guidance_scale, guided
 from mmtrain.models.config import ModelConfig
@@ -538,6 +539,10 @@ class TransDiffFamily(ModelFamily):
 
     def training_inputs(self, model: TransDiff, latent_tokens: torch.Tensor, cond: Condition, diffusion,
                         gen: torch.Generator, rng: random.Random) -> dict:
+        if cond.documents is not None:
+            # MRAR's references are earlier images of one condition, not a document's context
+            raise ConfigError("model.family=transdiff trains on image-caption pairs; the data holds documents "
+                              "(several images and text spans), which model.family=causalfusion trains on")
         return training_inputs(model, latent_tokens, diffusion, gen, rng, **cond.as_kwargs())
 
     def training_flops(self, model: TransDiff, batch_size: int, seq_len: int) -> float:

@@ -132,11 +132,18 @@ def _sha256(data: bytes) -> str:
 
 def training_texts(shards: Sequence[str], text_files: Sequence[str]) -> Iterator[str]:
     """What ``mmtrain tokenizer train`` trains on: the captions of ``shards`` (webdataset or MDS, local
-    or URLs; images are neither read nor decoded), then the lines of ``text_files``."""
-    from mmtrain.data.sources import iter_samples
+    or URLs; images are neither read nor decoded), or the text spans of document shards, then the
+    lines of ``text_files``."""
+    from mmtrain.data.sources import iter_documents, iter_samples, open_source
 
     for path in shards:
-        yield from (s["caption"] for s in iter_samples(path, want_image=False))
+        source = open_source(str(path))
+        holds_documents = source.holds_documents
+        source.close()
+        if holds_documents:
+            yield from (text for doc in iter_documents(path) for text in doc.texts)
+        else:
+            yield from (s["caption"] for s in iter_samples(path, want_image=False))
     for path in text_files:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--text {path}: no such file")
