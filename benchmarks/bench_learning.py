@@ -81,7 +81,7 @@ def evaluate(run_dir: Path, step: int, args, log: Path, captions: bool) -> dict:
     return point
 
 
-DOCUMENT_METRICS = ("draw_attribute", "draw_consistency", "draw_exact", "tell_exact")
+DOCUMENT_METRICS = ("draw_attribute", "draw_consistency", "draw_consistency_color", "draw_exact", "tell_kind", "tell_exact")
 
 
 def evaluate_documents(run_dir: Path, step: int, args, log: Path) -> dict:

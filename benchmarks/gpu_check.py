@@ -83,6 +83,15 @@ def build_model(cfg, attention: str, seed: int = 0):
 
 
 def condition(cfg, B: int, gen: torch.Generator) -> dict:
+    if cfg.model.max_images > 1:  # documents, as the loader gives them: 1..max_images images, each after a text span
+        docs, rows = [], 0
+        for _ in range(B):
+            segments = []
+            for _ in range(1 + int(torch.randint(0, cfg.model.max_images, (1,), generator=gen))):
+                segments += [torch.randint(6, 1024, (int(torch.randint(1, 8, (1,), generator=gen)),), generator=gen).numpy(), rows]
+                rows += 1
+            docs.append(segments)
+        return {"documents": docs, "pairs": [False] * B}
     if cfg.model.condition == "class":
         return {"labels": torch.randint(0, cfg.model.num_classes, (B,), generator=gen)}
     T = cfg.model.max_text_len
@@ -99,8 +108,10 @@ def micro_batch(model, cfg, diffusion, B: int, device: torch.device, seed: int, 
     decisions from a seeded Random, t / noise / order on the device generator). ``split``
     forces the AR split (to warm up one sequence bucket)."""
     dev_gen = torch.Generator(device=device).manual_seed(seed)
-    tokens = torch.randn(B, model.num_image_tokens, model.token_dim, generator=dev_gen, device=device)
     cond = Condition(**condition(cfg, B, torch.Generator().manual_seed(seed)))
+    # documents: the batch's images, padded to a multiple of B rows as the loader pads them
+    rows = B if cond.documents is None else max(-(-sum(isinstance(s, int) for d in cond.documents for s in d) // B) * B, B)
+    tokens = torch.randn(rows, model.num_image_tokens, model.token_dim, generator=dev_gen, device=device)
     batch = family(model).training_inputs(model, tokens, cond, diffusion, dev_gen, random.Random(seed))
     if split is not None:
         m = cfg.model
@@ -173,6 +184,7 @@ def check_parity(args, device: torch.device) -> dict:
 SYNC_VARIANTS = [
     ("causalfusion text", []),
     ("causalfusion class packed", ["model.condition=class", "model.num_classes=10", "model.pack_length=1024"]),
+    ("causalfusion documents", ["model.max_images=3", "model.max_text_len=48"]),
     ("transdiff text mrar", ["model.family=transdiff", "diffusion.process=rectified_flow", "model.transdiff.mrar_refs=2",
                              "model.transdiff.num_queries=16", "model.transdiff.decoder_depth=2"]),
 ]

@@ -71,3 +71,19 @@ def test_learning_curve_table_of_a_model_without_captions_shows_its_seen_and_uns
     head, _, row = bench_learning.table(points, ["1"]).splitlines()
     assert head.endswith("| image S=1 exact seen / unseen | caption kind small / large | image S=1 kind small / large |")
     assert row.endswith("| - / - | 0.55 / 0.25 | - / - | 0.33 / 0.61 |")
+
+
+def test_learning_curve_table_of_the_stories_benchmark_per_split_and_k():
+    # --task documents: the eval documents summaries of each point, per split, with the consistency per k
+    point = lambda step, a: {"step": step, "train_wall_s": 10.0 * step, "loss": 1.0 / step, "documents": {  # noqa: E731
+        "eval": {"overall": {"draw_attribute": a, "draw_consistency": 0.5, "draw_consistency_color": 0.6, "draw_exact": 0.25,
+                             "tell_kind": 0.9, "tell_exact": 0.75},
+                 "by_k": {"1": {"draw_consistency": 0.6}, "2": {"draw_consistency": 0.4}}},
+        "held_out": {"overall": {"draw_attribute": a / 2, "draw_consistency": 0.3, "draw_exact": 0.0, "tell_exact": 0.1},
+                     "by_k": {"1": {"draw_consistency": 0.3}}}}}
+    lines = bench_learning.table_documents([point(1, 0.2), point(2, 0.4)]).splitlines()
+    metrics = ["draw_attribute", "draw_consistency", "draw_consistency_color", "draw_exact", "tell_kind", "tell_exact"]
+    assert lines[0] == "| " + " | ".join(["step", "train wall s", "loss"] + [f"{split} {m}" for split in ("eval", "held_out") for m in
+                                          metrics + ["draw consistency k=1", "draw consistency k=2"]]) + " |"
+    # a metric a split did not report is "-"
+    assert lines[3] == "| 2 | 20 | 0.5000 | 0.40 | 0.50 | 0.60 | 0.25 | 0.90 | 0.75 | 0.60 | 0.40 | 0.20 | 0.30 | - | 0.00 | - | 0.10 | 0.30 | - |"

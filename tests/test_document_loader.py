@@ -288,6 +288,17 @@ def test_document_with_an_undecodable_image_is_replaced_by_the_next_one(docs, ca
                                   max_bad_samples=0), 1, 6)
 
 
+def test_a_document_over_the_text_budget_is_reported_once(docs, caplog):
+    """The layout keeps the first model.max_text_len text slots of a document; the loader says so
+    once, naming the document and both lengths, as it does for captions."""
+    cfg = DataConfig(train_shards=docs["stories"], shuffle=False, image_size=SIZE, index_cache=docs["cache"], num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="mmtrain.data"):
+        take(cfg, 2, 4, text_tokenizer=docs["tok"], max_text_len=6, max_images=MAX_IMAGES)
+    cut = [r.getMessage() for r in caplog.records if "max_text_len" in r.getMessage()]
+    assert len(cut) == 1 and cut[0].startswith("text of document 0:") and "model.max_text_len=6 keeps the first 6" in cut[0]
+    assert "documents read were cut" in cut[0]
+
+
 # --------------------------------------------------------------------------- static shapes
 
 

@@ -29,7 +29,8 @@ def test_gpu_check_cpu_quick_smoke(tmp_path):
     resume = sections["train_resume"]
     assert resume["resumed_at"] == 1 and resume["max_loss_diff"] == 0 and resume["data_hashes_equal"]
     assert len(sections["inference"]["captions"]) == 4 and sections["inference"]["eval_device"] == "cpu"
-    assert sections["host_sync"]["variants"] == ["causalfusion text", "causalfusion class packed", "transdiff text mrar"]
+    assert sections["host_sync"]["variants"] == ["causalfusion text", "causalfusion class packed", "causalfusion documents",
+                                                    "transdiff text mrar"]
     training = sections["throughput"]["training"]
     assert training and all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in training)
     assert all(r["graphs_timed"] == 0 for r in training)  # warm before timing: no compile inside a timed step

@@ -106,12 +106,16 @@ def test_score_image_on_the_true_the_previous_and_a_wrong_image():
     prev = [red, blue, green]
     move = {"kind": "move", "shape": red, "value": "bottom right"}
     after = apply_change(prev, move)
-    assert score_image(image_of(after), prev, move, after) == {"attribute": 1.0, "consistency": 1.0, "exact": 1.0}
+    full = {"attribute": 1.0, "consistency": 1.0, "consistency_color": 1.0, "exact": 1.0}
+    assert score_image(image_of(after), prev, move, after) == full
     # the previous image: nothing changed, everything else kept
-    assert score_image(image_of(prev), prev, move, after) == {"attribute": 0.0, "consistency": 1.0, "exact": 0.0}
+    assert score_image(image_of(prev), prev, move, after) == {**full, "attribute": 0.0, "exact": 0.0}
     # moved, but one of the two bystanders recoloured
     wrong = [shape("circle", "red", "small", "bottom right"), {**blue, "color": "yellow"}, green]
-    assert score_image(image_of(wrong), prev, move, after) == {"attribute": 1.0, "consistency": 0.5, "exact": 0.0}
+    assert score_image(image_of(wrong), prev, move, after) == {**full, "consistency": 0.5, "consistency_color": 0.5, "exact": 0.0}
+    # a bystander drawn as another kind: kept by colour, size and place, not whole
+    other_kind = [shape("circle", "red", "small", "bottom right"), {**blue, "kind": "circle"}, green]
+    assert score_image(image_of(other_kind), prev, move, after) == {**full, "consistency": 0.5, "exact": 0.0}
     # copied instead of moved: the old quadrant must be empty
     assert score_image(image_of(prev + [after[-1]]), prev, move, after)["attribute"] == 0.0
     for change in ({"kind": "recolor", "shape": blue, "value": "cyan"},
@@ -120,11 +124,12 @@ def test_score_image_on_the_true_the_previous_and_a_wrong_image():
                    {"kind": "appear", "shape": None, "value": shape("square", "magenta", "small", "bottom right")}):
         after = apply_change(prev, change)
         untouched = 3 if change["kind"] == "appear" else 2
-        assert score_image(image_of(after), prev, change, after) == {"attribute": 1.0, "consistency": 1.0, "exact": 1.0}
-        assert score_image(image_of(prev), prev, change, after) == {"attribute": 0.0, "consistency": 1.0, "exact": 0.0}
+        assert score_image(image_of(after), prev, change, after) == full
+        assert score_image(image_of(prev), prev, change, after) == {**full, "attribute": 0.0, "exact": 0.0}
         # an empty canvas: the change is right only for disappear, and no bystander is left
         empty = score_image(image_of([]), prev, change, after)
-        assert empty == {"attribute": float(change["kind"] == "disappear"), "consistency": 0.0 / untouched, "exact": 0.0}
+        assert empty == {"attribute": float(change["kind"] == "disappear"), "consistency": 0.0 / untouched,
+                         "consistency_color": 0.0, "exact": 0.0}
 
 
 def test_score_change_text_exact_paraphrase_and_wrong():

@@ -467,7 +467,8 @@ class SampleStream(IterableDataset):
             raise ShardDataError(f"{keys[0]}: documents need a text tokenizer (model.condition=text)")
         images: list[np.ndarray] = []
         documents: list[list] = []
-        for segments, _ in values:
+        cut: list[tuple[int, int]] = []
+        for row, (segments, _) in enumerate(values):
             doc: list = []
             for seg in segments:
                 if isinstance(seg, str):
@@ -476,6 +477,11 @@ class SampleStream(IterableDataset):
                     doc.append(len(images))
                     images.append(seg)
             documents.append(doc)
+            tokens = 1 + sum(len(s) for s in doc if not isinstance(s, int))  # <s> and the spans
+            if tokens > self.max_text_len:  # the layout keeps the first max_text_len text slots
+                cut.append((row, tokens))
+        if not self._cut_reported:
+            self._report_cut(keys, cut, "text of document")
         B = len(values)
         rows = max(-(-len(images) // B) * B, B)  # a multiple of B: at most max_images shapes in a run
         pixels = np.zeros((rows, self.cfg.image_size, self.cfg.image_size, 3), dtype=np.uint8)
@@ -486,7 +492,7 @@ class SampleStream(IterableDataset):
                      positions=torch.from_numpy(positions.copy()), substituted=substituted, io=self._io_delta(),
                      documents=documents, pairs=[pair for _, pair in values])
 
-    def _report_cut(self, keys: list[str], cut: list[tuple[int, int]]) -> None:
+    def _report_cut(self, keys: list[str], cut: list[tuple[int, int]], what: str = "caption of sample") -> None:
         """Warn once (rank 0, its first loader process) when captions are longer than ``model.max_text_len``:
         counted here on the host, where the tokenizer cut them, not on the device."""
         self._captions_read += len(keys)
@@ -496,9 +502,10 @@ class SampleStream(IterableDataset):
             return
         self._cut_reported = True
         row, tokens = max(cut, key=lambda c: c[1])
-        logger.warning("caption of sample %s is %d tokens; model.max_text_len=%d keeps the first %d (%d of the first %d "
-                       "captions read were cut; reported once: raise model.max_text_len to keep them whole)",
-                       keys[row], tokens, self.max_text_len, self.max_text_len, self._captions_cut, self._captions_read)
+        logger.warning("%s %s is %d tokens; model.max_text_len=%d keeps the first %d (%d of the first %d "
+                       "%s read were cut; reported once: raise model.max_text_len to keep them whole)",
+                       what, keys[row], tokens, self.max_text_len, self.max_text_len, self._captions_cut, self._captions_read,
+                       "documents" if what.endswith("document") else "captions")
 
 
 # --------------------------------------------------------------------------- builders

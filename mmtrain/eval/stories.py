@@ -22,7 +22,7 @@ from typing import Any
 from mmtrain.data.attributes import estimate_shapes
 from mmtrain.data.stories import SHAPE_FIELDS, parse_change, parse_change_words, resolve_reference
 
-IMAGE_METRICS: tuple[str, ...] = ("attribute", "consistency", "exact")
+IMAGE_METRICS: tuple[str, ...] = ("attribute", "consistency", "consistency_color", "exact")
 TEXT_METRICS: tuple[str, ...] = ("kind", "object", "value", "exact")
 
 
@@ -42,6 +42,8 @@ def score_image(pred_image: Any, prev_scene: Sequence[Mapping[str, Any]], change
       disappear: its quadrant is empty.
     - ``consistency``: the fraction of the shapes the change leaves alone that are still there with
       the same kind, colour, size and position (1.0 when there are none).
+    - ``consistency_color``: the same with colour, size and position only (the kind of a small
+      shape is what a small model draws last: this shows whether it keeps the rest meanwhile).
     - ``exact``: 1.0 when the estimated scene equals ``true_scene``.
     """
     pred = estimate_shapes(pred_image)
@@ -61,10 +63,13 @@ def score_image(pred_image: Any, prev_scene: Sequence[Mapping[str, Any]], change
         raise ValueError(f"score_image: change kind {kind!r} is none of the known change kinds")
     changed = None if shape is None else _fields(shape)
     untouched = [_fields(s) for s in prev_scene if _fields(s) != changed]
-    kept = sum(at.get(s[SHAPE_FIELDS.index("position")]) == s for s in untouched)
+    where = SHAPE_FIELDS.index("position")
+    kept = sum(at.get(s[where]) == s for s in untouched)
+    no_kind = [i for i, f in enumerate(SHAPE_FIELDS) if f != "kind"]
+    kept_color = sum(s[where] in at and [at[s[where]][i] for i in no_kind] == [s[i] for i in no_kind] for s in untouched)
     exact = sorted(_fields(s) for s in pred) == sorted(_fields(s) for s in true_scene)
     return {"attribute": float(attribute), "consistency": kept / len(untouched) if untouched else 1.0,
-            "exact": float(exact)}
+            "consistency_color": kept_color / len(untouched) if untouched else 1.0, "exact": float(exact)}
 
 
 def score_change_text(pred_text: str, prev_scene: Sequence[Mapping[str, Any]],

@@ -22,13 +22,16 @@ D width, Nk cached slots.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from mmtrain.models.causalfusion import ROLE_PAD, CausalFusion, even_ar_split, guidance_scale, guided
-from mmtrain.models.document_layout import IGNORE, ImageRun, TextRun, layout_from_slots, run_slots
+from mmtrain.models.document_layout import FIELDS, IGNORE, ImageRun, TextRun, layout_from_slots, run_slots
+
+log = logging.getLogger("mmtrain.inference")
 
 
 class DocumentCache:
@@ -109,22 +112,27 @@ class _Row:
 def prompt_runs(segments: list, ids: dict, text_len: int, image_tokens: int) -> tuple[list, int]:
     """A prompt document's runs: ``<s>``, its text spans (token id arrays) and its images (rows of
     the given image tokens) as context images closed by ``<eoi>``. Returns the runs and the next
-    text position."""
+    text position. Text past the ``text_len`` position rows keeps the last row (the model never
+    saw such a document: :func:`continue_documents` warns)."""
     runs: list = []
     pos = 0
     text = [ids["bos"]]
+
+    def close_text() -> None:
+        nonlocal pos, text
+        if text:
+            at = np.minimum(np.arange(pos, pos + len(text)), text_len - 1)
+            runs.append(TextRun(np.array(text, dtype=np.int64), np.full(len(text), IGNORE), at))
+            pos += len(text)
+            text = []
+
     for seg in segments:
         if isinstance(seg, (int, np.integer)):
-            if text:
-                runs.append(TextRun(np.array(text, dtype=np.int64), np.full(len(text), IGNORE), np.arange(pos, pos + len(text))))
-                pos += len(text)
-                text = []
+            close_text()
             runs.append(ImageRun(int(seg), np.arange(image_tokens), None, eoi_target=IGNORE))
         else:
             text += [int(t) for t in seg]
-    if text:
-        runs.append(TextRun(np.array(text, dtype=np.int64), np.full(len(text), IGNORE), np.arange(pos, pos + len(text))))
-        pos += len(text)
+    close_text()
     return runs, pos
 
 
@@ -161,9 +169,12 @@ def continue_documents(model: CausalFusion, diffusion, prompts: list[list], prom
     docs = []
     for b, segments in enumerate(prompts):
         runs, rows[b].text_pos = prompt_runs(segments, ids, T, L)
+        if rows[b].text_pos > T:
+            log.warning("prompt document %d has %d text tokens; model.max_text_len=%d is the most it trained on per "
+                        "sequence (the rest share its last position)", b, rows[b].text_pos, T)
         docs.append(run_slots(runs, ids, T))
     N = max(len(d["kind"]) for d in docs)
-    padded = {name: np.stack([np.concatenate([d[name], np.full(N - len(d[name]), _pad(name), dtype=d[name].dtype)])
+    padded = {name: np.stack([np.concatenate([d[name], np.full(N - len(d[name]), FIELDS[name][1], dtype=d[name].dtype)])
                               for d in docs]) for name in docs[0]}
     lay = layout_from_slots(padded, dev)
     images = prompt_images.to(dev) if prompt_images.numel() else torch.zeros(1, L, P, device=dev)
@@ -228,12 +239,6 @@ def continue_documents(model: CausalFusion, diffusion, prompts: list[list], prom
             last_h = _append_text(model, ctx, [ids["boi"]] * B, [T] * B, force_boi, last_h)
     tokens = torch.cat(drawn) if drawn else torch.zeros(0, L, P, device=dev)
     return [r.segments for r in rows], tokens
-
-
-def _pad(name: str):
-    from mmtrain.models.document_layout import FIELDS
-
-    return FIELDS[name][1]
 
 
 def _close_span(r: _Row, keep_empty: bool = False) -> None:
