@@ -20,7 +20,7 @@ from mmtrain.components.ema import consolidate as consolidate_ema
 from mmtrain.components.ema import has_ema
 from mmtrain.config import Config, SampleConfig, load_config
 from mmtrain.data.images import decode_image
-from mmtrain.models import Condition, Model, build_model, captioning_families, family
+from mmtrain.models import Condition, Model, build_model, captioning_families, document_families, family
 from mmtrain.models.diffusion import build_diffusion
 from mmtrain.tokenize.build import build_image_tokenizer
 from mmtrain.tokenize.image import ImageTokenizer, patchify, pil_to_tensor, tensor_to_pil, unpatchify
@@ -287,11 +287,11 @@ def continue_documents(run: LoadedRun, prompts: list, sample: SampleConfig, limi
     images within ``limits`` (:class:`~mmtrain.models.document_sampling.GenerationLimits`).
     Returns per prompt the generated segments (``str`` or PIL image). Batches of ``batch_size``
     documents share one KV cache each; batch ``b`` draws from :func:`batch_generator` ``(seed, b)``."""
-    from mmtrain.models.document_sampling import continue_documents as sample_documents
-
-    if run.cfg.model.condition != "text" or family(run.model).name != "causalfusion":
-        raise ValueError("interleaved generation needs a text CausalFusion model (model.family=causalfusion, "
-                         "model.condition=text): one model that reads and writes text and images")
+    model_family = family(run.model)
+    if run.cfg.model.condition != "text" or not model_family.documents:
+        able = " or ".join(f"model.family={name}" for name in document_families())
+        raise ValueError(f"interleaved generation needs a text model that reads and writes documents ({able}, "
+                         f"model.condition=text); this is model.family={model_family.name}, model.condition={run.cfg.model.condition}")
     diffusion = build_diffusion(run.cfg.diffusion, sample.diffusion_steps)
     kwargs = _sampler_kwargs(run, sample)
     kwargs.pop("use_cache", None)
@@ -311,8 +311,9 @@ def continue_documents(run: LoadedRun, prompts: list, sample: SampleConfig, limi
             docs.append(segs)
         tokens = images_to_tokens(run, pictures) if pictures else torch.zeros(0, run.model.num_image_tokens, run.model.token_dim)
         with run.autocast():
-            generated, drawn = sample_documents(run.model, diffusion, docs, tokens, generator=batch_generator(sample.seed, b, run.device),
-                                               limits=limits, top_p=top_p, temperature=temperature, **kwargs)
+            generated, drawn = model_family.continue_documents(run.model, diffusion, docs, tokens,
+                                                               generator=batch_generator(sample.seed, b, run.device),
+                                                               limits=limits, top_p=top_p, temperature=temperature, **kwargs)
         images = tokens_to_images(run, drawn.float()) if drawn.shape[0] else []
         for segs in generated:
             out.append([run.text_tok.decode(v) if kind == "text" else images[v] for kind, v in segs])

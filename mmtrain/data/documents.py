@@ -21,9 +21,10 @@ out are the same layout), one document per sample:
   metadata object at image positions, null at text positions).
 - ``KEY.0.jpg``, ``KEY.1.png``, ...: the image files, as stored.
 
-A source is read as documents when every sample has ``KEY.json`` and none has ``KEY.txt`` (a
-one-image document may store its image as ``KEY.jpg``; decided from the sidecar index alone, no read;
-see :attr:`mmtrain.data.sources.WdsSource.holds_documents`). The index records each sample's
+A source is read as documents when every sample has ``KEY.json`` and none has ``KEY.txt``,
+decided from the sidecar index; where every sample also has one image member (a one-image document
+may store it as ``KEY.jpg``, and so does a pair shard that lost its captions) the first sample's
+JSON decides: a ``texts``/``images`` object (see ``WdsSource._holds_documents``). The index records each sample's
 byte span, so a document is one read (:func:`mmtrain.data.tar.parse_sample_span`).
 
 MDS layout, one row per document, no pickle: columns ``key: str``, ``doc: json`` (the object

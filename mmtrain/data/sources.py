@@ -305,13 +305,24 @@ class WdsSource:
         self.shard_of = np.repeat(np.arange(len(indexes), dtype=np.int32), counts)  # sample -> shard
         self.offsets = {f: np.concatenate([ix.offsets[f] for ix in indexes]) for f in INDEXED}
         self.sizes = {f: np.concatenate([ix.sizes[f] for ix in indexes]) for f in INDEXED}
-        # Documents: every sample has KEY.json and none a caption KEY.txt (the layout of
-        # mmtrain.data.documents; a one-image document may store its image as KEY.jpg, so image
-        # members do not decide it); decided from the index, without reading a sample.
-        self.holds_documents = bool(len(self.offsets["json"])) and bool(np.all(
-            (self.offsets["json"] >= 0) & (self.offsets["txt"] < 0)))
         # Fixed-width bytes: no per-key Python objects, so forked workers share the pages.
         self.keys = np.asarray([k.encode("utf-8") for ix in indexes for k in ix.keys], dtype=np.bytes_)
+        self.holds_documents = self._holds_documents()
+
+    def _holds_documents(self) -> bool:
+        """Documents (the layout of mmtrain.data.documents): every sample has KEY.json and none a
+        caption KEY.txt. Decided from the index, except where every sample also has one image member
+        (a one-image document may store it as KEY.jpg; a pair shard that lost its captions looks the
+        same): then the first sample's JSON decides (a texts/images object), one read."""
+        if not len(self.offsets["json"]) or not np.all((self.offsets["json"] >= 0) & (self.offsets["txt"] < 0)):
+            return False
+        if not np.any(self.offsets["image"] >= 0):
+            return True
+        try:
+            obj = json.loads(self._member(0, "json"))
+        except (OSError, ValueError):
+            return False  # read as pairs: the first read names what is wrong with the sample
+        return isinstance(obj, dict) and isinstance(obj.get("texts"), list) and isinstance(obj.get("images"), list)
 
     def sample_shards(self) -> np.ndarray:
         """The shard number of every sample."""

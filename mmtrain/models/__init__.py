@@ -11,7 +11,8 @@ from mmtrain.models.config import FAMILIES as FAMILY_NAMES
 from mmtrain.models.config import ModelConfig
 from mmtrain.models.transdiff import TransDiff
 
-__all__ = ["FAMILIES", "Condition", "Model", "ModelFamily", "build_model", "captioning_families", "family", "model_class"]
+__all__ = ["FAMILIES", "Condition", "Model", "ModelFamily", "build_model", "captioning_families", "document_families", "family",
+           "model_class"]
 
 Model = CausalFusion | TransDiff
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (causalfusion_family.FAMILY, transdiff.FAMILY)}
@@ -26,6 +27,11 @@ def family(model_or_cfg: Model | ModelConfig) -> ModelFamily:
 
 def model_class(model_cfg: ModelConfig) -> type:
     return family(model_cfg).model_class
+
+
+def document_families() -> list[str]:
+    """The ``model.family`` names whose models train on and continue documents."""
+    return [name for name, f in FAMILIES.items() if f.documents]
 
 
 def captioning_families() -> list[str]:

@@ -75,6 +75,7 @@ class ModelFamily(ABC):
     token_proj_key: ClassVar[str]
     image_pos_key: ClassVar[str]
     captions: ClassVar[bool] = False  # whether :meth:`caption_ids` writes text (image -> text)
+    documents: ClassVar[bool] = False  # whether it trains on and continues documents (:meth:`continue_documents`)
 
     def build(self, cfg: ModelConfig, latent_channels: int, latent_size: int, vocab_size: int = 0,
               special_ids: dict | None = None) -> ImageTokenModel:
@@ -107,6 +108,12 @@ class ModelFamily(ABC):
                     top_p: float = 0.0) -> list[list[int]]:
         """Image tokens (B, L, P) -> caption ids; only for families with ``captions``."""
         raise ValueError(f"model.family={self.name} only generates images: it has no caption decoder")
+
+    def continue_documents(self, model, diffusion, prompts: list, prompt_images: torch.Tensor, *, generator: torch.Generator,
+                           limits, **options) -> tuple[list, torch.Tensor]:
+        """Interleaved generation: continue documents with text and images (only for families with
+        ``documents``; see :mod:`mmtrain.models.document_sampling`)."""
+        raise ValueError(f"model.family={self.name} does not read or write documents")
 
     def compile_warning(self, cfg: ModelConfig) -> str | None:
         """Why ``train.compile`` would recompile often with ``cfg``, if it would."""

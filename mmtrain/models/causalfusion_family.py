@@ -12,6 +12,7 @@ from mmtrain.models.causalfusion import (CausalFusion, generate_caption_ids, sam
                                          training_inputs)
 from mmtrain.models.config import ModelConfig
 from mmtrain.models.document_layout import document_training_inputs
+from mmtrain.models.document_sampling import continue_documents
 
 
 class CausalFusionFamily(ModelFamily):
@@ -21,6 +22,7 @@ class CausalFusionFamily(ModelFamily):
     model_class = CausalFusion
     token_proj_key, image_pos_key = "x_proj.weight", "pos_embed"
     captions = True
+    documents = True
 
     def training_inputs(self, model: CausalFusion, latent_tokens: torch.Tensor, cond: Condition, diffusion,
                         gen: torch.Generator, rng: random.Random) -> dict:
@@ -38,6 +40,10 @@ class CausalFusionFamily(ModelFamily):
     def caption_ids(self, model: CausalFusion, image_tokens: torch.Tensor, max_len: int, generator: torch.Generator,
                     top_p: float = 0.0) -> list[list[int]]:
         return generate_caption_ids(model, image_tokens, max_len, generator, top_p=top_p)
+
+    def continue_documents(self, model: CausalFusion, diffusion, prompts: list, prompt_images: torch.Tensor, *,
+                           generator: torch.Generator, limits, **options) -> tuple[list, torch.Tensor]:
+        return continue_documents(model, diffusion, prompts, prompt_images, generator=generator, limits=limits, **options)
 
     def compile_warning(self, cfg: ModelConfig) -> str | None:
         if cfg.seq_buckets == 0:
