@@ -1,14 +1,16 @@
 """Interleaved generation: the KV-cached lockstep sampler reads and writes documents under the
 very mask the model trains with (checked against a full forward of the document layout), keeps
 its limits, batches documents of different shapes, and runs through ``mmtrain generate``."""
+import random
+
 import numpy as np
 import pytest
 import torch
 
 from mmtrain.models.causalfusion import CausalFusion, ModelConfig, even_ar_split
 from mmtrain.models.diffusion import DiffusionConfig, GaussianDiffusion
-from mmtrain.models.document_layout import IGNORE, ImageRun, TextRun, layout_from_slots, run_slots
-from mmtrain.models.document_sampling import GenerationLimits, continue_documents, prompt_runs
+from mmtrain.models.document_layout import IGNORE, ImageRun, TextRun, document_runs, layout_from_slots, run_slots
+from mmtrain.models.document_sampling import GenerationLimits, continue_documents
 
 IDS = dict(pad=0, bos=2, eos=3, boi=4, eoi=5)
 T = 24
@@ -54,7 +56,8 @@ def test_cached_generation_follows_the_training_layout_through_text_image_text()
     perm = torch.argsort(torch.rand(2, L, generator=torch.Generator().manual_seed(seed)), dim=1)  # the sampler's first draw
     images = torch.cat([given, drawn])
     for b, prompt in enumerate(prompts):
-        runs, pos = prompt_runs(prompt, IDS, T, L)
+        runs = document_runs(prompt, IDS, T, L, model.cfg, random.Random(0), context_prob=1.0)  # the prompt as the sampler reads it
+        pos = sum(len(r.ids) for r in runs if isinstance(r, TextRun))
         text = np.array(out[b][1][1], dtype=np.int64)
         runs += [ImageRun(2 + b, perm[b].numpy(), even_ar_split(L, ar_steps), np.ones(L, np.float32), keep_last_clean=True,
                           eoi_target=int(text[0])),

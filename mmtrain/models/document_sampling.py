@@ -2,8 +2,8 @@
 
 A batch of B documents (text spans and images in reading order) is read into one KV cache
 (:class:`DocumentCache`) under the document layout the model trained on
-(:mod:`mmtrain.models.document_layout`: given images are context images, ``<boi>`` + tokens
-as one bidirectional block, then ``<eoi>``). Then, in lockstep over the rows:
+(:func:`mmtrain.models.document_layout.document_runs`: given images are context images,
+``<boi>`` + tokens as one bidirectional block, then ``<eoi>``). Then, in lockstep over the rows:
 
 - **text**: one token per row from the last slot's logits (greedy or nucleus), appended to the
   cache as a text slot, until the row emits ``<boi>`` (or ``</s>``, or reaches its limits);
@@ -23,13 +23,14 @@ D width, Nk cached slots.
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from mmtrain.models.causalfusion import ROLE_PAD, CausalFusion, even_ar_split, guidance_scale, guided
-from mmtrain.models.document_layout import FIELDS, IGNORE, ImageRun, TextRun, layout_from_slots, run_slots
+from mmtrain.models.document_layout import FIELDS, document_runs, layout_from_slots, run_slots
 
 log = logging.getLogger("mmtrain.inference")
 
@@ -109,33 +110,6 @@ class _Row:
     span: list = field(default_factory=list)
 
 
-def prompt_runs(segments: list, ids: dict, text_len: int, image_tokens: int) -> tuple[list, int]:
-    """A prompt document's runs: ``<s>``, its text spans (token id arrays) and its images (rows of
-    the given image tokens) as context images closed by ``<eoi>``. Returns the runs and the next
-    text position. Text past the ``text_len`` position rows keeps the last row (the model never
-    saw such a document: :func:`continue_documents` warns)."""
-    runs: list = []
-    pos = 0
-    text = [ids["bos"]]
-
-    def close_text() -> None:
-        nonlocal pos, text
-        if text:
-            at = np.minimum(np.arange(pos, pos + len(text)), text_len - 1)
-            runs.append(TextRun(np.array(text, dtype=np.int64), np.full(len(text), IGNORE), at))
-            pos += len(text)
-            text = []
-
-    for seg in segments:
-        if isinstance(seg, (int, np.integer)):
-            close_text()
-            runs.append(ImageRun(int(seg), np.arange(image_tokens), None, eoi_target=IGNORE))
-        else:
-            text += [int(t) for t in seg]
-    close_text()
-    return runs, pos
-
-
 def _pick(logits: torch.Tensor, generator: torch.Generator, top_p: float, temperature: float) -> torch.Tensor:
     """Next token per row (B,): greedy with ``top_p=0``, else nucleus sampling drawn on the generator's device."""
     logits = logits.float() / max(temperature, 1e-6)
@@ -168,10 +142,13 @@ def continue_documents(model: CausalFusion, diffusion, prompts: list[list], prom
     # the prompt, one document per row (right-padded: padding slots are invisible keys)
     docs = []
     for b, segments in enumerate(prompts):
-        runs, rows[b].text_pos = prompt_runs(segments, ids, T, L)
-        if rows[b].text_pos > T:
-            log.warning("prompt document %d has %d text tokens; model.max_text_len=%d is the most it trained on per "
-                        "sequence (the rest share its last position)", b, rows[b].text_pos, T)
+        n_text = 1 + sum(len(seg) for seg in segments if not isinstance(seg, (int, np.integer)))  # <s> and the spans
+        if n_text > T:
+            log.warning("prompt document %d has %d text tokens; model.max_text_len=%d keeps the first %d (the most it "
+                        "trained on per sequence)", b, n_text, T, T)
+        rows[b].text_pos = min(n_text, T)
+        # the training layout, every given image a context image (its targets and draws unused here)
+        runs = document_runs(segments, ids, T, L, cfg, random.Random(0), context_prob=1.0)
         docs.append(run_slots(runs, ids, T))
     N = max(len(d["kind"]) for d in docs)
     padded = {name: np.stack([np.concatenate([d[name], np.full(N - len(d[name]), FIELDS[name][1], dtype=d[name].dtype)])
