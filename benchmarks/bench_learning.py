@@ -123,6 +123,16 @@ def table_documents(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` under a temp name, then rename (a stopped benchmark leaves no half PNG)."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_documents(points: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -144,10 +154,7 @@ def plot_documents(points: list[dict], path: Path, title: str) -> None:
     axes[0][-1].legend(loc="lower right", fontsize=8)
     fig.suptitle(textwrap.fill(title, 45 * len(splits)), fontsize=9)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def scores(d: dict, suffix: str = "") -> list[str]:
@@ -201,10 +208,7 @@ def plot(points: list[dict], ar_steps: list[str], path: Path, title: str) -> Non
     axes[-1].legend(loc="lower right", fontsize=8)
     fig.suptitle(textwrap.fill(title, 40 * len(panels)), fontsize=9)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

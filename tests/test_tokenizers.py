@@ -333,3 +333,20 @@ def test_cli_trains_unigram_from_mds_shards_and_text_files(tmp_path: Path, capsy
         assert tok.decode(tok.encode(text)) == text
     assert cli.main(["tokenizer", "train", "--out", str(out)]) == 2
     assert "--shards" in capsys.readouterr().err
+
+
+def test_tokenizer_trains_on_the_text_spans_of_document_shards_beside_captions(tmp_path: Path) -> None:
+    """`mmtrain tokenizer train --shards` reads a document source's text spans (each source opened once)
+    and a pair source's captions, in order; no image is decoded."""
+    from mmtrain.data.sources import iter_documents, iter_samples
+    from mmtrain.data.stories import StoryConfig, write_story_shards
+    from mmtrain.data.synthetic import SyntheticConfig, write_synthetic_shards
+    from mmtrain.tokenize.text import training_texts
+
+    write_story_shards(tmp_path / "stories", 6, StoryConfig(image_size=32), samples_per_shard=4)
+    write_synthetic_shards(tmp_path / "pairs", 5, SyntheticConfig(seed=0), progress=False)
+    texts = list(training_texts([str(tmp_path / "stories" / "train"), str(tmp_path / "pairs")], []))
+    spans = [t for d in iter_documents(tmp_path / "stories" / "train") for t in d.texts]
+    captions = [s["caption"] for s in iter_samples(tmp_path / "pairs", want_image=False)]
+    assert texts == spans + captions and any("appears" in t or "moves" in t or "disappears" in t
+                                             or "turns" in t or "grows" in t or "shrinks" in t for t in spans)

@@ -805,6 +805,23 @@ def iter_documents(path: str | os.PathLike, fmt: str = "auto",
         source.close()
 
 
+def iter_texts(path: str | os.PathLike, fmt: str = "auto", shard_cache: ShardCache | None = None) -> Iterator[str]:
+    """The text of every sample of the source at ``path``, in order, opened once: each caption of a
+    pair source, each text span of a document source (no image is read or decoded). What
+    ``mmtrain tokenizer train`` trains on."""
+    source = open_source(os.fspath(path), fmt, shard_cache=shard_cache)
+    try:
+        if source.holds_documents:
+            for i in range(len(source)):
+                yield from source.read_document(i).texts
+            return
+        source.validate(need_image=False, need_latent=False)  # a missing caption fails before any work
+        for i in range(len(source)):
+            yield source.read(i, want_image=False).caption
+    finally:
+        source.close()
+
+
 def _listing_once() -> Callable[[str], dict[str, int] | None]:
     """A store's ``sizes(prefix)`` that asks the store once per prefix (for one :func:`open_source`)."""
     listed: dict[str, dict[str, int] | None] = {}

@@ -134,16 +134,10 @@ def training_texts(shards: Sequence[str], text_files: Sequence[str]) -> Iterator
     """What ``mmtrain tokenizer train`` trains on: the captions of ``shards`` (webdataset or MDS, local
     or URLs; images are neither read nor decoded), or the text spans of document shards, then the
     lines of ``text_files``."""
-    from mmtrain.data.sources import iter_documents, iter_samples, open_source
+    from mmtrain.data.sources import iter_texts
 
     for path in shards:
-        source = open_source(str(path))
-        holds_documents = source.holds_documents
-        source.close()
-        if holds_documents:
-            yield from (text for doc in iter_documents(path) for text in doc.texts)
-        else:
-            yield from (s["caption"] for s in iter_samples(path, want_image=False))
+        yield from iter_texts(path)
     for path in text_files:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--text {path}: no such file")
