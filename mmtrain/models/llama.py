@@ -23,6 +23,7 @@ d head dim, F intermediate (MLP) width, V vocabulary.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -395,3 +396,38 @@ def from_pretrained(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
     """Build a :class:`Decoder` from a local checkpoint directory and load its weights."""
     decoder = Decoder(DecoderSpec.from_directory(directory)).to(dtype)
     return load_hf_weights(decoder, directory)
+
+
+@torch.no_grad()
+def add_token_rows(decoder: Decoder, n_new: int) -> Decoder:
+    """Grow ``decoder``'s vocabulary by ``n_new`` rows (e.g. for ``<boi>``/``<eoi>`` added to its tokenizer).
+
+    The new rows of ``embed_tokens`` (and of an untied ``lm_head``) are the mean of the existing
+    rows, so old tokens keep their logits and the new ones start as an average token. A tied
+    ``lm_head`` stays the same Parameter as ``embed_tokens``. ``decoder.spec.vocab_size`` is
+    updated. Note that a checkpoint's vocab may already be larger than its tokenizer (padded
+    rows): grow by ``max(0, len(tokenizer) - decoder.spec.vocab_size)``.
+    """
+    if not isinstance(n_new, int) or n_new < 0:
+        raise ValueError(f"add_token_rows: n_new must be an int >= 0, got {n_new!r}")
+    if n_new == 0:
+        return decoder
+    old = decoder.embed_tokens.weight  # V, D
+    V, D = old.shape
+    new_embed = nn.Embedding(V + n_new, D, device=old.device, dtype=old.dtype)
+    new_embed.weight[:V] = old
+    new_embed.weight[V:] = old.float().mean(0).to(old.dtype)
+    new_embed.weight.requires_grad_(old.requires_grad)
+    decoder.embed_tokens = new_embed
+    if decoder.spec.tie_word_embeddings:
+        decoder.lm_head.weight = decoder.embed_tokens.weight
+    else:
+        head = decoder.lm_head.weight  # V, D
+        new_head = nn.Linear(D, V + n_new, bias=False, device=head.device, dtype=head.dtype)
+        new_head.weight[:V] = head
+        new_head.weight[V:] = head.float().mean(0).to(head.dtype)
+        new_head.weight.requires_grad_(head.requires_grad)
+        decoder.lm_head = new_head
+    decoder.lm_head.out_features = V + n_new
+    decoder.spec = dataclasses.replace(decoder.spec, vocab_size=V + n_new)
+    return decoder

@@ -1,0 +1,115 @@
+"""HFTextTokenizer on tiny tokenizers made locally (sentencepiece + LlamaTokenizer, tokenizers BPE), and
+llama.add_token_rows. Nothing is downloaded."""
+import pytest
+import sentencepiece as spm
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+
+from mmtrain.models.llama import Decoder, DecoderSpec, add_token_rows
+from mmtrain.tokenize.hf_text import HFTextTokenizer
+
+TEXTS = ["the quick brown fox jumps over the lazy dog", "a cat sat on the mat", "hello world, hello tokenizer",
+         "images and text go together", "the dog and the cat are friends"] * 20
+
+
+@pytest.fixture(scope="module")
+def sp_dir(tmp_path_factory):
+    """A sentencepiece tokenizer.model wrapped by transformers' LlamaTokenizer (slow), saved."""
+    d = tmp_path_factory.mktemp("sp")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS), model_prefix=str(d / "sp"), vocab_size=60,
+                                   model_type="bpe", hard_vocab_limit=False, num_threads=1, minloglevel=2,
+                                   pad_id=-1, unk_id=0, bos_id=1, eos_id=2)
+    tok = transformers.LlamaTokenizer(vocab_file=str(d / "sp.model"), legacy=False)
+    out = d / "tok"
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    """A tokenizers BPE in tokenizer.json with no bos (Qwen-like) but a pad token, saved."""
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(TEXTS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>", "<pad>"],
+                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>", pad_token="<pad>",
+                                               unk_token="<unk>")
+    out = tmp_path_factory.mktemp("bpe") / "tok"
+    tok.save_pretrained(out)
+    return out
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        HFTextTokenizer(tmp_path / "meta-llama/Llama-3-8B")
+
+
+@pytest.mark.parametrize("which", ["sp", "bpe"])
+def test_ids_match_hf_and_round_trip(which, sp_dir, bpe_dir):
+    d = sp_dir if which == "sp" else bpe_dir
+    ref = transformers.AutoTokenizer.from_pretrained(d, local_files_only=True)
+    tok = HFTextTokenizer(d)
+    old = len(ref)
+    # <boi>/<eoi> are new special tokens past the old vocab
+    assert tok.added_tokens == ["<boi>", "<eoi>"]
+    assert tok.old_vocab_size == old and tok.vocab_size == old + 2
+    assert {tok.boi_id, tok.eoi_id} == {old, old + 1}
+    assert tok.eos_id == ref.eos_token_id
+    if which == "sp":
+        assert tok.bos_id == ref.bos_token_id and tok.pad_id == ref.eos_token_id  # no pad: eos
+    else:
+        assert tok.bos_id == tok.eos_id and tok.pad_id == ref.pad_token_id  # no bos: eos
+    text = "the cat and the dog say hello"
+    body = ref.encode(text, add_special_tokens=False)
+    assert tok.encode(text, bos=False, eos=False) == body
+    assert tok.encode(text) == [tok.bos_id] + body + [tok.eos_id]
+    assert tok.decode(tok.encode(text)) == ref.decode(body) == text
+    # boi/eoi are dropped by decode; written literally in text, they are one token each
+    assert tok.decode([tok.bos_id, tok.boi_id] + body + [tok.eoi_id, tok.eos_id, *body]) == text
+    assert tok.encode("<boi>", bos=False, eos=False) == [tok.boi_id]
+
+
+def test_encode_batch_pads_and_cuts_like_text_tokenizer(bpe_dir):
+    tok = HFTextTokenizer(bpe_dir)
+    texts = ["the cat", "the quick brown fox jumps over the lazy dog"]
+    full = [tok.encode(t) for t in texts]
+    max_len = len(full[0]) + 2
+    assert len(full[1]) > max_len
+    cut = []
+    ids, lengths = tok.encode_batch(texts, max_len=max_len, cut=cut)
+    assert ids.shape == (2, max_len) and lengths.tolist() == [len(full[0]), max_len]
+    assert ids[0].tolist() == full[0] + [tok.pad_id] * 2
+    assert ids[1].tolist() == full[1][: max_len - 1] + [tok.eos_id]
+    assert cut == [(1, len(full[1]))]
+    with pytest.raises(ValueError, match="max_len"):
+        tok.encode_batch(texts, max_len=1)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_add_token_rows(tied):
+    torch.manual_seed(0)
+    spec = DecoderSpec(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied)
+    dec = Decoder(spec).eval()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = dec.forward_text(ids)
+    old_embed = dec.embed_tokens.weight.detach().clone()
+    old_head = dec.lm_head.weight.detach().clone()
+    add_token_rows(dec, 2)
+    assert dec.spec.vocab_size == 52 and dec.embed_tokens.weight.shape == (52, 32) and dec.lm_head.weight.shape == (52, 32)
+    torch.testing.assert_close(dec.embed_tokens.weight[:50], old_embed)
+    torch.testing.assert_close(dec.embed_tokens.weight[50:], old_embed.mean(0).expand(2, 32))
+    torch.testing.assert_close(dec.lm_head.weight[50:], old_head.mean(0).expand(2, 32))
+    assert (dec.lm_head.weight is dec.embed_tokens.weight) == tied
+    with torch.no_grad():
+        after = dec.forward_text(ids)
+    assert after.shape == (2, 7, 52)
+    torch.testing.assert_close(after[..., :50], before, rtol=0, atol=0)
+    # the new ids embed and train
+    dec.forward_text(torch.tensor([[50, 51]])).sum().backward()
+    assert dec.embed_tokens.weight.grad[50:].abs().sum() > 0
+    add_token_rows(dec, 0)
+    assert dec.spec.vocab_size == 52
