@@ -100,7 +100,13 @@ def test_readme_guide_runs_command_by_command(tmp_path: Path, monkeypatch, capfd
     os.symlink(ROOT / "tokenizers", tmp_path / "tokenizers")
     write_photos(tmp_path / "photos")
     write_sd_vae(tmp_path / "weights" / "sd-vae")
-    env = dict(os.environ, PATH=f"{Path(MMTRAIN).parent}:{os.environ['PATH']}", MMTRAIN_CACHE_DIR=str(tmp_path / "cache"))
+    # `mmtrain` on PATH as for the user, but not the rest of the venv's bin: its pip `ninja` (another
+    # version than the system's, which the rest of the suite and `make` find) would make torch rebuild
+    # DeepSpeed's shared-memory op (~30 s on 2 cores) here and again in the next test that trains
+    user_bin = tmp_path / "user_bin"
+    user_bin.mkdir()
+    (user_bin / "mmtrain").symlink_to(MMTRAIN)
+    env = dict(os.environ, PATH=f"{user_bin}:{os.environ['PATH']}", MMTRAIN_CACHE_DIR=str(tmp_path / "cache"))
     monkeypatch.setenv("MMTRAIN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     timings: list[str] = []
