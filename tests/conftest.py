@@ -55,6 +55,19 @@ def tiny_overrides(data: dict, run_dir: Path, *extra: str) -> list[str]:
             f"data.index_cache={data['root'] / 'index_cache'}", *extra]
 
 
+def train_side_by_side(*argvs: list[str]) -> list[int]:
+    """``cli.main(argv)`` for each of ``argvs`` (training runs that read nothing the others write), all at
+    once; their exit codes, in order. On 2 cores one run's single-threaded phases (preflight, torchrun's
+    start, the ranks' imports, DeepSpeed's set-up) leave a core idle that the other run uses: two tiny
+    runs side by side take ~20% less wall time than one after the other, and train exactly the same."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmtrain import cli
+
+    with ThreadPoolExecutor(len(argvs)) as pool:
+        return list(pool.map(cli.main, argvs))
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """One S3-compatible server (moto, credentials checked) for the whole session: moto keeps its

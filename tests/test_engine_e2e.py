@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from pathlib import Path
 
-from conftest import REPO, tiny_overrides, uninterrupted_overrides
+from conftest import REPO, tiny_overrides, train_side_by_side, uninterrupted_overrides
 
 from mmtrain import cli
 from mmtrain.components.checkpoint import latest_tag, load_model_state
@@ -230,11 +230,10 @@ def test_resume_on_another_world_size_goes_through_a_universal_checkpoint(synthe
     over). The conversion is slowed by 20 s, past train.dist_timeout_s=15: rank 1 waits for it on the
     filesystem, before any process group exists, so no collective times out."""
     common = ("logging.log_every=2", "checkpoint.every_steps=6")
-    straight = tmp_path / "straight"
-    assert cli.main(["train", CONFIG, *tiny_overrides(synthetic_data, straight, *common, "train.steps=12")]) == 0
-    run_dir = tmp_path / "run"
-    assert cli.main(["train", CONFIG, *tiny_overrides(synthetic_data, run_dir, *common, "train.steps=6",
-                                                      "train.nproc_per_node=1", "train.grad_accum=2")]) == 0
+    straight, run_dir = tmp_path / "straight", tmp_path / "run"
+    assert train_side_by_side(["train", CONFIG, *tiny_overrides(synthetic_data, straight, *common, "train.steps=12")],
+                              ["train", CONFIG, *tiny_overrides(synthetic_data, run_dir, *common, "train.steps=6",
+                                                                "train.nproc_per_node=1", "train.grad_accum=2")]) == [0, 0]
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SLOW_CONVERSION)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, train_side_by_side
 
 from mmtrain import cli
 from mmtrain.config import load_config
@@ -165,10 +165,13 @@ def test_captions_on_a_vae_from_folder_to_training(captioned, synthetic_data, tm
               "model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.max_text_len=24", "train.steps=2",
               "train.micro_batch_size=4", "train.nproc_per_node=1", "train.precision=fp32", "optim.warmup_steps=1",
               "logging.log_every=1", "logging.progress=false", "logging.wandb=false", "checkpoint.every_steps=1000"]
-    for name, data_keys in (("latents", [f"data.train_shards={tmp_path / 'lat_yaml'}", "data.use_latents=true"]),
-                            ("pixels", [f"data.train_shards={data / 'train'}"])):
+    runs = {"latents": [f"data.train_shards={tmp_path / 'lat_yaml'}", "data.use_latents=true"],
+            "pixels": [f"data.train_shards={data / 'train'}"]}
+    # the two runs are independent: trained side by side
+    assert train_side_by_side(*(["train", str(CONFIGS / "captions256_small.yaml"), f"train.run_dir={tmp_path / f'run_{name}'}",
+                                 *data_keys, *common] for name, data_keys in runs.items())) == [0, 0]
+    for name in runs:
         run_dir = tmp_path / f"run_{name}"
-        assert cli.main(["train", str(CONFIGS / "captions256_small.yaml"), f"train.run_dir={run_dir}", *data_keys, *common]) == 0
         losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
         assert len(losses) == 2 and all(np.isfinite(losses)), (name, losses)
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())["tokenizer"]["image"]

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_same_training, tiny_overrides
+from conftest import REPO, assert_same_training, tiny_overrides, train_side_by_side
 
 from mmtrain import cli
 from mmtrain.config import ConfigError, load_config
@@ -295,21 +295,28 @@ def test_transdiff_trains_on_two_zero3_ranks_resumes_exactly_and_samples_through
 
     config = str(REPO / "configs" / "tiny.yaml")
 
-    def train(run_dir: Path, *extra: str) -> list[dict]:
-        overrides = tiny_overrides(synthetic_data, run_dir, "train.steps=8", "logging.log_every=1", "checkpoint.every_steps=4",
-                                   *TRANSDIFF, *extra)
-        assert cli.main(["train", config, *overrides]) == 0
+    def argv(run_dir: Path, *extra: str) -> list[str]:
+        return ["train", config, *tiny_overrides(synthetic_data, run_dir, "train.steps=8", "logging.log_every=1",
+                                                 "checkpoint.every_steps=4", *TRANSDIFF, *extra)]
+
+    def metrics(run_dir: Path) -> list[dict]:
         return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
-    straight = train(tmp_path / "straight")
+    def train(run_dir: Path, *extra: str) -> list[dict]:
+        assert cli.main(argv(run_dir, *extra)) == 0
+        return metrics(run_dir)
+
+    # the straight run and the launch that stops at step 4 are independent: trained side by side
+    run_dir = tmp_path / "run"
+    assert train_side_by_side(argv(tmp_path / "straight"), argv(run_dir, "train.stop_at=4")) == [0, 0]
+    straight = metrics(tmp_path / "straight")
     assert [r["step"] for r in straight] == list(range(1, 9))
     losses = [r["loss"] for r in straight]
     assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
     assert all(r["text_loss"] == 0 for r in straight)
     # a launch that ends at step 4 with its checkpoint, and one that resumes from it, like any run:
     # steps 5-8 see the same data and give the same losses, weights and EMA as the straight run
-    run_dir = tmp_path / "run"
-    assert [r["step"] for r in train(run_dir, "train.stop_at=4")] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
     capfd.readouterr()
     assert [r["step"] for r in train(run_dir)] == list(range(1, 9))
     assert "resumed from step00000004: step 4" in capfd.readouterr().err
