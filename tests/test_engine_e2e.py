@@ -227,8 +227,10 @@ if "deepspeed.checkpoint.ds_to_universal" in getattr(sys, "orig_argv", []):
 def test_resume_on_another_world_size_goes_through_a_universal_checkpoint(synthetic_data, tmp_path, monkeypatch, capfd):
     """1 rank x 2 micro-batches for 6 steps, then 2 ranks x 1 micro-batch (the same global batch)
     for 6 more: the same losses as 12 uninterrupted steps on 2 ranks (optimizer state carried
-    over). The conversion is slowed by 20 s, past train.dist_timeout_s=15: rank 1 waits for it on the
-    filesystem, before any process group exists, so no collective times out."""
+    over). The conversion is slowed by 12 s, past train.dist_timeout_s=8: rank 1 waits for it on the
+    filesystem, before any process group exists, so no collective times out. (The tiny run's own
+    collectives wait well under 8 s for the other rank; 4 s more than the timeout is enough to show
+    that no collective is pending during the conversion.)"""
     common = ("logging.log_every=2", "checkpoint.every_steps=6")
     straight, run_dir = tmp_path / "straight", tmp_path / "run"
     assert train_side_by_side(["train", CONFIG, *tiny_overrides(synthetic_data, straight, *common, "train.steps=12")],
@@ -239,10 +241,10 @@ def test_resume_on_another_world_size_goes_through_a_universal_checkpoint(synthe
     (hook / "sitecustomize.py").write_text(SLOW_CONVERSION)
     monkeypatch.setenv("PYTHONPATH", f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     monkeypatch.setenv("MMTRAIN_TEST_SLOW_DIR", str(hook))
-    monkeypatch.setenv("MMTRAIN_TEST_SLOW_S", "20")
+    monkeypatch.setenv("MMTRAIN_TEST_SLOW_S", "12")
     capfd.readouterr()
     assert cli.main(["train", CONFIG, *tiny_overrides(synthetic_data, run_dir, *common, "train.steps=12",
-                                                      "train.dist_timeout_s=15")]) == 0
+                                                      "train.dist_timeout_s=8")]) == 0
     err = capfd.readouterr().err
     assert (hook / "conversion_slowed").is_file()
     assert "converting step00000006 to a DeepSpeed universal checkpoint" in err
