@@ -40,15 +40,24 @@ def initial_weights(run_dir: Path) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.fixture(scope="module")
+def zero3_ema_runs(synthetic_data, tmp_path_factory) -> dict[str, Path]:
+    """The run of each precision that the test below checks, trained side by side (independent runs)."""
+    root = tmp_path_factory.mktemp("zero3_ema")
+    argvs = {precision: ["train", CONFIG, *tiny_overrides(
+        synthetic_data, root / precision / "run", "train.steps=4", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
+        "ema.decay=0.6", "ema.warmup=false", "logging.log_every=2", f"train.precision={precision}",
+        "logging.sample_every=2", "logging.sample_count=2")] for precision in ("fp32", "bf16")}
+    codes = train_side_by_side(*argvs.values())
+    return {precision: root / precision / "run" for precision, code in zip(argvs, codes) if code == 0}
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_zero3_ema_is_the_ema_of_the_weights_and_exports_for_sampling(synthetic_data, tmp_path, precision, capsys):
+def test_zero3_ema_is_the_ema_of_the_weights_and_exports_for_sampling(zero3_ema_runs, tmp_path, precision, capsys):
     """Each rank keeps its shard of the EMA; consolidated it equals the EMA computed from the
     fp32 weights of every step (bf16: of the fp32 master weights). Export -> sample without DeepSpeed."""
-    run_dir = tmp_path / "run"
-    overrides = tiny_overrides(synthetic_data, run_dir, "train.steps=4", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
-                               "ema.decay=0.6", "ema.warmup=false", "logging.log_every=2", f"train.precision={precision}",
-                               "logging.sample_every=2", "logging.sample_count=2")
-    assert cli.main(["train", CONFIG, *overrides]) == 0
+    assert precision in zero3_ema_runs, f"training the {precision} run failed"
+    run_dir = zero3_ema_runs[precision]
     ema = initial_weights(run_dir)
     if precision == "bf16":  # DeepSpeed's fp32 master weights start from the bf16 model
         ema = {k: v.bfloat16().float() for k, v in ema.items()}
@@ -92,15 +101,24 @@ def test_zero3_ema_is_the_ema_of_the_weights_and_exports_for_sampling(synthetic_
     assert exported.std() > 0 and np.array_equal(exported, from_run)
 
 
+@pytest.fixture(scope="module")
+def bf16_runs(synthetic_data, tmp_path_factory) -> dict[int, Path]:
+    """The bf16 run of each ZeRO stage that the test below checks, trained side by side (independent runs)."""
+    root = tmp_path_factory.mktemp("bf16_stages")
+    argvs = {stage: ["train", CONFIG, *tiny_overrides(
+        synthetic_data, root / f"zero{stage}" / "run", "train.steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
+        "ema.decay=0.6", "ema.warmup=false", "logging.log_every=3", "train.precision=bf16",
+        f"train.zero_stage={stage}")] for stage in (0, 1, 2)}
+    codes = train_side_by_side(*argvs.values())
+    return {stage: root / f"zero{stage}" / "run" for stage, code in zip(argvs, codes) if code == 0}
+
+
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
-def test_bf16_export_and_ema_hold_the_fp32_master_weights(synthetic_data, tmp_path, zero_stage):
+def test_bf16_export_and_ema_hold_the_fp32_master_weights(bf16_runs, tmp_path, zero_stage):
     """bf16 at ZeRO-0/1/2: the module DeepSpeed saves is bf16; export and the EMA use the fp32
     master weights the optimizer updates (the module's bf16 weights are exactly their rounding)."""
-    run_dir = tmp_path / "run"
-    overrides = tiny_overrides(synthetic_data, run_dir, "train.steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=10",
-                               "ema.decay=0.6", "ema.warmup=false", "logging.log_every=3", "train.precision=bf16",
-                               f"train.zero_stage={zero_stage}")
-    assert cli.main(["train", CONFIG, *overrides]) == 0
+    assert zero_stage in bf16_runs, f"training the ZeRO-{zero_stage} run failed"
+    run_dir = bf16_runs[zero_stage]
     ema = {k: v.bfloat16().float() for k, v in initial_weights(run_dir).items()}  # the masters start from the bf16 model
     for step in range(1, 4):
         weights, _ = load_model_state(run_dir, f"step{step:08d}")
