@@ -271,7 +271,7 @@ def _running(pid: str) -> bool:
         return False
 
 
-def test_preempted_job_saves_requeues_and_matches_an_uninterrupted_run(synthetic_data, uninterrupted_run, tmp_path):
+def test_preempted_job_saves_requeues_and_matches_an_uninterrupted_run(synthetic_data, uninterrupted_run, tmp_path, capsys):
     steps, run_dir = UNINTERRUPTED_STEPS, tmp_path / "run"
     out = tmp_path / "launch.log"
     with open(out, "w") as fh:
@@ -303,8 +303,9 @@ def test_preempted_job_saves_requeues_and_matches_an_uninterrupted_run(synthetic
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, steps + 1))
     assert_same_training(run_dir, uninterrupted_run)
 
-    jobs = subprocess.run([sys.executable, "-m", "mmtrain.cli", "jobs", str(run_dir)], capture_output=True, text=True)
-    row = next(l for l in jobs.stdout.splitlines() if l.startswith(job_id)).split()
+    capsys.readouterr()
+    assert cli.main(["jobs", str(run_dir)]) == 0  # in this process: an interpreter start less
+    row = next(l for l in capsys.readouterr().out.splitlines() if l.startswith(job_id)).split()
     assert row[1:5] == ["local", "COMPLETED", "2", str(steps)]
 
 
