@@ -5,8 +5,6 @@ weights under their official key names, inputs and the official outputs of (a) t
 training forward and (b) cached-condition inference with CFG 4.0. See its metadata notes.
 """
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from mmtrain import cli
 from mmtrain.inference import load_model_dir
 from mmtrain.models.causalfusion import ARContext, condition_prefix, guided, sincos_2d, split_inputs
 from mmtrain.convert import CheckpointFormatError, read_official_checkpoint
@@ -41,9 +40,8 @@ def converted(request, golden, tmp_path_factory):
     else:  # what the official train.py saves: ema weights next to the raw ones and the optimizer
         ckpt = {"model": {k: torch.zeros_like(v) for k, v in state.items()}, "ema": state, "opt": {}, "args": None}
     torch.save(ckpt, tmp / "official.pt")
-    result = subprocess.run([sys.executable, "-m", "mmtrain.cli", "convert", "causalfusion-official", str(tmp / "official.pt"),
-                             str(tmp / "out")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    # the CLI's entry point in this process (an interpreter start and a torch import less than a subprocess)
+    assert cli.main(["convert", "causalfusion-official", str(tmp / "official.pt"), str(tmp / "out")]) == 0
     return load_model_dir(tmp / "out")
 
 
@@ -113,17 +111,17 @@ def test_fresh_position_embedding_follows_the_official_layout():
     torch.testing.assert_close(sincos_2d(dim, grid), torch.tensor(expected, dtype=torch.float32))
 
 
-def test_converter_rejects_other_checkpoints(tmp_path):
+def test_converter_rejects_other_checkpoints(tmp_path, capsys):
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointFormatError, match="x_proj.weight"):
         read_official_checkpoint(tmp_path / "other.pt")
-    result = subprocess.run([sys.executable, "-m", "mmtrain.cli", "convert", "causalfusion-official", str(tmp_path / "other.pt"),
-                             str(tmp_path / "out")], capture_output=True, text=True)
-    assert result.returncode == 2 and "x_proj.weight" in result.stderr
+    capsys.readouterr()
+    assert cli.main(["convert", "causalfusion-official", str(tmp_path / "other.pt"), str(tmp_path / "out")]) == 2
+    assert "x_proj.weight" in capsys.readouterr().err
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_sampling_a_converted_model_without_its_vae(golden, tmp_path):
+def test_sampling_a_converted_model_without_its_vae(golden, tmp_path, capsys):
     """Tokens sample fine; decoding to pixels stops with an error naming the missing image tokenizer."""
     from mmtrain.config import SampleConfig
     from mmtrain.inference import generate_tokens
@@ -135,6 +133,6 @@ def test_sampling_a_converted_model_without_its_vae(golden, tmp_path):
     run = load_model_dir(out)
     tokens = generate_tokens(run, [1, 7], SampleConfig(ar_steps=4, diffusion_steps=3, cfg_scale=4.0, clip_x0=0.0))
     assert tokens.shape == (2, 64, 4) and torch.isfinite(tokens).all()
-    result = subprocess.run([sys.executable, "-m", "mmtrain.cli", "sample", str(out), "--class", "1", "--out", str(tmp_path / "x.png")],
-                            capture_output=True, text=True)
-    assert result.returncode == 2 and "tokenizer.image.kind='mar_kl16'" in result.stderr
+    capsys.readouterr()
+    assert cli.main(["sample", str(out), "--class", "1", "--out", str(tmp_path / "x.png")]) == 2
+    assert "tokenizer.image.kind='mar_kl16'" in capsys.readouterr().err
