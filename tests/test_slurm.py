@@ -127,20 +127,26 @@ def assert_interrupted_history(events: list[dict], last: str) -> None:
     assert [e.get("signal") for e in ends[:2]] == ["SIGUSR2", "SIGTERM"]
 
 
-def jobs_table(run_dir: Path, env: dict) -> dict[str, list[str]]:
-    """`mmtrain jobs RUN_DIR` as the user with ``env`` runs it (this cluster's SLURM_CONF, no job's
-    variables: what its scontrol calls see), run in this process: the same command without an
-    interpreter start and torch import (~2.5 s) per call."""
-    saved = dict(os.environ)
+def run_as_user(env: dict, cwd: Path, *args: str) -> tuple[int, str]:
+    """(exit code, stdout) of `mmtrain ARGS` as the user with ``env`` runs it in ``cwd`` (this
+    cluster's SLURM_CONF, no job's variables: what its sbatch and scontrol calls see), run in this
+    process: the same command without an interpreter start and torch import (~2 s) per call."""
+    saved, saved_cwd = dict(os.environ), os.getcwd()
     os.environ.clear()
     os.environ.update(env)
+    os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(io.StringIO()) as out:
-            code = cli.main(["jobs", str(run_dir)])
+            code = cli.main(list(args))
     finally:
+        os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved)
-    stdout = out.getvalue()
+    return code, out.getvalue()
+
+
+def jobs_table(run_dir: Path, env: dict) -> dict[str, list[str]]:
+    code, stdout = run_as_user(env, run_dir, "jobs", str(run_dir))
     assert code == 0, stdout
     rows = {line.split()[0]: line.split() for line in stdout.splitlines()[1:] if line.split()[0].isdigit()}
     return rows | {"latest": [stdout.splitlines()[-1]]}
@@ -263,10 +269,10 @@ def test_launch_survives_time_limits_and_preemption_like_an_uninterrupted_run(sl
                                              f"{not_requeued['reason']} (state TIMEOUT)")
 
     # launched again: resumes where the time limit stopped it, and finishes
-    done = subprocess.run(mmtrain_cmd(*args), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    code, stdout = run_as_user(env, tmp_path, *args)
+    assert code == 0, stdout
     job_b = [e["job_id"] for e in read_events(run_dir) if e["event"] == "submitted"][-1]
-    assert done.stdout.strip().splitlines()[-1] == f"job {job_b} finished at step {UNINTERRUPTED_STEPS} after 1 run(s)"
+    assert stdout.strip().splitlines()[-1] == f"job {job_b} finished at step {UNINTERRUPTED_STEPS} after 1 run(s)"
     # (the job may start before `mmtrain launch` recorded its submission)
     assert sorted((e["event"], e.get("step") or 0) for e in job_events(run_dir, job_b)) == [
         ("finished", UNINTERRUPTED_STEPS), ("started", not_requeued["step"]), ("submitted", 0)]
