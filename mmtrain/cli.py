@@ -383,6 +383,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_hf(args: argparse.Namespace) -> int:
+    from mmtrain.config import Config
+    from mmtrain.convert import convert_hf_llm
+
+    cfg = load_config(args.config, args.overrides) if args.config else Config()
+    out, done = convert_hf_llm(args.llm_dir, args.out, cfg)
+    print(f"converted {args.llm_dir} -> {out}: {done['tensors']} tensors, {done['added_rows']} new token rows (mean-initialised); "
+          f"model.safetensors + config.yaml + tokenizer/text_hf")
+    return 0
+
+
 def cmd_convert_vae(args: argparse.Namespace) -> int:
     from mmtrain.tokenize.convert_vae import KNOWN_ARCHES, load_ldm_vae, save_diffusers
 
@@ -461,9 +472,34 @@ def cmd_eval_documents(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_text(args: argparse.Namespace) -> int:
+    from mmtrain.eval.text import evaluate_text
+    from mmtrain.inference import load_run
+
+    run = load_run(args.run_dir, args.step, weights=args.weights, device=args.device, dtype=args.dtype)
+    out = args.out or str(Path(args.run_dir) / "eval" / "text" / Path(args.file).stem)
+    m = evaluate_text(run, args.file, out, max_len=args.max_len, batch_size=args.batch_size)
+    print(f"text {args.file}, step {run.step}: {m['lines']} lines, {m['tokens_scored']} tokens scored, "
+          f"mean NLL {m['mean_nll']:.4f} nats/token, perplexity {m['perplexity']:.3f}  metrics: {m['files']['metrics']}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from mmtrain.export import export_run
 
+    if bool(args.out) == bool(args.hf):
+        raise SystemExit("mmtrain export: give --out DIR (the multimodal model) or --hf DIR (its language model)")
+    if args.hf:
+        from mmtrain.inference import load_run
+        from mmtrain.models.pretrained import export_hf
+
+        if Path(args.hf).exists() and any(Path(args.hf).iterdir()) and not args.overwrite:
+            raise FileExistsError(f"{args.hf} exists and is not empty; choose another --hf or pass --overwrite")
+        run = load_run(args.run_dir, args.tag, weights=args.weights)
+        out = export_hf(run.model.state_dict(), run.cfg.model, run.text_tok, args.hf)
+        print(f"exported the language model of {args.run_dir} (step {run.step}, {run.checkpoint}) to {out}: config.json, "
+              f"model.safetensors, tokenizer (AutoModelForCausalLM / AutoTokenizer load it)")
+        return 0
     out = export_run(args.run_dir, args.out, args.tag, args.overwrite)
     info = json.loads((out / "export.json").read_text())
     print(f"exported {info['checkpoint']} (step {info['step']}) of {args.run_dir} to {out}: {', '.join(info['files'])}")
@@ -701,6 +737,14 @@ def _add_convert_parsers(sub) -> None:
     tdo.add_argument("--image-tokenizer", default="mar_kl16", help="tokenizer.image.kind written into config.yaml")
     tdo.add_argument("--scale-factor", type=float, default=0.2325, help="latent scale (official sampler: 0.2325)")
     tdo.set_defaults(func=cmd_convert)
+    chf = cv_sub.add_parser("hf", help="a local Hugging Face LLaMA / Mistral / Qwen2 / Qwen3 checkpoint -> CausalFusion "
+                                        "on the LLaMA backbone (model dir)")
+    chf.add_argument("llm_dir", help="a local directory: config.json, *.safetensors, the tokenizer (nothing is downloaded)")
+    chf.add_argument("out", help="output model directory (model.safetensors + config.yaml + tokenizer/text_hf)")
+    chf.add_argument("--config", default="", help="a run config for the image side (data.image_size, tokenizer.image, "
+                                                  "model.patch_size ...); default: mmtrain's defaults")
+    chf.add_argument("overrides", nargs="*", help="key.sub=value overrides of --config")
+    chf.set_defaults(func=cmd_convert_hf)
     cvv = cv_sub.add_parser("vae", help="original LDM / MAR KL-VAE checkpoint -> diffusers AutoencoderKL folder")
     cvv.add_argument("checkpoint", help=".ckpt / .pt / .pth / .safetensors")
     cvv.add_argument("out", help="output folder (use it as tokenizer.image.path)")
@@ -710,7 +754,7 @@ def _add_convert_parsers(sub) -> None:
 
 
 def _add_eval_parsers(sub) -> None:
-    """``mmtrain eval caption | generate | documents``."""
+    """``mmtrain eval caption | generate | documents | text``."""
     ev = sub.add_parser("eval", help="evaluate captioning or generation: metrics.json + report.html")
     ev_sub = ev.add_subparsers(dest="eval_kind", required=True)
     evc = ev_sub.add_parser("caption", help="BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap); attribute accuracy on synthetic data")
@@ -735,6 +779,19 @@ def _add_eval_parsers(sub) -> None:
     evd.add_argument("--out", help="report directory (default: RUN_DIR/eval/stepN/documents)")
     _add_inference_options(evd)
     evd.set_defaults(func=cmd_eval_documents)
+    evt = ev_sub.add_parser("text", help="negative log-likelihood and perplexity of a text file (one document per line)")
+    evt.add_argument("run_dir", help="a run directory or a model directory")
+    evt.add_argument("--file", required=True, help="UTF-8 text, one document per line (blank lines skipped)")
+    evt.add_argument("--out", help="report directory (default: RUN_DIR/eval/text/<file stem>)")
+    evt.add_argument("--max-len", type=int, help="tokens per window at most (default and cap: the model's text positions)")
+    evt.add_argument("--batch-size", type=int, default=16, help="windows per forward")
+    evt.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
+                     help="EMA or trained weights (auto: the EMA when the checkpoint has one)")
+    evt.add_argument("--step", "--tag", dest="step", metavar="STEP",
+                     help="the checkpoint to use, a step (100) or a tag (step00000100); default: the newest intact one")
+    evt.add_argument("--device", default="auto", help="auto (this rank's GPU when CUDA is available, else cpu), cpu, cuda, cuda:N")
+    evt.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="compute dtype (autocast; weights stay fp32)")
+    evt.set_defaults(func=cmd_eval_text)
     evg.add_argument("--cfg", type=_float_list, help="CFG scales to sweep, e.g. 1,2,4 (eval.cfg_scales)")
     evg.add_argument("--ar-steps", type=_int_list, help="AR step counts to sweep, e.g. 1,4,16 (eval.ar_steps)")
 
@@ -743,7 +800,10 @@ def _add_export_and_demo_parsers(sub) -> None:
     """``mmtrain export`` and ``demo``."""
     ex = sub.add_parser("export", help="a run's ZeRO checkpoint -> model dir (model/EMA safetensors + config + tokenizer)")
     ex.add_argument("run_dir")
-    ex.add_argument("--out", required=True, help="output model directory")
+    ex.add_argument("--out", help="output model directory")
+    ex.add_argument("--hf", help="instead: write the language model (model.backbone=llama) as a Hugging Face checkpoint here")
+    ex.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
+                    help="--hf: EMA or trained weights (auto: the EMA when the checkpoint has one)")
     ex.add_argument("--step", "--tag", dest="tag", metavar="STEP",
                     help="checkpoint to export, a step (1000) or a tag (step00001000); default: the newest intact one")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -773,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if extra:
         # `launch CONFIG --nodes 2 key=value`: overrides may follow the options
-        if args.command in ("launch", "train") and all("=" in e and not e.startswith("-") for e in extra):
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides += extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

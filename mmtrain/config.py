@@ -32,6 +32,7 @@ from mmtrain.models.config import ModelConfig
 from mmtrain.models.diffusion import FLOW_SAMPLERS, DiffusionConfig
 from mmtrain.schema import apply_overrides, build_dataclass
 from mmtrain.tokenize.image import ImageTokenizerConfig, load_image_tokenizer_yaml
+from mmtrain.tokenize.run_text import run_text_tokenizer_path
 from mmtrain.tokenize.text import TextTokenizerConfig
 
 log = logging.getLogger("mmtrain.config")
@@ -50,8 +51,10 @@ class TokenizerPaths:
     """Where the run's tokenizers live.
 
     Args:
-        text_model: path of the sentencepiece ``.model`` (its ``.json`` sidecar sits next
-            to it). Default ``""``: ``<run_dir>/tokenizer/text.model``.
+        text_model: the text tokenizer: a sentencepiece ``.model`` (its ``.json`` sidecar sits next
+            to it) or a Hugging Face tokenizer directory (``tokenizer.json``, or ``tokenizer.model`` with
+            ``tokenizer_config.json``; e.g. a pretrained LLaMA-family model's). Default ``""``: the run's
+            own copy, ``<run_dir>/tokenizer/text.model`` (or ``<run_dir>/tokenizer/text_hf``).
         text: settings used when ``mmtrain tokenizer train`` builds it.
         image: the continuous image tokenizer: its fields (``tokenizers/*.yaml``), or the path of a
             tokenizer.yaml (e.g. the one ``mmtrain tokenizer train-vae`` writes), loaded in its place.
@@ -237,7 +240,7 @@ class Config:
 
     @property
     def text_model_path(self) -> str:
-        return self.tokenizer.text_model or str(Path(self.train.run_dir) / "tokenizer" / "text.model")
+        return self.tokenizer.text_model or str(run_text_tokenizer_path(self.train.run_dir))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

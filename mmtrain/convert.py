@@ -135,13 +135,48 @@ def _write_model_dir(model: torch.nn.Module, cfg, out_dir: Path, in_path, source
 
     from mmtrain.config import save_config
 
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    from mmtrain.export import unshared
+
+    tensors = unshared(model.state_dict())
     tmp = out_dir / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"source": str(in_path), "converted_from": source,
                                            "model_config": str(asdict(cfg.model))})
     tmp.replace(out_dir / "model.safetensors")
     save_config(cfg, out_dir / "config.yaml")
     return out_dir
+
+
+# --------------------------------------------------------------------------- Hugging Face LLaMA family
+
+
+def convert_hf_llm(llm_dir: str | Path, out_dir: str | Path, cfg) -> tuple[Path, dict]:
+    """A local Hugging Face LLaMA / Mistral / Qwen2 / Qwen3 checkpoint -> an mmtrain model directory:
+    CausalFusion on the LLaMA backbone (``cfg``: a full :class:`mmtrain.config.Config` for the image
+    side, e.g. ``configs/captions256.yaml``; its model architecture becomes the checkpoint's) with the
+    language model's weights, new image weights, and the tokenizer (``tokenizer/text_hf``, ``<boi>``/
+    ``<eoi>`` added where the vocabulary has none, their rows the mean row). Train from it with
+    ``train.init_from=OUT`` and ``tokenizer.text_model=OUT/tokenizer/text_hf`` (its config.yaml has both's
+    architecture and tokenizer); sample and evaluate it as a model directory. Returns the directory and
+    what :func:`~mmtrain.models.pretrained.load_hf_weights` did."""
+    import dataclasses
+
+    from mmtrain.models import build_model
+    from mmtrain.models.pretrained import load_hf_weights, model_config_from_hf
+    from mmtrain.tokenize.build import build_image_tokenizer
+    from mmtrain.tokenize.hf_text import HFTextTokenizer
+    from mmtrain.tokenize.run_text import copy_run_tokenizer
+
+    text_tok = HFTextTokenizer(llm_dir)
+    cfg = dataclasses.replace(cfg, model=model_config_from_hf(cfg.model, llm_dir))
+    model = build_model(cfg.model, cfg.data.image_size, text_tok, build_image_tokenizer(cfg.tokenizer.image))
+    done = load_hf_weights(model, llm_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok_path = copy_run_tokenizer(text_tok, out_dir / "tokenizer")
+    cfg = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, text_model=str(tok_path.resolve())),
+                              train=dataclasses.replace(cfg.train, run_dir=str(out_dir), init_from=""))
+    _write_model_dir(model, cfg, out_dir, llm_dir, f"hf-{cfg.model.llama.model_type}")
+    return out_dir, done
 
 
 # --------------------------------------------------------------------------- TransDiff

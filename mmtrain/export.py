@@ -19,6 +19,18 @@ from mmtrain.components.checkpoint import checkpoint_root, load_model_state, res
 from mmtrain.components.ema import consolidate, has_ema
 
 
+def unshared(state: dict) -> dict:
+    """``state`` ready for safetensors, which refuses tensors that share memory: a tied weight (the
+    LM head that is the embedding table) is written as a copy under each of its names."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        out[name] = tensor.clone() if key in seen else tensor.contiguous()
+        seen.add(key)
+    return out
+
+
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tag: str | None = None, overwrite: bool = False) -> Path:
     """``tag``: a step (``100``) or a tag (``step00000100``), which must be intact; None: the newest
     intact checkpoint (a damaged newer one is named in a warning)."""
@@ -32,13 +44,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, tag: str | No
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"step": str(meta["step"])})
+    save_file(unshared(state), str(tmp / "model.safetensors"), metadata={"step": str(meta["step"])})
     files = ["model.safetensors"]
     if has_ema(ckpt):
         ema = consolidate(ckpt)
         if set(ema) != set(state):
             raise ValueError(f"{ckpt}: EMA parameters {sorted(set(ema) ^ set(state))[:5]} differ from the model's")
-        save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"), metadata={"step": str(meta["step"])})
+        save_file(unshared(ema), str(tmp / "ema.safetensors"), metadata={"step": str(meta["step"])})
         files.append("ema.safetensors")
     # the checkpoint's own copies: the config and tokenizer this exact state was trained with
     src_config = ckpt / "config.yaml" if (ckpt / "config.yaml").is_file() else run_dir / "config.yaml"

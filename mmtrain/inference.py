@@ -24,7 +24,7 @@ from mmtrain.models import Condition, Model, build_model, captioning_families, d
 from mmtrain.models.diffusion import build_diffusion
 from mmtrain.tokenize.build import build_image_tokenizer
 from mmtrain.tokenize.image import ImageTokenizer, patchify, pil_to_tensor, tensor_to_pil, unpatchify
-from mmtrain.tokenize.text import TextTokenizer
+from mmtrain.tokenize.run_text import AnyTextTokenizer, load_text_tokenizer, run_text_tokenizer_path
 
 log = logging.getLogger("mmtrain.inference")
 
@@ -33,7 +33,7 @@ log = logging.getLogger("mmtrain.inference")
 class LoadedRun:
     cfg: Config
     model: Model
-    text_tok: TextTokenizer | None  # None in class mode
+    text_tok: AnyTextTokenizer | None  # None in class mode; sentencepiece or Hugging Face (same interface)
     image_tok: ImageTokenizer | None  # None when its kind is not available here (tokens only)
     step: int
     checkpoint: str
@@ -111,7 +111,7 @@ def load_model_dir(path: str | Path, weights: str = "auto", device: str | torch.
     cfg = load_config(path / "config.yaml")
     text_tok = None
     if cfg.model.condition == "text":
-        text_tok = TextTokenizer.from_file(path / "tokenizer" / "text.model")
+        text_tok = load_text_tokenizer(run_text_tokenizer_path(path))
     state = load_file(str(file))
     image_tok, image_tok_error = _image_tokenizer_or_error(cfg)
     model = _build_for_state(cfg, text_tok, image_tok, state)
@@ -153,7 +153,7 @@ def load_run(run_dir: str | Path, tag: str | None = None, weights: str = "auto",
         state = consolidate_ema(ckpt)  # raises naming the folder when the run kept no EMA
     text_tok = None
     if cfg.model.condition == "text":
-        text_tok = TextTokenizer.from_file(run_dir / "tokenizer" / "text.model")
+        text_tok = load_text_tokenizer(run_text_tokenizer_path(run_dir))
         text_tok.check_matches(meta["tokenizer_fingerprint"], where=f"checkpoint step {meta['step']} of {run_dir}")
     image_tok = build_image_tokenizer(cfg.tokenizer.image)
     model = build_model(cfg.model, cfg.data.image_size, text_tok, image_tok)

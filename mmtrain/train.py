@@ -10,6 +10,8 @@ batches an uninterrupted one would have.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -23,7 +25,6 @@ from pathlib import Path
 import torch
 
 from mmtrain import distributed
-from mmtrain.atomic import atomic_write_bytes
 from mmtrain.components import checkpoint
 from mmtrain.components.data import Batch, build_train_loader
 from mmtrain.components.ema import ShardedEMA
@@ -36,7 +37,7 @@ from mmtrain.models import Condition, build_model, family
 from mmtrain.models.diffusion import build_diffusion
 from mmtrain.tokenize.build import build_image_tokenizer
 from mmtrain.tokenize.image import patchify
-from mmtrain.tokenize.text import TextTokenizer
+from mmtrain.tokenize.run_text import AnyTextTokenizer, copy_run_tokenizer, load_text_tokenizer, run_text_tokenizer_path
 
 log = logging.getLogger("mmtrain.train")
 
@@ -45,17 +46,17 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def check_run_tokenizer(cfg: Config, text_tok: TextTokenizer | None) -> None:
+def check_run_tokenizer(cfg: Config, text_tok: AnyTextTokenizer | None) -> None:
     """A run keeps the tokenizer it started with: refuse a different one before anything is written."""
     if text_tok is None:
         return
-    kept = Path(cfg.train.run_dir) / "tokenizer" / "text.model"
-    if kept.is_file():
-        TextTokenizer.from_file(kept).check_matches(text_tok.fingerprint,
-                                                   where=f"tokenizer.text_model={cfg.text_model_path} vs the copy in {kept.parent}")
+    kept = run_text_tokenizer_path(cfg.train.run_dir)  # tokenizer/text.model, or tokenizer/text_hf/
+    if kept.exists():
+        load_text_tokenizer(kept).check_matches(text_tok.fingerprint,
+                                                where=f"tokenizer.text_model={cfg.text_model_path} vs the copy in {kept}")
 
 
-def _prepare_run_dir(cfg: Config, rank: int, text_tok: TextTokenizer | None,
+def _prepare_run_dir(cfg: Config, rank: int, text_tok: AnyTextTokenizer | None,
                      point: checkpoint.ResumePoint | None = None) -> Path:
     run_dir = Path(cfg.train.run_dir)
     check_run_tokenizer(cfg, text_tok)  # every rank, so a refusal never leaves the others waiting at the barrier
@@ -68,14 +69,8 @@ def _prepare_run_dir(cfg: Config, rank: int, text_tok: TextTokenizer | None,
         save_config(cfg, run_dir / "config.yaml")
         if text_tok is not None:
             # the run carries its own tokenizer copy so sampling never depends on outside paths
-            tok_dir = run_dir / "tokenizer"
-            tok_dir.mkdir(exist_ok=True)
-            src = Path(cfg.text_model_path)
-            # sidecar first: another rank that already sees text.model then always finds text.json
-            for suffix in (".json", ".model"):
-                dst = tok_dir / f"text{suffix}"
-                if src.with_suffix(suffix).resolve() != dst.resolve():
-                    atomic_write_bytes(dst, src.with_suffix(suffix).read_bytes())
+            # (tokenizer/text.model + text.json, sidecar first; or tokenizer/text_hf/)
+            copy_run_tokenizer(text_tok, run_dir / "tokenizer")
     distributed.barrier()
     return run_dir
 
@@ -103,6 +98,20 @@ def load_initial_weights(model: torch.nn.Module, path: str) -> None:
     except RuntimeError as exc:
         raise ValueError(f"train.init_from={path}: weights do not fit model config: {exc}") from None
     log.info("initial weights from %s", file)
+
+
+def resolve_pretrained(cfg: Config) -> Config:
+    """``train.init_from`` a Hugging Face checkpoint (a directory with ``config.json``): the model's
+    architecture (``model.backbone: llama``, width, depth, heads, ``model.llama``) and, unless
+    ``tokenizer.text_model`` names one, the text tokenizer are the checkpoint's. Applied before the
+    run's config.yaml is written, so the saved config is the resolved one. Other configs as given."""
+    from mmtrain.models.pretrained import is_hf_checkpoint, model_config_from_hf
+
+    src = cfg.train.init_from
+    if not src or not is_hf_checkpoint(src):
+        return cfg
+    tokenizer = dataclasses.replace(cfg.tokenizer, text_model=cfg.tokenizer.text_model or src)
+    return dataclasses.replace(cfg, model=model_config_from_hf(cfg.model, src), tokenizer=tokenizer)
 
 
 def step_seed(seed: int, step: int, data_slice: int) -> int:
@@ -237,7 +246,7 @@ class Trainer:
     ``train.stop_at``) or an agreed preemption signal (:meth:`preempted`). :func:`train` runs it."""
 
     def __init__(self, cfg: Config, watch: PreemptionWatch | None = None) -> None:
-        self.cfg, self.watch = cfg, watch
+        self.cfg, self.watch = resolve_pretrained(cfg), watch
         self.step, self.samples_seen = 0, 0
         self.history: list[dict] = []
         self.grad_norm = torch.zeros(())
@@ -258,7 +267,7 @@ class Trainer:
             checkpoint.make_universal(cfg.train.run_dir, self.point, self.rank, cfg.train.convert_timeout_s)
         self.rank, self.world, self.dev = distributed.init(cfg.train.dist_timeout_s, with_deepspeed=True)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.text_tok = TextTokenizer.from_file(cfg.text_model_path) if cfg.model.condition == "text" else None
+        self.text_tok = load_text_tokenizer(cfg.text_model_path) if cfg.model.condition == "text" else None
         self.run_dir = _prepare_run_dir(cfg, self.rank, self.text_tok, self.point)
         self._startup(f"process group of {self.world} rank(s) and run directory ready", "building the model")
         self.build_model()
@@ -287,10 +296,20 @@ class Trainer:
     def build_model(self) -> None:
         """The image tokenizer, the model (initial weights, compiled blocks), its family and the diffusion process."""
         cfg = self.cfg
+        from mmtrain.models.pretrained import is_hf_checkpoint, load_hf_weights
+
         self.image_tok = build_image_tokenizer(cfg.tokenizer.image).to(self.dev)
-        self.model = build_model(cfg.model, cfg.data.image_size, self.text_tok, self.image_tok)
+        hf = bool(cfg.train.init_from) and self.point is None and is_hf_checkpoint(cfg.train.init_from)
+        with self._partitioned(hf):
+            self.model = build_model(cfg.model, cfg.data.image_size, self.text_tok, self.image_tok)
         self.family = family(self.model)
-        if cfg.train.init_from and self.point is None:
+        if hf:
+            done = load_hf_weights(self.model, cfg.train.init_from, self.rank)
+            log.info("initial weights from the Hugging Face checkpoint %s: %d tensors, %d rows added for new tokens; "
+                     "the largest full parameter held at once: %d of the model's %d elements%s", cfg.train.init_from,
+                     done["tensors"], done["added_rows"], done["largest_gathered"], done["model_elements"],
+                     " (ZeRO-3: built partitioned, filled one tensor at a time)" if cfg.train.zero_stage == 3 else "")
+        elif cfg.train.init_from and self.point is None:
             load_initial_weights(self.model, cfg.train.init_from)
         if cfg.train.compile:
             if warning := self.family.compile_warning(cfg.model):
@@ -298,6 +317,16 @@ class Trainer:
             for block in self.model.transformer_blocks():
                 block.compile()
         self.diffusion = build_diffusion(cfg.diffusion)
+
+    def _partitioned(self, enabled: bool):
+        """ZeRO-3 and a pretrained checkpoint to load: build the model partitioned over the ranks
+        (``deepspeed.zero.Init``), so that no rank ever holds all of it."""
+        if not enabled or self.cfg.train.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        ds_cfg = deepspeed_config(self.cfg.optim, self.cfg.train, self.cfg.model.hidden_size)
+        return deepspeed.zero.Init(config_dict_or_path=ds_cfg, remote_device=None, pin_memory=False)
 
     def build_engine(self) -> None:
         """Optimizer and LR schedule, the DeepSpeed engine around them, and the EMA."""

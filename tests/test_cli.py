@@ -56,6 +56,7 @@ def test_every_subcommand_parses_and_dispatches():
                        (["convert", "vae", "a.pt", "out", "--arch", "sd_vae"], cli.cmd_convert_vae),
                        (["eval", "generate", "run", "--cfg", "1,2", "--ar-steps", "1,4"], cli.cmd_eval),
                        (["eval", "caption", "run"], cli.cmd_eval),
+                       (["eval", "text", "run", "--file", "t.txt", "--max-len", "64"], cli.cmd_eval_text),
                        (["export", "run", "--out", "o"], cli.cmd_export),
                        (["demo"], cli.cmd_demo)):
         args = parser.parse_args(argv)

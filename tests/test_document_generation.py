@@ -16,15 +16,18 @@ IDS = dict(pad=0, bos=2, eos=3, boi=4, eoi=5)
 T = 24
 
 
-def _model(seed=0) -> CausalFusion:
+def _model(seed=0, backbone="dit") -> CausalFusion:
     torch.manual_seed(seed)
-    cfg = ModelConfig(hidden_size=32, depth=2, num_heads=2, patch_size=8, max_text_len=T, max_images=3)
+    cfg = ModelConfig(hidden_size=32, depth=2, num_heads=2, patch_size=8, max_text_len=T, max_images=3, backbone=backbone)
     model = CausalFusion(cfg, latent_channels=3, latent_size=16, vocab_size=40, special_ids=IDS)  # L = 4
     torch.nn.init.normal_(model.diffusion_head.weight, std=0.1)
-    torch.nn.init.normal_(model.lm_head.weight, std=0.5)
-    with torch.no_grad():  # keep <boi>/<eos>/<pad> unlikely so that greedy text runs to its limit
-        model.final_norm.weight[0], model.final_norm.bias[0] = 0.0, 1.0  # hidden dim 0 is always 1
-        model.lm_head.weight[[0, 2, 3, 4, 5], 0] = -50
+    # keep <boi>/<eos>/<pad> unlikely so that greedy text runs to its limit: a biased LM head
+    head = torch.nn.Linear(32, 40)
+    with torch.no_grad():
+        torch.nn.init.normal_(head.weight, std=0.5)
+        head.bias.zero_()
+        head.bias[[0, 2, 3, 4, 5]] = -50
+    model.lm_head = head
     return model.eval()
 
 
@@ -33,16 +36,19 @@ def _full_logits(model, runs, images):
     slots = run_slots(runs, IDS, T)
     lay = layout_from_slots({k: v[None] for k, v in slots.items()}, "cpu")
     with torch.no_grad():
-        h = model.run_blocks(model.embed(lay, images, None, None), lay.attention_mask())
+        h = model.run_blocks(model.embed(lay, images, None, None), lay.attention_mask(), positions=lay.rope_positions(),
+                             image_slots=lay.image_slots())
         return model.lm_head(h[0]), slots
 
 
-def test_cached_generation_follows_the_training_layout_through_text_image_text():
+@pytest.mark.parametrize("backbone", ["dit", "llama"])
+def test_cached_generation_follows_the_training_layout_through_text_image_text(backbone):
     """Prompt [text, image (given)], then an image drawn first (plan image, text) and text after it:
     every greedy token is the argmax of a full forward of the whole document under the training
     mask (the given image a context image, the drawn one a generated image with its clean copy in
-    the sampler's AR order), so the one KV cache kept across segments is exact."""
-    model = _model()
+    the sampler's AR order), so the one KV cache kept across segments is exact (on the LLaMA
+    backbone, its rotary positions too)."""
+    model = _model(backbone=backbone)
     L, P = model.num_image_tokens, model.token_dim
     diffusion = GaussianDiffusion(DiffusionConfig(), 4)
     given = torch.randn(2, L, P)
@@ -82,7 +88,7 @@ def test_text_first_opens_an_image_when_the_model_asks_and_keeps_the_limits():
         assert all(len(v) == 3 for k, v in segs if k == "text")
     assert drawn.shape[0] == 2
     with torch.no_grad():  # now <boi> wins at once: the image comes first, text after
-        model.lm_head.weight[4, 0] = 50  # hidden dim 0 is 1: <boi> wins
+        model.lm_head.bias[4] = 500  # <boi> wins
     out, _ = continue_documents(model, diffusion, [[np.array([7])]], torch.zeros(0, L, P),
                                 generator=torch.Generator().manual_seed(0), limits=limits, ar_steps=2)
     kinds = [k for k, _ in out[0]]
@@ -94,7 +100,7 @@ def test_a_plan_places_the_images_whatever_the_model_would_do():
     plan goes on: an empty text span, the image the plan asks for, then text again."""
     model = _model(2)
     with torch.no_grad():
-        model.lm_head.weight[3, 0] = 50  # hidden dim 0 is 1: </s> wins
+        model.lm_head.bias[3] = 500  # </s> wins
     L, P = model.num_image_tokens, model.token_dim
     diffusion = GaussianDiffusion(DiffusionConfig(), 3)
     out, drawn = continue_documents(model, diffusion, [[np.array([7])]], torch.zeros(0, L, P),

@@ -129,8 +129,8 @@ def test_cfg_drop_isolates_the_image_and_flex_matches_dense():
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("pack_length", [0, 48])
-def test_pair_documents_give_today_s_losses_and_gradients(pack_length):
+@pytest.mark.parametrize("pack_length,backbone", [(0, "dit"), (48, "dit"), (48, "llama")])
+def test_pair_documents_give_today_s_losses_and_gradients(pack_length, backbone):
     """Today's one-image layouts written as runs (pair_runs) train to the same losses and
     gradients as CausalFusion.layout, from the same draws, unpacked or packed."""
     torch.manual_seed(0)
@@ -140,7 +140,7 @@ def test_pair_documents_give_today_s_losses_and_gradients(pack_length):
     text_len = torch.tensor([3, 16, 5, 2, 8, 4])
     text[:, 0] = IDS["bos"]
     tokens = torch.randn(B, 4, 192, generator=g)
-    model = _model(caption_prob=0.5, pack_length=pack_length)
+    model = _model(caption_prob=0.5, pack_length=pack_length, backbone=backbone)
     torch.nn.init.normal_(model.diffusion_head.weight, std=0.05)
     diffusion = GaussianDiffusion(DiffusionConfig())
     batch = training_inputs(model, tokens, diffusion, torch.Generator().manual_seed(1), random.Random(3), text=text, text_len=text_len)

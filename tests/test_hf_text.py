@@ -113,3 +113,105 @@ def test_add_token_rows(tied):
     assert dec.embed_tokens.weight.grad[50:].abs().sum() > 0
     add_token_rows(dec, 0)
     assert dec.spec.vocab_size == 52
+
+
+# --------------------------------------------------------------------------- a run's text tokenizer
+
+
+def test_load_text_tokenizer_dispatch_and_errors(sp_dir, bpe_dir, tmp_path):
+    from mmtrain.tokenize.run_text import load_text_tokenizer
+    from mmtrain.tokenize.text import TextTokenizer, TextTokenizerConfig, train_text_tokenizer
+
+    spm_tok = train_text_tokenizer(TEXTS, tmp_path / "own" / "text", TextTokenizerConfig(vocab_size=64), progress=False)
+    assert isinstance(load_text_tokenizer(spm_tok.model_path), TextTokenizer)
+    for d in (sp_dir, bpe_dir):  # tokenizer.model + tokenizer_config.json; tokenizer.json
+        assert isinstance(load_text_tokenizer(d), HFTextTokenizer)
+    expected = "expected a sentencepiece .model file"
+    with pytest.raises(FileNotFoundError, match=f"text tokenizer {tmp_path / 'none.model'} not found; {expected}"):
+        load_text_tokenizer(tmp_path / "none.model")
+    with pytest.raises(FileNotFoundError, match=f"text tokenizer {tmp_path / 'own'}: a directory without a Hugging Face tokenizer"):
+        load_text_tokenizer(tmp_path / "own")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=f"text tokenizer {tmp_path / 'notes.txt'}: not a .model file or a directory"):
+        load_text_tokenizer(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="meta-llama/Llama-3-8B not found"):
+        load_text_tokenizer(tmp_path / "meta-llama/Llama-3-8B")
+
+
+def test_fingerprint_state_pickle_and_run_copy(sp_dir, bpe_dir, tmp_path):
+    import json
+    import pickle
+    import shutil
+
+    from mmtrain.components.checkpoint import _copy_run_files
+    from mmtrain.tokenize.hf_text import fingerprint_dir
+    from mmtrain.tokenize.run_text import copy_run_tokenizer, load_text_tokenizer, run_text_tokenizer_path
+    from mmtrain.tokenize.text import TextTokenizerConfig, TokenizerMismatchError, train_text_tokenizer
+
+    tok = HFTextTokenizer(bpe_dir)
+    assert tok.fingerprint == HFTextTokenizer(bpe_dir).fingerprint == fingerprint_dir(bpe_dir)
+    assert tok.fingerprint != HFTextTokenizer(sp_dir).fingerprint
+    state = json.loads(json.dumps(tok.state()))
+    assert state["kind"] == "hf" and state["sha256"] == tok.fingerprint and state["vocab_size"] == tok.vocab_size
+    assert state["added_tokens"] == ["<boi>", "<eoi>"] and state["special_token_ids"]["boi"] == tok.boi_id
+    assert "tokenizer.json" in state["files"]
+
+    # pickled for DataLoader workers: the directory, reloaded
+    blob = pickle.dumps(tok)
+    assert len(blob) < 1000
+    again = pickle.loads(blob)
+    assert again.fingerprint == tok.fingerprint and again.encode("the cat") == tok.encode("the cat")
+
+    # the run's copy: tokenizer/text_hf/, same fingerprint; checkpoints carry it along
+    run = tmp_path / "run"
+    assert run_text_tokenizer_path(run) == run / "tokenizer" / "text.model"  # nothing yet: where sentencepiece goes
+    assert copy_run_tokenizer(tok, run / "tokenizer") == run / "tokenizer" / "text_hf"
+    assert not [p for p in (run / "tokenizer" / "text_hf").iterdir() if p.name.startswith(".")]  # no temp files left
+    kept = load_text_tokenizer(run_text_tokenizer_path(run))
+    assert run_text_tokenizer_path(run) == run / "tokenizer" / "text_hf" and kept.fingerprint == tok.fingerprint
+    kept.check_matches(tok.fingerprint, where="checkpoint step 10")
+    copy_run_tokenizer(kept, run / "tokenizer")  # onto itself: nothing written
+    _copy_run_files(run, run / "checkpoints" / "step00000010")
+    ckpt_tok = load_text_tokenizer(run_text_tokenizer_path(run / "checkpoints" / "step00000010"))
+    assert ckpt_tok.fingerprint == tok.fingerprint
+
+    # another tokenizer, or one of its files changed: refused, naming both
+    with pytest.raises(TokenizerMismatchError, match=f"checkpoint in {run}: it was made with tokenizer sha256 "
+                                                     f"{HFTextTokenizer(sp_dir).fingerprint}.*{run / 'tokenizer' / 'text_hf'}"):
+        kept.check_matches(HFTextTokenizer(sp_dir).fingerprint, where=f"checkpoint in {run}")
+    changed = tmp_path / "changed"
+    shutil.copytree(bpe_dir, changed)
+    cfg = json.loads((changed / "tokenizer_config.json").read_text())
+    (changed / "tokenizer_config.json").write_text(json.dumps({**cfg, "model_max_length": 7}))
+    with pytest.raises(TokenizerMismatchError):
+        HFTextTokenizer(changed).check_matches(tok.fingerprint, where="the run")
+
+    # sentencepiece: text.model + text.json, which run_text_tokenizer_path prefers
+    spm_tok = train_text_tokenizer(TEXTS, tmp_path / "own" / "text", TextTokenizerConfig(vocab_size=64), progress=False)
+    assert copy_run_tokenizer(spm_tok, run / "tokenizer") == run / "tokenizer" / "text.model"
+    assert (run / "tokenizer" / "text.json").is_file() and run_text_tokenizer_path(run) == run / "tokenizer" / "text.model"
+    assert load_text_tokenizer(run_text_tokenizer_path(run)).fingerprint == spm_tok.fingerprint
+
+
+def test_a_run_keeps_its_hf_tokenizer(sp_dir, bpe_dir, tmp_path):
+    """_prepare_run_dir copies it to tokenizer/text_hf/, config.text_model_path then finds that copy, and
+    check_run_tokenizer refuses another tokenizer for the run (before anything is written)."""
+    from pathlib import Path
+
+    from mmtrain.config import load_config
+    from mmtrain.tokenize.run_text import load_text_tokenizer
+    from mmtrain.tokenize.text import TokenizerMismatchError
+    from mmtrain.train import _prepare_run_dir, check_run_tokenizer
+
+    tiny = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+    run = tmp_path / "run"
+    cfg = load_config(tiny, [f"tokenizer.text_model={bpe_dir}", f"train.run_dir={run}"])
+    tok = load_text_tokenizer(cfg.text_model_path)
+    _prepare_run_dir(cfg, 0, tok)
+    kept = load_config(run / "config.yaml", ["tokenizer.text_model="])
+    assert kept.text_model_path == str(run / "tokenizer" / "text_hf")
+    assert load_text_tokenizer(kept.text_model_path).fingerprint == tok.fingerprint
+    check_run_tokenizer(kept, tok)
+    other = load_config(tiny, [f"tokenizer.text_model={sp_dir}", f"train.run_dir={run}"])
+    with pytest.raises(TokenizerMismatchError, match=f"tokenizer.text_model={sp_dir} vs the copy in {run / 'tokenizer' / 'text_hf'}"):
+        check_run_tokenizer(other, load_text_tokenizer(sp_dir))

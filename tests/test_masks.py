@@ -111,6 +111,7 @@ def test_batch_layout_mixes_directions_and_hides_pads():
 
 
 def _random_layout(seed, condition):
+    """``condition``: ``text``, ``class``, or ``llama`` (text on the LLaMA backbone)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     if condition == "class":
@@ -118,7 +119,8 @@ def _random_layout(seed, condition):
         model = CausalFusion(cfg, latent_channels=3, latent_size=16)
         kw = {}
     else:
-        cfg = ModelConfig(hidden_size=32, depth=1, num_heads=2, patch_size=4, max_text_len=6)
+        cfg = ModelConfig(hidden_size=32, depth=1, num_heads=2, patch_size=4, max_text_len=6,
+                          backbone="llama" if condition == "llama" else "dit")
         model = CausalFusion(cfg, latent_channels=3, latent_size=16, vocab_size=20, special_ids=dict(pad=0, bos=2, eos=3, boi=4, eoi=5))
         kw = dict(text=torch.randint(6, 20, (3, 6)), text_len=torch.tensor([2, 6, 4]), caption_rows=torch.tensor([False, True, False]))
     L = model.num_image_tokens
@@ -163,7 +165,7 @@ def test_layout_mask_equals_reference_masks(seed, condition):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("condition", ["text", "class"])
+@pytest.mark.parametrize("condition", ["text", "class", "llama"])
 def test_flex_attention_matches_sdpa(condition, packed):
     """FlexAttention with the block mask built from slot roles gives the numbers of SDPA + dense mask."""
     model, lay, split, kw = _random_layout(3, condition)
@@ -172,9 +174,10 @@ def test_flex_attention_matches_sdpa(condition, packed):
     model.eval()
     B, N = lay.kind.shape
     h = torch.randn(B, N, 32)
+    slots = dict(positions=lay.rope_positions(), image_slots=lay.image_slots())
     with torch.no_grad():
-        ref = model.run_blocks(h, lay.attention_mask("sdpa"))
-        out = model.run_blocks(h, lay.attention_mask("flex"))
+        ref = model.run_blocks(h, lay.attention_mask("sdpa"), **slots)
+        out = model.run_blocks(h, lay.attention_mask("flex"), **slots)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
@@ -190,7 +193,7 @@ def test_flex_falls_back_to_sdpa_where_torch_has_no_flex_attention(monkeypatch):
     assert torch.equal(mask, lay.attention_mask("sdpa"))
 
 
-@pytest.mark.parametrize("condition", ["text", "class"])
+@pytest.mark.parametrize("condition", ["text", "class", "llama", "llama-frozen_text"])
 def test_packing_isolates_samples_and_keeps_the_losses(condition):
     """Packed rows: fewer, no attention across samples, and the very same losses and gradients."""
     from mmtrain.models.causalfusion import sample_sizes, training_inputs
@@ -204,8 +207,9 @@ def test_packing_isolates_samples_and_keeps_the_losses(condition):
         cfg = ModelConfig(**kw, condition="class", num_classes=5, num_cond_tokens=3)
         cond = dict(labels=torch.randint(0, 5, (B,), generator=g))
         make = lambda c: CausalFusion(c, latent_channels=3, latent_size=16)  # noqa: E731
-    else:
-        cfg = ModelConfig(**kw)
+    else:  # llama: the LLaMA backbone, whose rotary positions restart at each packed sample
+        llama = dict(backbone="llama", backbone_training=condition.partition("-")[2] or "full") if "llama" in condition else {}
+        cfg = ModelConfig(**kw, **llama)
         text = torch.randint(6, 20, (B, 12), generator=g)
         text_len = torch.tensor([3, 12, 5, 2, 8, 4])
         cond = dict(text=text, text_len=text_len)

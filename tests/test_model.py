@@ -36,8 +36,9 @@ def batch(B=4, seed=0):
     return torch.randn(B, 16, 48, generator=g), text, text_len
 
 
-def test_training_forward_is_finite_and_reaches_every_parameter():
-    model = tiny_model().train()
+@pytest.mark.parametrize("backbone,training", [("dit", "full"), ("llama", "full"), ("llama", "frozen_text")])
+def test_training_forward_is_finite_and_reaches_every_parameter(backbone, training):
+    model = tiny_model(backbone=backbone, backbone_training=training).train()
     tokens, text, text_len = batch()
     inputs = training_inputs(model, tokens, GaussianDiffusion(DiffusionConfig()), torch.Generator().manual_seed(0), random.Random(0),
                              text=text, text_len=text_len)
@@ -72,13 +73,13 @@ def test_loss_decreases_when_overfitting_one_batch(condition, process):
 
 @pytest.mark.parametrize("ar_steps", [1, 3, 16])
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
-@pytest.mark.parametrize("condition", ["text", "class"])
+@pytest.mark.parametrize("condition", ["text", "class", "llama"])
 def test_kv_cache_sampler_equals_uncached(ar_steps, cfg_scale, condition):
     # float64: the untrained model's samples reach |x| ~ 600, where float32 rounding alone
     # differs by a few 1e-4 between the cached and the full attention kernels on some CPUs
-    model = (tiny_model() if condition == "text" else class_model()).double()
+    model = (class_model() if condition == "class" else tiny_model(backbone="llama" if condition == "llama" else "dit")).double()
     _, text, text_len = batch(B=2)
-    cond = dict(text=text, text_len=text_len) if condition == "text" else dict(labels=torch.tensor([1, 4]))
+    cond = dict(labels=torch.tensor([1, 4])) if condition == "class" else dict(text=text, text_len=text_len)
     diffusion = GaussianDiffusion(DiffusionConfig(), sample_steps=4)
     kw = dict(ar_steps=ar_steps, cfg_scale=cfg_scale, **cond)
     cached = sample_image_tokens(model, diffusion, generator=torch.Generator().manual_seed(7), use_cache=True, **kw)
@@ -100,9 +101,10 @@ def test_sampling_depends_on_prompt_and_seed():
     assert not torch.allclose(a, run(1, text.flip(0)))
 
 
-def test_greedy_caption_decode_matches_full_recompute():
+@pytest.mark.parametrize("backbone", ["dit", "llama"])
+def test_greedy_caption_decode_matches_full_recompute(backbone):
     """KV-cached greedy decoding picks the argmax of a full causal forward at every step."""
-    model = tiny_model()
+    model = tiny_model(backbone=backbone)
     tokens, _, _ = batch(B=2)
     ids = generate_caption_ids(model, tokens, max_len=6, generator=torch.Generator())
     for b in range(2):
@@ -111,7 +113,8 @@ def test_greedy_caption_decode_matches_full_recompute():
             text = torch.tensor([seq + [0] * (10 - len(seq))])
             lay = model.layout(torch.arange(16)[None], **split_inputs([16], 0), loss_weights=torch.ones(16), text=text,
                                text_len=torch.tensor([len(seq)]), caption_rows=torch.tensor([True]))
-            h = model.run_blocks(model.embed(lay, tokens[b:b + 1], None, None), lay.attention_mask())
+            h = model.run_blocks(model.embed(lay, tokens[b:b + 1], None, None), lay.attention_mask(),
+                                 positions=lay.rope_positions(), image_slots=lay.image_slots())
             logits = model.lm_head(h[0, 16 + 2 + len(seq) - 1])
             assert int(logits.argmax()) == tok
             seq.append(tok)

@@ -68,9 +68,14 @@ def shape_key(batch: dict) -> tuple:
     ("sdpa", True, "text", 0),   # what CPU / SDPA training runs: forward and backward
     ("flex", False, "text", 0),  # FlexAttention with its block mask built in the graph (no CPU backward)
     ("sdpa", True, "class", 48),  # packed rows: the row count is what is bucketed
+    # the LLaMA backbone, packed (rotary positions restart per sample, computed on the device), its
+    # image weights picked per slot (frozen_text); flex == sdpa on it is tests/test_masks.py's
+    ("sdpa", True, "llama-frozen_text", 48),
 ])
 def test_training_forward_compiles_fullgraph_to_one_graph_per_bucket(attention, backward, condition, pack_length):
-    model = causalfusion(attention=attention, condition=condition, num_classes=5, num_cond_tokens=3, pack_length=pack_length)
+    llama = dict(backbone="llama", backbone_training=condition.partition("-")[2] or "full") if "llama" in condition else {}
+    model = causalfusion(attention=attention, condition="class" if condition == "class" else "text", num_classes=5,
+                         num_cond_tokens=3, pack_length=pack_length, **llama)
     counter = CompileCounterWithBackend("aot_eager")
     forward = torch.compile(lambda **batch: model(**batch)["loss"], backend=counter, fullgraph=True, dynamic=False)
     shapes = set()

@@ -154,10 +154,10 @@ def _copy_run_files(run_dir: Path, ckpt: Path) -> None:
     if (run_dir / "config.yaml").is_file():
         atomic_write_bytes(ckpt / "config.yaml", (run_dir / "config.yaml").read_bytes())
     if (run_dir / "tokenizer").is_dir():
-        (ckpt / "tokenizer").mkdir(exist_ok=True)
-        for file in sorted((run_dir / "tokenizer").iterdir()):
-            if file.is_file():
-                atomic_write_bytes(ckpt / "tokenizer" / file.name, file.read_bytes())
+        # its files, and those of its folders (a Hugging Face tokenizer is tokenizer/text_hf/)
+        for file in sorted((run_dir / "tokenizer").rglob("*")):
+            if file.is_file() and not file.name.startswith("."):
+                atomic_write_bytes(ckpt / file.relative_to(run_dir), file.read_bytes())
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -651,8 +651,8 @@ def build_train_loader(cfg: DataConfig, micro_batch_size: int, rank: int, *, wor
         seed: the data order seed (>= 0); the same on every rank.
         start_sample: global samples already consumed (the checkpoint's ``samples_seen``;
             0 for a fresh run). Must count whole global batches of the previous run.
-        text_tokenizer: optional :class:`~mmtrain.tokenize.text.TextTokenizer`; the workers
-            then fill ``Batch.text`` / ``Batch.text_len`` (``encode_batch(captions, max_text_len)``).
+        text_tokenizer: optional :class:`~mmtrain.tokenize.text.TextTokenizer` (or
+            :class:`~mmtrain.tokenize.hf_text.HFTextTokenizer`); the workers then fill ``Batch.text`` / ``Batch.text_len`` (``encode_batch(captions, max_text_len)``).
         max_text_len: token budget for ``text_tokenizer``.
         latent_shape: with ``use_latents``, the ``C, h, w`` every latent must have (e.g.
             ``image_tok.latent_shape(size, size)``); a sample that differs is an error naming

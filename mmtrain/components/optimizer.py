@@ -33,6 +33,10 @@ class OptimizerConfig:
         schedule: ``constant`` (after warm-up) or ``cosine`` (to ``min_lr_ratio * lr``). Default ``constant``.
         min_lr_ratio: floor of the cosine schedule. Default 0.1.
         grad_clip: global gradient-norm clip (0 = off). Default 1.0.
+        pretrained_lr_scale: ``model.backbone: llama`` with ``model.backbone_training: full``: the
+            weights a pretrained language model provides (text embedding, blocks, final norm, LM
+            head) train at ``pretrained_lr_scale * lr``, the new image weights at ``lr`` (a
+            pretrained model is usually fine-tuned gently while new layers learn fast). Default 1.0.
     """
 
     lr: float = 1e-3
@@ -45,8 +49,11 @@ class OptimizerConfig:
     schedule: str = "constant"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    pretrained_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.pretrained_lr_scale <= 0:
+            raise ConfigError(f"optim.pretrained_lr_scale: expected > 0, got {self.pretrained_lr_scale}")
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"optim.schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
         if self.warmup_start not in ("first_step", "zero"):
@@ -60,9 +67,26 @@ class OptimizerConfig:
             raise ConfigError(f"optim.betas: expected two numbers, got {self.betas!r}")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, grouping: str = "split") -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, grouping: str = "split", lr: float = 0.0,
+                 pretrained_lr_scale: float = 1.0) -> list[dict]:
     """Decay only weight matrices; norms, biases and embedding tables are left alone (``split``),
-    or every trainable parameter in one group (``one``, no decay)."""
+    or every trainable parameter in one group (``one``, no decay). With ``pretrained_lr_scale != 1``
+    each group is split again: the model's pretrained parameters (``pretrained_parameter_names``)
+    at ``lr * pretrained_lr_scale``, the rest at ``lr``."""
+    groups = _decay_groups(model, weight_decay, grouping)
+    pretrained = model.pretrained_parameter_names() if hasattr(model, "pretrained_parameter_names") else set()
+    if pretrained_lr_scale == 1.0 or not pretrained:
+        return groups
+    ids = {id(p) for n, p in model.named_parameters() if n in pretrained}
+    split = []
+    for g in groups:
+        old = [p for p in g["params"] if id(p) in ids]
+        new = [p for p in g["params"] if id(p) not in ids]
+        split += [{**g, "params": new, "lr": lr}, {**g, "params": old, "lr": lr * pretrained_lr_scale}]
+    return [g for g in split if g["params"]]
+
+
+def _decay_groups(model: torch.nn.Module, weight_decay: float, grouping: str) -> list[dict]:
     if grouping == "one":
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": 0.0}]
     decay, no_decay = [], []
@@ -70,7 +94,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float, grouping: str = "s
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or id(p) in embedding_params or name.endswith("_pos"):
+        ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim  # a model built partitioned (ZeRO-3) holds flat shards
+        if ndim < 2 or id(p) in embedding_params or name.endswith("_pos"):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -89,7 +114,7 @@ def lr_multiplier(cfg: OptimizerConfig, step: int, total_steps: int) -> float:
 def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, total_steps: int, offload: str = "none"):
     """AdamW and its schedule. With ZeRO CPU offload the step runs on the CPU, where
     DeepSpeed's vectorised CPU Adam (same AdamW update) is several times faster than torch's."""
-    groups = param_groups(model, cfg.weight_decay, cfg.param_groups)
+    groups = param_groups(model, cfg.weight_decay, cfg.param_groups, cfg.lr, cfg.pretrained_lr_scale)
     if offload != "none":
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

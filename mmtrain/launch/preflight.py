@@ -28,7 +28,9 @@ def preflight(config_path: str, overrides: list[str], on_this_node: bool = True)
     ``auto`` shard cache limit is not measured on this one's disk (each node measures its own)."""
     from mmtrain.components.data import check_cache_limit, open_sources
 
-    cfg = load_config(config_path, overrides)
+    from mmtrain.train import resolve_pretrained
+
+    cfg = resolve_pretrained(load_config(config_path, overrides))  # train.init_from a HF checkpoint: its architecture
     require_run_paths(cfg, config_path)  # no default for the data or the run directory
     # every training source exists and is well-formed (remote: every shard is there with its index's size,
     # and the credentials work) and fits data.cache_limit; fills the tar index cache for the ranks
@@ -36,8 +38,11 @@ def preflight(config_path: str, overrides: list[str], on_this_node: bool = True)
     check_cache_limit(cfg.data, sources)
     if cfg.data.val_shards:
         check_val_shards(cfg.data.val_shards, os.path.expanduser(cfg.data.index_cache) if cfg.data.index_cache else "")
-    if cfg.train.init_from and not (Path(cfg.train.init_from) / "model.safetensors").is_file() and not Path(cfg.train.init_from).is_file():
-        raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no model.safetensors there")
+    init = Path(cfg.train.init_from)
+    if cfg.train.init_from and not ((init / "model.safetensors").is_file() or init.is_file() or
+                                    (init / "model.safetensors.index.json").is_file()):
+        raise FileNotFoundError(f"train.init_from={cfg.train.init_from}: no model.safetensors there (an mmtrain model directory "
+                                "or a local Hugging Face checkpoint; nothing is downloaded)")
     from mmtrain.tokenize.build import check_image_tokenizer
 
     check_image_tokenizer(cfg.tokenizer.image)  # e.g. a recipe's VAE path left unset: one line, before any rank
@@ -45,12 +50,13 @@ def preflight(config_path: str, overrides: list[str], on_this_node: bool = True)
         raise ValueError("model.attention=flex: FlexAttention cannot train on CPU (no backward there); "
                          "set model.attention=sdpa, which gives the same numbers")
     if cfg.model.condition != "class":
-        if not Path(cfg.text_model_path).is_file():
-            raise FileNotFoundError(f"text tokenizer {cfg.text_model_path} not found (set tokenizer.text_model, or run `mmtrain tokenizer train`)")
-        from mmtrain.tokenize.text import TextTokenizer
+        if not Path(cfg.text_model_path).exists():
+            raise FileNotFoundError(f"text tokenizer {cfg.text_model_path} not found (set tokenizer.text_model to a sentencepiece .model or a "
+                                    "Hugging Face tokenizer directory, or run `mmtrain tokenizer train`)")
+        from mmtrain.tokenize.run_text import load_text_tokenizer
         from mmtrain.train import check_run_tokenizer
 
-        check_run_tokenizer(cfg, TextTokenizer.from_file(cfg.text_model_path))
+        check_run_tokenizer(cfg, load_text_tokenizer(cfg.text_model_path))
     check_checkpoints(cfg)
     if on_this_node:
         warn_about_cpus_per_task(cfg.data.num_workers)

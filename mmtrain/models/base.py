@@ -5,6 +5,7 @@ interface through which the trainer, the samplers and eval use a family
 :data:`mmtrain.models.FAMILIES`; nothing outside ``mmtrain/models`` names a family."""
 from __future__ import annotations
 
+import contextlib
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -40,9 +41,23 @@ class ImageTokenModel(nn.Module):
     def _init_linear_layers(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                with gathered([m.weight, m.bias]):
+                    nn.init.xavier_uniform_(m.weight)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+
+
+def gathered(params: list):
+    """The full tensors of ZeRO-3 partitioned parameters while inside, written back from rank 0 on
+    exit (a model built under ``deepspeed.zero.Init``: a few at a time, never the whole model);
+    a no-op for plain parameters. Every rank draws the same initial values (one seed), so rank 0's
+    are everyone's."""
+    params = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 @dataclass(frozen=True)

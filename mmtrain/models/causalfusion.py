@@ -37,8 +37,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mmtrain.distributed import to_device
-from mmtrain.models.base import ImageTokenModel
+from mmtrain.models.attention import flex_attention_call as _flex_attention
+from mmtrain.models.base import ImageTokenModel, gathered
 from mmtrain.models.config import ModelConfig
+from mmtrain.models.llama import DecoderBlock, DecoderSpec, ModalityBlock, RMSNorm, Rotary
 
 # what a slot embeds
 PAD, TEXT, CLASS, CLEAN, NOISY = 0, 1, 2, 3, 4
@@ -295,27 +297,6 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
-_compiled_flex = None
-
-
-def _flex_attention(q, k, v, block_mask):
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if torch.compiler.is_compiling():  # inside compiled blocks (train.compile): fused with them
-        return flex_attention(q, k, v, block_mask=block_mask)
-    if q.device.type != "cuda":
-        if torch.is_grad_enabled() and q.requires_grad:
-            raise RuntimeError("model.attention=flex: FlexAttention has no backward pass on CPU; train with model.attention=sdpa "
-                               "on CPU (same numbers) and use flex on CUDA")
-        return flex_attention(q, k, v, block_mask=block_mask)
-    global _compiled_flex
-    if _compiled_flex is None:
-        # static shapes: the training sequences come in model.seq_buckets lengths, so this
-        # compiles a bounded number of times per run (no recompile per AR split)
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask)
-
-
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -366,6 +347,28 @@ class Layout:
         if backend == "flex" and flex_available():
             return flex_block_mask(self.role, self.level, self.sample, self.seg, self.alone)
         return dense_mask(self.role, self.level, self.sample, self.seg, self.alone)
+
+    def rope_positions(self) -> torch.Tensor:
+        """B, N: each slot's rotary position (``model.backbone=llama``): how many text slots come
+        before it in its sample. Text counts up as in a plain language model (``<s>`` = 0);
+        ``<boi>`` and ``<eoi>`` are text; every token of an image, clean or noisy, at every AR
+        step, shares one position, the one after its ``<boi>`` (the 2-D sin-cos embedding carries
+        where a token is in the image), and ``<eoi>`` takes it too, so the text after an image
+        continues one past it. Padding slots get what precedes them (they attend to nothing)."""
+        is_text = ((self.kind == TEXT) | (self.kind == CLASS)).long()
+        before = torch.cumsum(is_text, 1) - is_text  # B, N: text slots before, in the row
+        if self.sample is None:
+            return before
+        # packed rows: count from the first slot of each slot's sample
+        B, N = self.kind.shape
+        idx = torch.arange(N, device=self.kind.device).expand(B, N)
+        first = torch.cat([torch.ones_like(self.sample[:, :1], dtype=torch.bool), self.sample[:, 1:] != self.sample[:, :-1]], 1)
+        start = torch.where(first, idx, 0).cummax(1).values  # B, N
+        return before - before.gather(1, start)
+
+    def image_slots(self) -> torch.Tensor:
+        """B, N bool: the slots that hold an image token (clean or noisy)."""
+        return (self.kind == CLEAN) | (self.kind == NOISY)
 
     def sample_rows(self) -> torch.Tensor:
         """B, N: which row of the image tensors (image, timestep) and labels each slot reads."""
@@ -440,36 +443,115 @@ class CausalFusion(ImageTokenModel):
     def __init__(self, cfg: ModelConfig, latent_channels: int, latent_size: int, vocab_size: int = 0, special_ids: dict | None = None):
         super().__init__(cfg, latent_channels, latent_size, vocab_size, special_ids)
         D = cfg.hidden_size
+        self.llama = cfg.backbone == "llama"
+        if cfg.backbone_training != "full" and not self.llama:  # checked here: train.init_from may set the backbone
+            raise ValueError(f"model.backbone_training={cfg.backbone_training} freezes pretrained LLaMA weights: it needs "
+                             "model.backbone=llama (or train.init_from a Hugging Face checkpoint)")
+        if self.llama:  # a checkpoint's table may be padded past its tokenizer: keep its rows
+            self.vocab_size = vocab_size = max(vocab_size, cfg.llama.vocab_size)
 
         self.x_proj = nn.Linear(self.token_dim, D)
         self.t_embedder = TimestepEmbedder(D)
         self.pos_embed = nn.Parameter(sincos_2d(D, self.grid)[None], requires_grad=cfg.trainable_pos)  # 1, L, D
         if cfg.condition == "text":
             self.tok_embed = nn.Embedding(vocab_size, D)
-            self.text_pos = nn.Parameter(torch.zeros(cfg.max_text_len + 2, D))  # + rows for <boi>, <eoi>
+            if not self.llama:  # LLaMA text positions are rotary
+                self.text_pos = nn.Parameter(torch.zeros(cfg.max_text_len + 2, D))  # + rows for <boi>, <eoi>
         else:
             self.class_embed = nn.Embedding(cfg.num_classes + 1, cfg.num_cond_tokens * D)  # last row: null class
             self.cond_pos_embed = nn.Parameter(torch.zeros(1, cfg.num_cond_tokens, D))
-        self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
-        self.final_norm = nn.LayerNorm(D)
+        if self.llama:
+            # the names of a Hugging Face LLaMA without its "model." prefix, under CausalFusion's
+            # (tok_embed = embed_tokens, blocks = layers, final_norm = norm): mmtrain.models.pretrained maps them
+            self.spec = DecoderSpec.from_model_config(cfg, vocab_size)
+            block = ModalityBlock if cfg.backbone_training == "frozen_text" else DecoderBlock
+            self.blocks = nn.ModuleList(block(self.spec) for _ in range(cfg.depth))
+            self.rotary = Rotary(self.spec.head_dim, self.spec.rope_theta, self.spec.rope_scaling)
+            self.final_norm = RMSNorm(D, self.spec.rms_norm_eps)
+        else:
+            self.blocks = nn.ModuleList(Block(D, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+            self.final_norm = nn.LayerNorm(D)
         self.diffusion_head = nn.Linear(D, self.token_dim)
         if cfg.condition == "text":
             self.lm_head = nn.Linear(D, vocab_size, bias=False)
+            if self.llama and self.spec.tie_word_embeddings:
+                self.lm_head.weight = self.tok_embed.weight
         if cfg.attention == "flex":
             flex_available()  # decided (and warned about) once, here: never inside a compiled forward
         self._init_weights()
 
     def _init_weights(self) -> None:
+        # each init under `gathered`: a model built partitioned (ZeRO-3, mmtrain.models.pretrained) sees full tensors
         self._init_linear_layers()
         if self.cfg.condition == "text":
-            nn.init.normal_(self.tok_embed.weight, std=0.02)
-            nn.init.normal_(self.text_pos, std=0.02)
-            nn.init.normal_(self.lm_head.weight, std=0.02)
+            normal = [self.tok_embed.weight] + ([] if self.llama else [self.text_pos])
+            if self.lm_head.weight is not self.tok_embed.weight:
+                normal.append(self.lm_head.weight)
         else:
-            nn.init.normal_(self.class_embed.weight, std=0.02)
-            nn.init.normal_(self.cond_pos_embed, std=0.02)
-        nn.init.zeros_(self.diffusion_head.weight)
-        nn.init.zeros_(self.diffusion_head.bias)
+            normal = [self.class_embed.weight, self.cond_pos_embed]
+        for p in normal:
+            with gathered([p]):
+                nn.init.normal_(p, std=0.02)
+        with gathered([self.diffusion_head.weight, self.diffusion_head.bias]):
+            nn.init.zeros_(self.diffusion_head.weight)
+            nn.init.zeros_(self.diffusion_head.bias)
+        self.copy_text_weights_to_image()
+        self.freeze_for_training()
+
+    # ---------------------------------------------------------------- LLaMA backbone
+
+    @torch.no_grad()
+    def copy_text_weights_to_image(self) -> None:
+        """``frozen_text``: each block's image weights start as its text (pretrained) weights."""
+        for block in self.blocks:
+            if isinstance(block, ModalityBlock):
+                with gathered(list(block.parameters())):  # one block at a time
+                    text = dict(block.named_parameters())
+                    for name, p in block.image.named_parameters():
+                        p.data.copy_(text[name].data)
+
+    def pretrained_parameter_names(self) -> set[str]:
+        """The parameters a Hugging Face language model provides (``model.backbone=llama``): the
+        text embedding, each block's text weights, the final norm and the LM head. Empty for DiT."""
+        if not self.llama:
+            return set()
+        return {name for name, _ in self.named_parameters(remove_duplicate=False)
+                if name.startswith(("tok_embed.", "final_norm.", "lm_head.")) or
+                (name.startswith("blocks.") and ".image." not in name)}
+
+    def freeze_for_training(self) -> None:
+        """``model.backbone_training``: ``frozen_text`` and ``new_only`` freeze the pretrained weights
+        (``new_only`` also the image copies, which it does not have)."""
+        if self.cfg.backbone_training == "full":
+            return
+        frozen = self.pretrained_parameter_names()
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if name in frozen:
+                p.requires_grad_(False)
+
+    @property
+    def max_text_positions(self) -> int:
+        """How many text tokens one forward of :meth:`text_logits` can take."""
+        return self.cfg.llama.max_position_embeddings if self.llama else self.cfg.max_text_len
+
+    def text_embed(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Text ids at text-position rows ``pos`` (DiT's learned table; LLaMA's positions are rotary) -> ..., D."""
+        h = self.tok_embed(token)
+        return h if self.llama else h + self.text_pos[pos]
+
+    def text_logits(self, ids: torch.Tensor, text_len: torch.Tensor) -> torch.Tensor:
+        """Text only: ids (B, N, right-padded) with lengths (B,) -> next-token logits (B, N, V) in
+        float32, causal, positions 0..N-1 (the language model alone; ``mmtrain eval text``)."""
+        B, N = ids.shape
+        if N > self.max_text_positions:
+            raise ValueError(f"text_logits: {N} tokens, more than the model's {self.max_text_positions} text positions")
+        ar = torch.arange(N, device=ids.device)
+        valid = ar[None] < text_len[:, None]  # B, N
+        mask = (ar[None, :, None] >= ar[None, None, :]) & valid[:, None, :]
+        mask = mask | torch.eye(N, dtype=torch.bool, device=ids.device)[None]  # padding sees itself
+        h = self.text_embed(ids.masked_fill(~valid, self.ids["pad"]), ar.expand(B, N))
+        h = self.run_blocks(h, mask, positions=ar.expand(B, N))
+        return self.lm_head(h).float()
 
     # ---------------------------------------------------------------- embedding
 
@@ -495,7 +577,7 @@ class CausalFusion(ImageTokenModel):
         if t is not None:
             h = h + (lay.kind == NOISY)[..., None] * self.t_embedder(t)[rows]
         if self.cfg.condition == "text":
-            text = self.tok_embed(lay.token) + self.text_pos[lay.pos]
+            text = self.text_embed(lay.token, lay.pos)
             h = torch.where((lay.kind == TEXT)[..., None], text, h)
         else:
             cls = self.class_tokens(labels)[rows, lay.pos.clamp(max=self.cfg.num_cond_tokens - 1)]
@@ -506,14 +588,25 @@ class CausalFusion(ImageTokenModel):
         """The blocks ``train.compile`` compiles one by one."""
         return list(self.blocks)
 
-    def run_blocks(self, h: torch.Tensor, mask, caches: list | None = None, update_cache: bool = False) -> torch.Tensor:
-        """Transformer blocks then the final norm. ``mask``: bool (B, N, Nk) or a flex BlockMask."""
+    def run_blocks(self, h: torch.Tensor, mask, caches: list | None = None, update_cache: bool = False,
+                   positions: torch.Tensor | None = None, image_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Transformer blocks then the final norm. ``mask``: bool (B, N, Nk) or a flex BlockMask.
+        LLaMA backbone: ``positions`` (B, N) the slots' rotary positions (:meth:`Layout.rope_positions`),
+        ``image_slots`` (B, N) which slots hold image tokens (their own weights in ``frozen_text``)."""
+        if self.llama:
+            if positions is None:
+                raise ValueError("model.backbone=llama: run_blocks needs the slots' rotary positions")
+            extra = (self.rotary(positions),)  # cos, sin: B, N, d
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
-            if self.cfg.grad_checkpoint and self.training and cache is None:
-                h = checkpoint(block, h, mask, use_reentrant=False)
+            if self.llama:
+                args = (h, mask, *extra, cache, update_cache, image_slots)
             else:
-                h = block(h, mask, cache, update_cache)
+                args = (h, mask, cache, update_cache)
+            if self.cfg.grad_checkpoint and self.training and cache is None:
+                h = checkpoint(block, *args, use_reentrant=False)
+            else:
+                h = block(*args)
         return self.final_norm(h)
 
     # ---------------------------------------------------------------- layout
@@ -635,7 +728,8 @@ class CausalFusion(ImageTokenModel):
                                  "(pack_sample, pack_offset)")
             lay = lay.pack(pack_sample, pack_offset)
         h = self.embed(lay, latents_tokens, noisy_tokens, t, labels)
-        h = self.run_blocks(h, lay.attention_mask(self.cfg.attention))  # B, N, D
+        h = self.run_blocks(h, lay.attention_mask(self.cfg.attention), positions=lay.rope_positions() if self.llama else None,
+                            image_slots=lay.image_slots())  # B, N, D
 
         pred = self.diffusion_head(h).float()  # B, N, P
         tgt = target[lay.sample_rows(), lay.img_idx.clamp(min=0)]
@@ -680,7 +774,11 @@ def training_flops(model: CausalFusion, batch_size: int, seq_len: int) -> float:
     causal mask's skipped blocks are not subtracted). The LM head counts on the T - 1 slots
     per sequence it runs on (:meth:`CausalFusion.text_loss`), not on every position."""
     cfg, D = model.cfg, model.cfg.hidden_size
-    per_block = 4 * D * D + 2 * D * int(D * cfg.mlp_ratio)  # qkv + proj, fc1 + fc2
+    if model.llama:  # q, k, v, o + gate, up, down (one modality's weights per slot)
+        s = model.spec
+        per_block = 2 * D * s.num_attention_heads * s.head_dim + 2 * D * s.num_key_value_heads * s.head_dim + 3 * D * s.intermediate_size
+    else:
+        per_block = 4 * D * D + 2 * D * int(D * cfg.mlp_ratio)  # qkv + proj, fc1 + fc2
     per_position = cfg.depth * per_block + 2 * D * model.token_dim
     lm_head = D * model.vocab_size * (cfg.max_text_len - 1) if cfg.condition == "text" else 0
     return batch_size * (6.0 * (per_position * seq_len + lm_head) + 12.0 * cfg.depth * D * seq_len**2)
@@ -758,7 +856,7 @@ def condition_prefix(model: CausalFusion, text: torch.Tensor | None = None, text
     dev = text.device
     valid = torch.arange(T, device=dev)[None] < text_len[:, None]
     tok = torch.cat([text.masked_fill(~valid, model.ids["pad"]), torch.full((B, 1), model.ids["boi"], device=dev)], 1)
-    h = model.tok_embed(tok) + model.text_pos[torch.arange(T + 1, device=dev)]
+    h = model.text_embed(tok, torch.arange(T + 1, device=dev))
     role = torch.cat([torch.where(valid, ROLE_CAUSAL, ROLE_PAD), torch.full((B, 1), ROLE_CAUSAL, device=dev)], 1)
     return h, role
 
@@ -784,9 +882,14 @@ class ARContext:
         self.model, self.use_cache = model, use_cache
         self.role, self.level = role, torch.zeros_like(role)
         self.next_level = 1
+        # rotary positions (LLaMA): the prefix's slots count up; every image token takes the one after it
+        real = (role != ROLE_PAD).long()
+        self.pos = torch.cumsum(real, 1) - real  # B, C
+        self.image_pos = real.sum(1)  # B
         if use_cache:
             self.caches = [dict() for _ in model.blocks]
-            model.run_blocks(h, dense_mask(role, self.level), self.caches, update_cache=True)
+            model.run_blocks(h, dense_mask(role, self.level), self.caches, update_cache=True, positions=self.pos,
+                             image_slots=torch.zeros_like(role, dtype=torch.bool))
         else:
             self.h = h
 
@@ -796,16 +899,19 @@ class ARContext:
         return torch.cat([keys, torch.ones(B, n, n, dtype=torch.bool, device=keys.device)], 2)
 
     def _run(self, x: torch.Tensor, role: int, update: bool) -> torch.Tensor:
-        n = x.shape[1]
+        B, n = x.shape[:2]
+        pos = self.image_pos[:, None].expand(B, n)
         if self.use_cache:
-            return self.model.run_blocks(x, self._mask_over_cache(n), self.caches, update_cache=update)
-        B = x.shape[0]
+            return self.model.run_blocks(x, self._mask_over_cache(n), self.caches, update_cache=update, positions=pos,
+                                         image_slots=torch.ones(B, n, dtype=torch.bool, device=x.device))
         role_all = torch.cat([self.role, torch.full((B, n), role, device=x.device)], 1)
         level_all = torch.cat([self.level, torch.full((B, n), self.next_level, device=x.device)], 1)
         seq = torch.cat([self.h, x], 1)
+        pos_all = torch.cat([self.pos, self.image_pos[:, None].expand(B, seq.shape[1] - self.pos.shape[1])], 1)
         if update:
             self.h = seq
-        return self.model.run_blocks(seq, dense_mask(role_all, level_all))[:, -n:]
+        return self.model.run_blocks(seq, dense_mask(role_all, level_all), positions=pos_all,
+                                     image_slots=role_all >= ROLE_CLEAN)[:, -n:]
 
     def predict(self, noisy_h: torch.Tensor) -> torch.Tensor:
         """Diffusion-head output (B, n, P, float32) for embedded noisy tokens of the next step."""
@@ -933,7 +1039,8 @@ def generate_caption_ids(model: CausalFusion, image_tokens: torch.Tensor, max_le
                  pos=ex([T] + [0] * L + [T + 1, 0]), img_idx=ex([-1] + list(range(L)) + [-1, -1]),
                  role=ex([ROLE_BIDIR] * (L + 1) + [ROLE_CAUSAL] * 2), level=ex([0] * (L + 3)))
     caches = [dict() for _ in model.blocks]
-    h = model.run_blocks(model.embed(lay, image_tokens, None, None), lay.attention_mask(), caches, update_cache=True)
+    h = model.run_blocks(model.embed(lay, image_tokens, None, None), lay.attention_mask(), caches, update_cache=True,
+                         positions=lay.rope_positions(), image_slots=lay.image_slots())
     n_keys = L + 3
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -958,8 +1065,10 @@ def generate_caption_ids(model: CausalFusion, image_tokens: torch.Tensor, max_le
         done |= nxt == ids["eos"]
         if all(d or n == ids["eos"] for d, n in zip(host_done, host_nxt)) or j == max_len - 1:
             break
-        h_new = model.tok_embed(nxt)[:, None] + model.text_pos[j + 1][None, None]
+        h_new = model.text_embed(nxt, torch.full_like(nxt, j + 1))[:, None]
         mask = torch.ones(B, 1, n_keys + 1, dtype=torch.bool, device=dev)
-        h = model.run_blocks(h_new, mask, caches, update_cache=True)
+        pos = torch.full((B, 1), 3 + j, device=dev)  # after <boi>, <eoi>, <s> and j tokens (Layout.rope_positions)
+        h = model.run_blocks(h_new, mask, caches, update_cache=True, positions=pos,
+                             image_slots=torch.zeros(B, 1, dtype=torch.bool, device=dev))
         n_keys += 1
     return out

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from mmtrain.errors import ConfigError
 
 FAMILIES = ("causalfusion", "transdiff")
+BACKBONES = ("dit", "llama")
+LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+BACKBONE_TRAINING = ("full", "frozen_text", "new_only")
 
 
 @dataclass
@@ -61,6 +64,60 @@ class TransDiffConfig:
                 raise ConfigError(f"model.transdiff.{name}: expected >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.transdiff.dropout: expected a probability in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class LlamaConfig:
+    """The ``model.llama`` section (used when ``model.backbone=llama``): what a LLaMA-family
+    decoder (:mod:`mmtrain.models.llama`) needs beyond ``model.hidden_size`` / ``depth`` /
+    ``num_heads``. ``mmtrain convert hf`` and ``train.init_from`` a Hugging Face directory fill
+    it from the checkpoint's ``config.json``; set by hand it describes a LLaMA trained from scratch.
+
+    Args:
+        model_type: ``llama``, ``mistral``, ``qwen2`` or ``qwen3``: what ``mmtrain export --hf``
+            writes as ``config.json``'s model_type. Default ``llama``.
+        num_key_value_heads: key/value heads (grouped-query attention); 0 = ``model.num_heads``. Default 0.
+        head_dim: per-head width; 0 = hidden_size / num_heads. Default 0.
+        intermediate_size: SwiGLU width; 0 = the width with today's MLP's parameter count,
+            ``2/3 * mlp_ratio * hidden_size`` rounded up to a multiple of 8. Default 0.
+        rms_norm_eps: RMSNorm epsilon. Default 1e-6.
+        rope_theta: rotary base. Default 10000.0.
+        rope_scaling: the checkpoint's ``rope_scaling`` (``linear`` or ``llama3``); null = none. Default null.
+        qkv_bias: bias on the q/k/v projections (Qwen2). Default false.
+        o_bias: bias on the attention output projection. Default false.
+        mlp_bias: biases in the MLP. Default false.
+        qk_norm: per-head RMSNorm on q and k (Qwen3). Default false.
+        tie_word_embeddings: the LM head is the embedding table. Default false.
+        vocab_size: rows of the embedding table; 0 = the text tokenizer's size. A checkpoint
+            whose table is larger than its tokenizer (padded) keeps its size. Default 0.
+        max_position_embeddings: the longest text the model is meant for (``mmtrain eval text``'s
+            window, ``config.json`` on export). Default 2048.
+        hf_config: the rest of the checkpoint's ``config.json`` (token ids, dtype ...), written
+            back by ``mmtrain export --hf``. Default {}.
+    """
+
+    model_type: str = "llama"
+    num_key_value_heads: int = 0
+    head_dim: int = 0
+    intermediate_size: int = 0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    vocab_size: int = 0
+    max_position_embeddings: int = 2048
+    hf_config: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.model_type not in LLAMA_MODEL_TYPES:
+            raise ConfigError(f"model.llama.model_type: expected one of {LLAMA_MODEL_TYPES}, got {self.model_type!r}")
+        for name in ("num_key_value_heads", "head_dim", "intermediate_size", "vocab_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.llama.{name}: expected >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -113,6 +170,19 @@ class ModelConfig:
             ignores the AR-split, caption and packing knobs and needs
             ``diffusion.process=rectified_flow``.
         transdiff: the TransDiff part, see :class:`TransDiffConfig`.
+        backbone: the transformer blocks of ``causalfusion``: ``dit`` (LayerNorm, GELU MLP,
+            learned text positions, q/k LayerNorm: the official blocks) or ``llama`` (a
+            LLaMA-family decoder, :mod:`mmtrain.models.llama`: RMSNorm, SwiGLU, rotary
+            positions, grouped-query attention; text mode; can start from a Hugging Face
+            checkpoint). Default ``dit``.
+        llama: the LLaMA part, see :class:`LlamaConfig`.
+        backbone_training: with ``backbone: llama``, which weights train: ``full`` (all;
+            the pretrained ones at ``optim.pretrained_lr_scale`` x the learning rate),
+            ``frozen_text`` (the pretrained weights are frozen and serve the text slots; image
+            slots get their own copies of each block's norms, attention projections and MLP,
+            initialised from the pretrained ones: text-only logits stay those of the base
+            model) or ``new_only`` (only the new image layers train: input projection,
+            timestep embedding, diffusion head). Default ``full``.
     """
 
     hidden_size: int = 192
@@ -139,8 +209,18 @@ class ModelConfig:
     grad_checkpoint: bool = False
     family: str = "causalfusion"
     transdiff: TransDiffConfig = field(default_factory=TransDiffConfig)
+    backbone: str = "dit"
+    llama: LlamaConfig = field(default_factory=LlamaConfig)
+    backbone_training: str = "full"
 
     def __post_init__(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"model.backbone: expected one of {BACKBONES}, got {self.backbone!r}")
+        if self.backbone_training not in BACKBONE_TRAINING:
+            raise ConfigError(f"model.backbone_training: expected one of {BACKBONE_TRAINING}, got {self.backbone_training!r}")
+        if self.backbone == "llama" and (self.family != "causalfusion" or self.condition != "text"):
+            raise ConfigError("model.backbone=llama is a language model's decoder: it needs model.family=causalfusion and "
+                              f"model.condition=text (got {self.family}, {self.condition})")
         if self.family not in FAMILIES:
             raise ConfigError(f"model.family: expected one of {FAMILIES}, got {self.family!r}")
         if self.family == "transdiff" and (self.attention != "sdpa" or self.pack_length):

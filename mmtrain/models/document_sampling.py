@@ -29,36 +29,44 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mmtrain.models.causalfusion import ROLE_PAD, CausalFusion, even_ar_split, guidance_scale, guided
+from mmtrain.models.causalfusion import ROLE_PAD, TEXT, CausalFusion, even_ar_split, guidance_scale, guided
 from mmtrain.models.document_layout import FIELDS, document_runs, layout_from_slots, run_slots
 
 log = logging.getLogger("mmtrain.inference")
 
 
 class DocumentCache:
-    """Per-block keys/values of the slots later slots may see, and which of them are real (B, Nk)."""
+    """Per-block keys/values of the slots later slots may see, which of them are real (B, Nk), and
+    (LLaMA backbone) each row's next rotary position: its text slots so far
+    (:meth:`~mmtrain.models.causalfusion.Layout.rope_positions`, the training rule)."""
 
     def __init__(self, model: CausalFusion, batch: int, device: torch.device):
         self.model = model
         self.caches = [dict() for _ in model.blocks]
         self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # B
 
-    def run(self, h: torch.Tensor, valid: torch.Tensor, keep: bool) -> torch.Tensor:
+    def run(self, h: torch.Tensor, valid: torch.Tensor, keep: bool, text: bool = False) -> torch.Tensor:
         """New slots ``h`` (B, n, D) that see every real cached slot and each other (one AR step,
-        or one text token); ``valid`` (B, n): real slots (a padding slot sees itself only).
+        or one text token: ``text``); ``valid`` (B, n): real slots (a padding slot sees itself only).
         ``keep``: append them to the cache. Returns their hidden states (B, n, D)."""
         B, n = valid.shape
         own = valid[:, None, :] & valid[:, :, None] | torch.eye(n, dtype=torch.bool, device=valid.device)[None]
         mask = torch.cat([self.valid[:, None, :].expand(B, n, -1) & valid[:, :, None], own], 2)
-        out = self.model.run_blocks(h, mask, self.caches, update_cache=keep)
+        out = self.model.run_blocks(h, mask, self.caches, update_cache=keep, positions=self.next_pos[:, None].expand(B, n),
+                                    image_slots=torch.full((B, n), not text, device=valid.device))
         if keep:
             self.valid = torch.cat([self.valid, valid], 1)
+            if text:
+                self.next_pos = self.next_pos + valid.sum(1)
         return out
 
-    def read_prompt(self, h: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """The prompt's slots (B, N, D) under their own document mask (B, N, N), into the empty cache."""
-        out = self.model.run_blocks(h, mask, self.caches, update_cache=True)
-        self.valid = valid
+    def read_prompt(self, lay, h: torch.Tensor) -> torch.Tensor:
+        """The prompt's slots (B, N, D, laid out as ``lay``) under their own document mask, into the empty cache."""
+        out = self.model.run_blocks(h, lay.attention_mask(), self.caches, update_cache=True, positions=lay.rope_positions(),
+                                    image_slots=lay.image_slots())
+        self.valid = lay.role != ROLE_PAD
+        self.next_pos = (lay.kind == TEXT).sum(1)
         return out
 
 
@@ -156,7 +164,7 @@ def continue_documents(model: CausalFusion, diffusion, prompts: list[list], prom
     lay = layout_from_slots(padded, dev)
     images = prompt_images.to(dev) if prompt_images.numel() else torch.zeros(1, L, P, device=dev)
     ctx = DocumentCache(model, B, dev)
-    h = ctx.read_prompt(model.embed(lay, images, None, None), lay.attention_mask(), lay.role != ROLE_PAD)
+    h = ctx.read_prompt(lay, model.embed(lay, images, None, None))
     last = torch.tensor([len(d["kind"]) - 1 for d in docs], device=dev)
     last_h = h[torch.arange(B, device=dev), last]  # B, D: the hidden state that predicts what comes next
 
@@ -230,9 +238,9 @@ def _append_text(model: CausalFusion, ctx: DocumentCache, tokens: list[int], pos
     of the rows that appended (the others keep theirs)."""
     dev = last_h.device
     tok = torch.tensor([t if v else model.ids["pad"] for t, v in zip(tokens, valid)], device=dev)
-    h = model.tok_embed(tok)[:, None] + model.text_pos[torch.tensor(pos, device=dev)][:, None]
+    h = model.text_embed(tok, torch.tensor(pos, device=dev))[:, None]
     v = torch.tensor(valid, device=dev)[:, None]
-    out = ctx.run(h, v, keep=True)[:, 0]
+    out = ctx.run(h, v, keep=True, text=True)[:, 0]
     return torch.where(v, out, last_h)
 
 

@@ -33,7 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from mmtrain.models.attention import flex_attention_call
+from mmtrain.models.config import LLAMA_MODEL_TYPES as SUPPORTED_MODEL_TYPES
+from mmtrain.models.config import LlamaConfig, ModelConfig
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -124,6 +127,60 @@ class DecoderSpec:
         path = _local_dir(directory)
         with open(os.path.join(path, "config.json")) as f:
             return cls.from_hf_config(json.load(f))
+
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig, vocab_size: int) -> "DecoderSpec":
+        """The decoder of a ``model.backbone=llama`` config (``vocab_size``: the embedding rows)."""
+        lc, D = cfg.llama, cfg.hidden_size
+        return cls(
+            model_type=lc.model_type, vocab_size=vocab_size, hidden_size=D,
+            intermediate_size=lc.intermediate_size or -(-round(2 * cfg.mlp_ratio * D / 3) // 8) * 8,
+            num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+            num_key_value_heads=lc.num_key_value_heads or cfg.num_heads, head_dim=lc.head_dim or D // cfg.num_heads,
+            rms_norm_eps=lc.rms_norm_eps, rope_theta=lc.rope_theta, rope_scaling=lc.rope_scaling, qkv_bias=lc.qkv_bias,
+            o_bias=lc.o_bias, mlp_bias=lc.mlp_bias, qk_norm=lc.qk_norm, tie_word_embeddings=lc.tie_word_embeddings,
+            extra=dict(lc.hf_config, max_position_embeddings=lc.max_position_embeddings))
+
+    def model_fields(self) -> dict:
+        """The ``model`` config fields (``hidden_size``, ``depth``, ``num_heads``, ``llama``) of this decoder."""
+        extra = dict(self.extra)
+        max_pos = int(extra.pop("max_position_embeddings", 2048))
+        for key in ("architectures", "transformers_version"):
+            extra.pop(key, None)
+        return dict(hidden_size=self.hidden_size, depth=self.num_hidden_layers, num_heads=self.num_attention_heads,
+                    llama=LlamaConfig(model_type=self.model_type, num_key_value_heads=self.num_key_value_heads,
+                                      head_dim=self.head_dim, intermediate_size=self.intermediate_size,
+                                      rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta, rope_scaling=self.rope_scaling,
+                                      qkv_bias=self.qkv_bias, o_bias=self.o_bias, mlp_bias=self.mlp_bias, qk_norm=self.qk_norm,
+                                      tie_word_embeddings=self.tie_word_embeddings, vocab_size=self.vocab_size,
+                                      max_position_embeddings=max_pos, hf_config=extra))
+
+    def to_hf_config(self) -> dict:
+        """A ``config.json`` transformers reads back as this decoder."""
+        cfg = dict(self.extra)
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM"}[self.model_type]
+        cfg.update(architectures=[arch], model_type=self.model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                   intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+                   num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+                   head_dim=self.head_dim, hidden_act="silu", rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+                   rope_scaling=self.rope_scaling, tie_word_embeddings=self.tie_word_embeddings)
+        if self.model_type in ("llama", "qwen3"):
+            cfg["attention_bias"] = self.qkv_bias or self.o_bias
+            if self.qkv_bias != self.o_bias:
+                raise ValueError(f"{self.model_type} has one attention_bias for q/k/v and o; this decoder has qkv_bias="
+                                 f"{self.qkv_bias}, o_bias={self.o_bias}")
+        elif self.qkv_bias != (self.model_type == "qwen2") or self.o_bias:
+            raise ValueError(f"model_type {self.model_type} cannot hold qkv_bias={self.qkv_bias}, o_bias={self.o_bias}")
+        if self.model_type == "llama":
+            cfg["mlp_bias"] = self.mlp_bias
+        elif self.mlp_bias:
+            raise ValueError(f"model_type {self.model_type} has no MLP biases")
+        if self.qk_norm != (self.model_type == "qwen3"):
+            raise ValueError(f"model_type {self.model_type} {'needs' if self.model_type == 'qwen3' else 'has no'} q/k norm")
+        if self.model_type == "mistral":
+            cfg["sliding_window"] = None
+        return cfg
 
 
 # --------------------------------------------------------------------------- modules
@@ -223,13 +280,24 @@ class GQAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: dict | None = None, update_cache: bool = False) -> torch.Tensor:
+        return self.o_proj(self.attend(*self.project(x), mask, rope, cache, update_cache))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, D) -> q (B, N, H, d), k and v (B, N, G, d); q and k after the q/k norm."""
         B, N, _ = x.shape
         H, G, d = self.heads, self.kv_heads, self.head_dim
-        q = self.q_proj(x).view(B, N, H, d)  # B, N, H, d
-        k = self.k_proj(x).view(B, N, G, d)  # B, N, G, d
-        v = self.v_proj(x).view(B, N, G, d).transpose(1, 2)  # B, G, N, d
+        q = self.q_proj(x).view(B, N, H, d)
+        k = self.k_proj(x).view(B, N, G, d)
+        v = self.v_proj(x).view(B, N, G, d)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def attend(self, q, k, v, mask, rope, cache=None, update_cache=False) -> torch.Tensor:
+        """Rotary, the cache, attention: -> B, N, H * d (before ``o_proj``)."""
+        B, N, H, d = q.shape
+        G = self.kv_heads
+        v = v.transpose(1, 2)  # B, G, N, d
         cos, sin = rope
         q = apply_rotary(q.transpose(1, 2), cos, sin)  # B, H, N, d
         k = apply_rotary(k.transpose(1, 2), cos, sin)  # B, G, N, d
@@ -244,15 +312,13 @@ class GQAttention(nn.Module):
         v = v.repeat_interleave(H // G, dim=1)
         Nk = k.shape[2]
         if mask is None:
-            m = None if N == 1 else causal_mask(N, Nk, x.device)  # a single new query sees every key
+            m = None if N == 1 else causal_mask(N, Nk, q.device)  # a single new query sees every key
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=d**-0.5)
         elif isinstance(mask, torch.Tensor):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=d**-0.5)  # mask: B, N, Nk
         else:
-            from mmtrain.models.causalfusion import _flex_attention
-
-            out = _flex_attention(q, k, v, mask)  # flex's default scale is d**-0.5 too
-        return self.o_proj(out.transpose(1, 2).reshape(B, N, H * d))  # B, N, D
+            out = flex_attention_call(q, k, v, mask)  # flex's default scale is d**-0.5 too
+        return out.transpose(1, 2).reshape(B, N, H * d)
 
 
 class SwiGLU(nn.Module):
@@ -278,9 +344,41 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = SwiGLU(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
 
-    def forward(self, x, mask, rope, cache=None, update_cache=False):  # x: B, N, D
+    def forward(self, x, mask, rope, cache=None, update_cache=False, image_slots=None):  # x: B, N, D
         x = x + self.self_attn(self.input_layernorm(x), mask, rope, cache, update_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ModalityBlock(DecoderBlock):
+    """A block whose image slots have their own weights (LMFusion, mixture-of-transformers).
+
+    The block's own weights (the pretrained ones, frozen in ``model.backbone_training:
+    frozen_text``) serve text slots; ``image``, a copy of every norm, projection and MLP of
+    the block, serves image slots (``image_slots`` (B, N) True). Attention is joint: every
+    slot's q/k/v come from its own modality's projections, then one attention over all of
+    them under the mask. Both modalities' projections run on every slot and ``torch.where``
+    picks (static shapes, no gather; twice the linear FLOPs): a text slot's numbers are
+    exactly those of the plain block, so text-only input gives the base model's logits bit
+    for bit, however the image weights have trained.
+    """
+
+    def __init__(self, spec: DecoderSpec):
+        super().__init__(spec)
+        self.image = DecoderBlock(spec)
+
+    def forward(self, x, mask, rope, cache=None, update_cache=False, image_slots=None):  # x: B, N, D
+        if image_slots is None:
+            return super().forward(x, mask, rope, cache, update_cache)
+        img = image_slots[..., None]  # B, N, 1
+
+        def pick(text_out, image_out):  # B, N, ... each
+            return torch.where(img.view(*img.shape, *[1] * (text_out.dim() - 3)), image_out, text_out)
+
+        a, b = self.self_attn, self.image.self_attn
+        q, k, v = (pick(t, i) for t, i in zip(a.project(self.input_layernorm(x)), b.project(self.image.input_layernorm(x))))
+        out = a.attend(q, k, v, mask, rope, cache, update_cache)  # B, N, H * d
+        x = x + pick(a.o_proj(out), b.o_proj(out))
+        return x + pick(self.mlp(self.post_attention_layernorm(x)), self.image.mlp(self.image.post_attention_layernorm(x)))
 
 
 class Decoder(nn.Module):

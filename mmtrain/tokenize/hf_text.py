@@ -12,16 +12,55 @@ Ids:
   :func:`mmtrain.models.llama.add_token_rows`).
 * pad is the tokenizer's pad token, else its eos.
 * bos is the tokenizer's bos token, else its eos (Qwen-style tokenizers have no bos).
+
+The *fingerprint* (what checkpoints record and :meth:`HFTextTokenizer.check_matches` compares) is
+the sha256 over the names and bytes of the tokenizer files in the directory
+(:data:`TOKENIZER_FILES`); a run keeps its own copy of them (:meth:`HFTextTokenizer.save_to`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from mmtrain.atomic import atomic_write_bytes
+from mmtrain.tokenize.text import TokenizerMismatchError
+
 BOI, EOI = "<boi>", "<eoi>"
+# The files of a saved tokenizer that decide its ids (what AutoTokenizer reads), hashed into the fingerprint.
+TOKENIZER_FILES = ("added_tokens.json", "merges.txt", "special_tokens_map.json", "spiece.model", "tokenizer.json",
+                   "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt")
+# Copied along (AutoTokenizer reads config.json for the tokenizer class when tokenizer_config.json does not
+# name one) but not hashed: a model directory's config says nothing about the ids.
+COPIED_ALONG = ("config.json",)
+
+
+def is_hf_tokenizer_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory holding a saved Hugging Face tokenizer (``tokenizer.json``, or
+    ``tokenizer.model`` with ``tokenizer_config.json``)."""
+    d = Path(path)
+    return d.is_dir() and ((d / "tokenizer.json").is_file()
+                           or ((d / "tokenizer.model").is_file() and (d / "tokenizer_config.json").is_file()))
+
+
+def tokenizer_files(directory: str | os.PathLike) -> list[str]:
+    """The names of :data:`TOKENIZER_FILES` present in ``directory``, sorted."""
+    return sorted(name for name in TOKENIZER_FILES if (Path(directory) / name).is_file())
+
+
+def fingerprint_dir(directory: str | os.PathLike) -> str:
+    """sha256 over the sorted (file name, bytes) of the tokenizer files in ``directory``."""
+    h = hashlib.sha256()
+    for name in tokenizer_files(directory):
+        data = (Path(directory) / name).read_bytes()
+        h.update(name.encode() + b"\0" + len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
 
 
 class HFTextTokenizer:
@@ -36,6 +75,8 @@ class HFTextTokenizer:
         from transformers import AutoTokenizer
 
         self.directory = path
+        self.model_path = Path(path)  # as TextTokenizer.model_path: where it was loaded from
+        self._fingerprint = fingerprint_dir(path)  # before loading: the files as they are now
         self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.old_vocab_size = len(self.hf)
         vocab = self.hf.get_vocab()
@@ -57,6 +98,69 @@ class HFTextTokenizer:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "HFTextTokenizer":
         return cls(directory)
+
+    # Workers of a DataLoader read the same filesystem: the directory is the whole state.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"directory": self.directory, "fingerprint": self._fingerprint}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"])  # type: ignore[misc]
+        self.check_matches(state["fingerprint"], where=f"the pickled tokenizer of {state['directory']}")
+
+    # ------------------------------------------------------- fingerprinting
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the sorted (name, bytes) of the tokenizer files of the directory (see :func:`fingerprint_dir`)."""
+        return self._fingerprint
+
+    def check_matches(self, expected_fingerprint: str, where: str) -> None:
+        """Raise :class:`~mmtrain.tokenize.text.TokenizerMismatchError` unless this is the expected tokenizer
+        (``where``: the origin of the expectation, e.g. a checkpoint, for the message)."""
+        if expected_fingerprint == self.fingerprint:
+            return
+        raise TokenizerMismatchError(
+            f"text tokenizer mismatch for {where}: it was made with tokenizer sha256 {expected_fingerprint}, but the "
+            f"loaded Hugging Face tokenizer {self.directory} has sha256 {self.fingerprint} (over its files "
+            f"{', '.join(tokenizer_files(self.directory))}). Token ids would mean different things. Fix: point the "
+            f"tokenizer path at the exact tokenizer directory {where} was created with, or re-create {where} with this tokenizer.")
+
+    def state(self) -> dict[str, Any]:
+        """JSON-safe facts for checkpoints and reports: kind, sha256, sizes, added tokens, special ids."""
+        return {
+            "kind": "hf",
+            "sha256": self.fingerprint,
+            "tokenizer_class": type(self.hf).__name__,
+            "files": tokenizer_files(self.directory),
+            "vocab_size": self.vocab_size,
+            "old_vocab_size": self.old_vocab_size,
+            "added_tokens": list(self.added_tokens),
+            "special_token_ids": {"pad": self.pad_id, "bos": self.bos_id, "eos": self.eos_id, "boi": self.boi_id,
+                                  "eoi": self.eoi_id},
+        }
+
+    def save_hf(self, directory: str | os.PathLike) -> None:
+        """Write the tokenizer with the tokens mmtrain added (``<boi>``, ``<eoi>``) into ``directory``
+        (``save_pretrained``), for ``mmtrain export --hf``."""
+        self.hf.save_pretrained(os.fspath(directory))
+
+    def save_to(self, directory: str | os.PathLike) -> Path:
+        """Copy the tokenizer files (and ``config.json``, when present) into ``directory``, each written under
+        a temp name and renamed; a copy onto itself writes nothing. Returns ``directory``; the copy has
+        this tokenizer's fingerprint."""
+        dst = Path(directory)
+        if dst.exists() and dst.resolve() == Path(self.directory).resolve():
+            return dst
+        dst.mkdir(parents=True, exist_ok=True)
+        names = [*tokenizer_files(self.directory), *(n for n in COPIED_ALONG if (Path(self.directory) / n).is_file())]
+        # tokenizer_config.json last: a copy that has it (what is_hf_tokenizer_dir looks for with
+        # tokenizer.model) is complete, whichever of the files another reader looks at first
+        for name in sorted(names, key=lambda n: (n in ("tokenizer_config.json", "tokenizer.json"), n)):
+            atomic_write_bytes(dst / name, (Path(self.directory) / name).read_bytes())
+        copied = fingerprint_dir(dst)
+        if copied != self.fingerprint:
+            raise OSError(f"copying the tokenizer {self.directory} to {dst}: the copy hashes to {copied}, not "
+                          f"{self.fingerprint} (did {dst} already hold other tokenizer files, or did {self.directory} change?)")
+        return dst
 
     # ------------------------------------------------------------ properties
     @property

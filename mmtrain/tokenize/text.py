@@ -436,6 +436,23 @@ class TextTokenizer:
             f".model file {where} was created with, or re-create {where} with this tokenizer."
         )
 
+    def save_hf(self, directory: str | Path) -> None:
+        """Write this model as a Hugging Face tokenizer (``LlamaTokenizer`` over the same sentencepiece
+        model, legacy mode, the special pieces as special tokens) into ``directory``, for
+        ``mmtrain export --hf``. It gives this tokenizer's ids on single-spaced text; runs of spaces
+        and a leading space are normalised by sentencepiece here but not by transformers' fast tokenizer."""
+        import tempfile
+
+        from transformers import LlamaTokenizer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            vocab = Path(tmp) / "tokenizer.model"
+            vocab.write_bytes(self._model_bytes)
+            hf = LlamaTokenizer(vocab_file=str(vocab), unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                add_bos_token=True, add_eos_token=False, legacy=True,
+                                additional_special_tokens=[SPECIAL_TOKENS["boi"][0], SPECIAL_TOKENS["eoi"][0]])
+            hf.save_pretrained(str(directory))
+
     def state(self) -> dict[str, Any]:
         """The sidecar JSON content, for storing in checkpoints."""
         state = json.loads(json.dumps(self._meta))  # deep copy, JSON-safe
