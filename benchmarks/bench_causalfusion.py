@@ -2,12 +2,16 @@
 
     python benchmarks/bench_causalfusion.py                       # configs/small.yaml, CPU
     python benchmarks/bench_causalfusion.py --config configs/causalfusion_xl.yaml --device cuda
+    python benchmarks/bench_causalfusion.py --backbones dit,llama,llama:frozen_text   # the blocks at equal width and depth
 
 Training: forward + backward + AdamW step of one micro-batch (text-conditional layouts
 mix generate and caption rows; class configs use class tokens), with SDPA and with
 FlexAttention masks. Sampling: one batch of images in S = 1, 4, 16 AR steps with
 ``--diffusion-steps`` steps each, with and without the KV cache. Prints a table;
 single process, random weights, no data loading (see benchmarks for the loader).
+``--backbones``: instead, the training step of each ``model.backbone`` (``dit``: today's blocks;
+``llama``: LLaMA blocks, SwiGLU at the MLP's parameter count; ``llama:frozen_text``: with the
+image copies) at the config's width and depth, SDPA.
 """
 from __future__ import annotations
 
@@ -91,6 +95,26 @@ def time_sample(model, cfg, B: int, ar_steps: int, use_cache: bool, diffusion_st
     return time.perf_counter() - start
 
 
+def compare_backbones(cfg, args) -> None:
+    """One table: each backbone's parameters and training step (forward + backward + AdamW, SDPA)."""
+    import dataclasses
+
+    print(f"# {args.config}: width {cfg.model.hidden_size}, depth {cfg.model.depth}, device {args.device}, "
+          f"torch threads {torch.get_num_threads()}, B={args.train_batch}, median of {args.repeats}")
+    print()
+    print("| backbone | parameters (trainable) | forward + backward + AdamW s | samples/s |")
+    print("|---|---|---|---|")
+    for name in args.backbones.split(","):
+        backbone, _, training = name.partition(":")
+        cfg.model = dataclasses.replace(cfg.model, backbone=backbone, backbone_training=training or "full")
+        torch.manual_seed(0)
+        model = build(cfg, "sdpa", args.device)
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        t = time_train(model, cfg, args.train_batch, args.repeats, args.device, True)
+        print(f"| {name} | {total / 1e6:.2f}M ({trainable / 1e6:.2f}M) | {t:.3f} | {args.train_batch / t:.1f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/small.yaml")
@@ -100,10 +124,14 @@ def main() -> None:
     p.add_argument("--diffusion-steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ar-steps", default="1,4,16")
+    p.add_argument("--backbones", default="", help="compare training steps of backbones, e.g. dit,llama,llama:frozen_text")
     args = p.parse_args()
     warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # eager flex on CPU is expected
     torch.manual_seed(0)
     cfg = load_config(args.config)
+    if args.backbones:
+        compare_backbones(cfg, args)
+        return
     model = build(cfg, "sdpa", args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"# {args.config}: {n_params / 1e6:.1f}M parameters, {model.num_image_tokens} image tokens, device {args.device}, "

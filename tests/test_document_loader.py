@@ -22,7 +22,7 @@ from test_loader import keys, take
 
 from mmtrain.components.data import Batch, DataConfig, build_train_loader
 from mmtrain.data import storage
-from mmtrain.data.documents import DocImage, to_wds_members, write_document_shards
+from mmtrain.data.documents import DocImage, Document, to_wds_members, write_document_shards
 from mmtrain.data.images import decode_image
 from mmtrain.data.order import CHUNK
 from mmtrain.data.shards import ShardDataError, ShardWriter
@@ -32,6 +32,7 @@ from mmtrain.data.synthetic import SyntheticConfig, write_synthetic_shards
 from mmtrain.tokenize.text import TextTokenizer, TextTokenizerConfig, train_text_tokenizer
 
 N_STORIES, N_PAIRS, PER_SHARD = 48, 24, 8  # 6 story shards, 3 pair shards
+N_TEXTS = 12  # text-only documents (prep text's output), 2 shards
 SIZE = 32  # stored and loaded image size: decoding is exact (PNG, no resize)
 MAX_IMAGES = 3  # stories have 2-4 scenes: some are cut
 MAX_TEXT = 48
@@ -58,7 +59,12 @@ def docs(tmp_path_factory) -> dict:
     with ShardWriter(root / "bad", "bad", samples_per_shard=100) as writer:
         for doc in bad_docs:
             writer.write({"__key__": doc.key, **to_wds_members(doc)})
+    # a text corpus as text-only documents, as `prep text` writes it (some two spans, as --max-text-tokens cuts)
+    texts = [Document(f"t{i}", [f"plain text {i}: the red circle is above the blue square"] + ["and it stays"] * (i % 2))
+             for i in range(N_TEXTS)]
+    write_document_shards(texts, root / "texts", samples_per_shard=PER_SHARD)
     return {"root": root, "stories": str(root / "stories" / "train"), "pairs": str(root / "pairs"), "bad": str(root / "bad"),
+            "texts": str(root / "texts" / "train"), "text_docs": {d.key: d for d in texts},
             "cache": str(root / "index_cache"), "tok": tok, "story_docs": stories, "pair_samples": pairs,
             "bad_docs": bad_docs}
 
@@ -191,6 +197,64 @@ def test_documents_and_pairs_mix_by_weight(docs):
                                max_text_len=MAX_TEXT, max_images=MAX_IMAGES).dataset.order
     assert np.array_equal(order.lookup(np.arange(800))[0], got)
     assert abs(order.lookup(np.arange(CHUNK))[0].mean() - 0.25) < 1e-4  # exact over a chunk of the stream
+
+
+def test_text_only_documents_mix_by_weight_keep_static_shapes_and_train_the_text_path(docs):
+    """A text corpus (text-only documents) mixed by weight with pairs and stories: its documents hold
+    text spans only and no image row; a batch of only text documents still has B black pixel rows
+    (static shapes); laid out, it has no image slot, and the training forward + backward gives a
+    diffusion loss of exactly 0 (not NaN: no noisy token) and a finite text loss whose gradient
+    reaches the text path; a batch mixing them with images trains both. Resume stays exact."""
+    from mmtrain.models.causalfusion import CLEAN, NOISY, CausalFusion, ModelConfig
+    from mmtrain.models.diffusion import DiffusionConfig, build_diffusion
+    from mmtrain.models.document_layout import document_training_inputs
+    from mmtrain.tokenize.image import patchify
+
+    tok, B = docs["tok"], 4
+    sources = [{"path": docs["texts"], "weight": 2}, {"path": docs["pairs"], "weight": 1},
+               {"path": docs["stories"], "weight": 0.25}]
+    epoch_len = 2 * N_TEXTS + N_PAIRS + N_STORIES // 4  # 60 = 15 batches
+    batches = doc_take(docs, cfg_for(docs, sources), epoch_len // B, B, seed=3)
+    counts = Counter(keys(batches))
+    assert {k: n for k, n in counts.items() if k[0] != "2"} == {**{f"0:{k}": 2 for k in docs["text_docs"]},
+                                                               **{f"1:{k}": 1 for k in docs["pair_samples"]}}
+    assert sum(k[0] == "2" for k in counts) == N_STORIES // 4 and set(counts.values()) == {1, 2}
+    for b in batches:
+        for k, doc, pair, caption in zip(b.keys, b.documents, b.pairs, b.captions):
+            if k.startswith("0:"):
+                stored = docs["text_docs"][k[2:]].segments
+                assert pair is False and caption == " ".join(stored) and len(doc) == len(stored)
+                for got, text in zip(doc, stored):
+                    assert isinstance(got, np.ndarray) and got.tolist() == tok.encode(text, bos=False, eos=False)
+    assert_same_batches(doc_take(docs, cfg_for(docs, sources), 3, B, seed=3, start=9 * B), batches[9:12])
+    only_text = doc_take(docs, cfg_for(docs, [{"path": docs["texts"]}]), 2, B, seed=1)
+    for b in only_text:
+        assert b.pixels.shape == (B, SIZE, SIZE, 3) and b.pixels.dtype == torch.uint8 and not b.pixels.any()
+        assert not any(isinstance(s, int) for d in b.documents for s in d) and b.pairs == [False] * B
+    mixed = next(b for b in batches if any(k.startswith("0:") for k in b.keys) and b.pixels.any())
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(hidden_size=32, depth=1, num_heads=2, patch_size=8, max_text_len=MAX_TEXT, max_images=MAX_IMAGES,
+                      caption_prob=0.0, cond_drop_prob=0.0)
+    special = {"pad": tok.pad_id, "bos": tok.bos_id, "eos": tok.eos_id, "boi": tok.boi_id, "eoi": tok.eoi_id}
+    model = CausalFusion(cfg, latent_channels=3, latent_size=SIZE, vocab_size=tok.vocab_size, special_ids=special).train()
+    torch.nn.init.normal_(model.diffusion_head.weight, std=0.05)  # zero at init: give the diffusion loss a gradient
+    diffusion = build_diffusion(DiffusionConfig())
+    for b, has_images in ((only_text[0], False), (mixed, True)):
+        model.zero_grad()
+        inputs = document_training_inputs(model, patchify(b.images, cfg.patch_size), b.documents, b.pairs, diffusion,
+                                          torch.Generator().manual_seed(0), random.Random(0))
+        kind = inputs["layout"].kind
+        assert bool(((kind == CLEAN) | (kind == NOISY)).any()) == has_images
+        out = model(**inputs)
+        out["loss"].backward()
+        assert torch.isfinite(out["loss"]) and torch.isfinite(out["text_loss"]) and out["text_loss"] > 0
+        assert int(out["text_tokens"]) > 0 and (int(out["image_tokens"]) > 0) == has_images
+        assert (out["diffusion_loss"] > 0) if has_images else (out["diffusion_loss"] == 0)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert all(torch.isfinite(g).all() for g in grads.values())
+        assert grads["lm_head.weight"].abs().sum() > 0 and grads["tok_embed.weight"].abs().sum() > 0
+        assert (grads["diffusion_head.weight"].abs().sum() > 0) == has_images
 
 
 # --------------------------------------------------------------------------- shuffle windows

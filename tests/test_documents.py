@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
 import pytest
 from PIL import Image
@@ -253,3 +254,43 @@ def test_an_image_in_a_format_shards_do_not_store_is_re_encoded_and_named_by_its
         assert im.size == (12, 9) and im.convert("RGB").getpixel((3, 3))[0] > 150
     renamed = process_image(DocImage(data=png.getvalue(), ext="jpg"), ImageOptions())
     assert renamed.ext == "png" and renamed.data == png.getvalue()  # kept as stored, named by its format
+
+
+def test_prep_text_writes_text_only_documents_from_txt_jsonl_and_parquet(tmp_path, capsys):
+    """A text corpus -> text-only documents through the one writer: keys from stem + line / row, blank
+    lines skipped, empty text dropped and counted, --max-text-tokens cuts at whitespace into parts;
+    MDS holds them too (an empty images column); bad input names the file, the line / row and the field."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmtrain.data.sources import iter_texts
+
+    (tmp_path / "web.txt").write_text("first line doc\n\n  second  \n")
+    (tmp_path / "books.jsonl").write_text('{"body": "one two three four five", "id": 1}\n\n{"body": "   "}\n')
+    pq.write_table(pa.table({"body": ["a parquet row", "row two"], "n": [1, 2]}), tmp_path / "wiki.parquet")
+    files = [str(tmp_path / n) for n in ("web.txt", "books.jsonl", "wiki.parquet")]
+    out = tmp_path / "out"
+    assert cli.main(["prep", "text", *files, "--out", str(out), "--text-field", "body", "--max-text-tokens", "3",
+                     "--quiet"]) == 0
+    assert "prep text: 6 documents from 6" in capsys.readouterr().out
+    docs = list(iter_documents(out / "train"))
+    assert [(d.key, d.segments) for d in docs] == [
+        ("web-00000001", ["first line doc"]), ("web-00000003", ["second"]), ("books-00000001", ["one two three"]),
+        ("books-00000001_1", ["four five"]), ("wiki-00000000", ["a parquet row"]), ("wiki-00000001", ["row two"])]
+    assert docs[0].meta == {"source": f"{files[0]} line 1"} and docs[-1].meta["source"] == f"{files[2]} row 1"
+    assert list(iter_texts(out / "train")) == [s for d in docs for s in d.segments]  # what `tokenizer train` reads
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["images"] == 0 and stats["dropped_documents"]["document_empty"] == 1
+    assert stats["source"] == {"kind": "text", "paths": files, "text_field": "body"}
+    assert cli.main(["prep", "text", files[0], "--out", str(tmp_path / "mds"), "--format", "mds", "--quiet"]) == 0
+    assert [d.segments for d in iter_documents(tmp_path / "mds" / "train")] == [["first line doc"], ["second"]]
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    for line, error in (('{"text": "ok"}\n{"text": "cut\n', r"bad\.jsonl line 2: not a JSON object"),
+                        ('{"text": "ok"}\n\n{"txt": "x"}\n', r"bad\.jsonl line 3: no field 'text' \(--text-field\)"),
+                        ('{"text": 7}\n', r"bad\.jsonl line 1: field 'text' is a int, expected a string")):
+        bad.write_text(line)
+        assert cli.main(["prep", "text", str(bad), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+        assert re.search(error, capsys.readouterr().err), error
+    assert cli.main(["prep", "text", files[2], "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "wiki.parquet: no column 'text' (--text-field); columns: ['body', 'n']" in capsys.readouterr().err

@@ -1,6 +1,7 @@
-"""``mmtrain prep folder|manifest|coco|wds|latents|index|documents-wds|obelics|mmc4``: argparse wiring for the converters.
+"""``mmtrain prep folder|manifest|coco|wds|latents|index|documents-wds|obelics|mmc4|text``: argparse wiring for the converters.
 
-Document preps (``documents-wds``; the web-document converters ``obelics`` and ``mmc4``) share
+Document preps (``documents-wds``; the web-document converters ``obelics`` and ``mmc4``; ``text``, a
+text corpus as text-only documents) share
 :func:`add_document_options`, :func:`write_documents_from_args` and :func:`documents_summary`
 around :func:`mmtrain.data.documents.write_document_shards`.
 
@@ -206,8 +207,9 @@ def documents_summary(kind: str, out: str, stats: dict[str, Any]) -> str:
             f"segments to {out}; images left out: {images}; documents dropped: {docs} (stats: {Path(out) / 'stats.json'})")
 
 
-def add_document_options(p: argparse.ArgumentParser) -> None:
-    """The flags of every document prep: output layout, split, sequence budget, images."""
+def add_document_options(p: argparse.ArgumentParser, images: bool = True) -> None:
+    """The flags of every document prep: output layout, split, sequence budget, and with ``images`` the
+    image ones (``--max-images``, ``--min-images``, ``--resolution``, ...; ``prep text`` has none)."""
     p.add_argument("--out", required=True, help="output directory or URL (s3://, gs://): writes OUT/train, OUT/val, "
                                                "OUT/stats.json (a URL: staged locally, then uploaded)")
     p.add_argument("--format", dest="output_format", choices=OUTPUT_FORMATS, default="wds",
@@ -219,13 +221,18 @@ def add_document_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="fraction of documents routed to OUT/val by key hash (default 0)")
     p.add_argument("--split-seed", type=int, default=0, help="salt of the split hash (default 0)")
+    where = "segment boundaries" if images else "whitespace"
+    p.add_argument("--max-text-tokens", type=int, default=0,
+                   help=f"text tokens per sequence: longer documents are split at {where} into KEY, KEY_1, ... (default "
+                        "0 = no limit); counted by --tokenizer, else estimated as whitespace-separated words")
+    p.add_argument("--tokenizer", default=None,
+                   help="the run's text tokenizer, a sentencepiece .model or a Hugging Face tokenizer directory, to "
+                        "count --max-text-tokens (default: word estimate)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if not images:
+        return
     p.add_argument("--max-images", type=int, default=0,
                    help="images per sequence: longer documents are split at segment boundaries (default 0 = no limit)")
-    p.add_argument("--max-text-tokens", type=int, default=0,
-                   help="text tokens per sequence: longer documents are split at segment boundaries (default 0 = no "
-                        "limit); counted by --tokenizer, else estimated as whitespace-separated words")
-    p.add_argument("--tokenizer", default=None,
-                   help="the run's sentencepiece model (.model) to count --max-text-tokens (default: word estimate)")
     p.add_argument("--min-images", type=int, default=0, help="drop documents with fewer images (default 0)")
     p.add_argument("--resolution", type=int, default=0,
                    help="resize every image's shorter side to this many pixels and re-encode (default 0 = keep bytes)")
@@ -234,20 +241,26 @@ def add_document_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpg",
                    help="encoding of resized images (default jpg)")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1-95 (default 95)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def write_documents_from_args(documents: Any, args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
-    """``write_document_shards`` with the options of :func:`add_document_options`."""
-    from mmtrain.data.documents import ImageOptions, count_words, sentencepiece_counter, write_document_shards
+    """``write_document_shards`` with the options of :func:`add_document_options` (the image ones at the
+    writer's defaults where the parser has none). ``count_tokens``: the counter of ``--tokenizer``, when
+    the caller made it already."""
+    from mmtrain.data.documents import ImageOptions, count_words, text_token_counter, write_document_shards
 
+    if "count_tokens" not in kwargs:
+        kwargs["count_tokens"] = text_token_counter(args.tokenizer) if args.tokenizer else count_words
+    image = ImageOptions()
     return write_document_shards(
         documents, args.out, fmt=args.output_format, samples_per_shard=args.samples_per_shard,
         shard_size=args.shard_size, prefix=args.prefix, val_fraction=args.val_fraction, split_seed=args.split_seed,
-        max_images=args.max_images, max_text_tokens=args.max_text_tokens, min_images=args.min_images,
-        count_tokens=sentencepiece_counter(args.tokenizer) if args.tokenizer else count_words,
-        images=ImageOptions(resolution=args.resolution, resize_mode=args.resize_mode, image_format=args.image_format,
-                            jpeg_quality=args.jpeg_quality),
+        max_images=getattr(args, "max_images", 0), max_text_tokens=args.max_text_tokens,
+        min_images=getattr(args, "min_images", 0),
+        images=ImageOptions(resolution=getattr(args, "resolution", image.resolution),
+                            resize_mode=getattr(args, "resize_mode", image.resize_mode),
+                            image_format=getattr(args, "image_format", image.image_format),
+                            jpeg_quality=getattr(args, "jpeg_quality", image.jpeg_quality)),
         progress=not args.quiet, **kwargs)
 
 
@@ -262,6 +275,19 @@ def cmd_documents_wds(args: argparse.Namespace) -> int:
 
     stats = write_documents_from_args(documents(), args, source={"kind": "documents-wds", "paths": list(args.sources)})
     print(documents_summary("documents-wds", args.out, stats))
+    return 0
+
+
+def cmd_text(args: argparse.Namespace) -> int:
+    """A text corpus (.txt lines, .jsonl objects, a .parquet column) -> text-only document shards."""
+    from mmtrain.data.documents import count_words, text_token_counter
+    from mmtrain.data.prep.sources.text import iter_text_documents
+
+    count_tokens = text_token_counter(args.tokenizer) if args.tokenizer else count_words
+    documents = iter_text_documents(args.files, args.text_field, args.max_text_tokens, count_tokens)
+    stats = write_documents_from_args(documents, args, count_tokens=count_tokens, source={
+        "kind": "text", "paths": list(args.files), "text_field": args.text_field})
+    print(documents_summary("text", args.out, stats))
     return 0
 
 
@@ -410,3 +436,11 @@ def add_prep_subcommands(prep_subparsers: Any) -> None:
     add_document_options(mc)
     _add_fetch_workers(mc)
     mc.set_defaults(func=staged(cmd_mmc4))
+
+    tx = prep_subparsers.add_parser("text", help="a text corpus as text-only documents (to mix into multimodal training "
+                                    "by weight and keep the language ability)")
+    tx.add_argument("files", nargs="+", help=".txt (one document per non-empty line), .jsonl (one JSON object per line, "
+                    "the document in --text-field) or .parquet (the column --text-field) files")
+    tx.add_argument("--text-field", default="text", help="the JSON field / parquet column holding the text (default text)")
+    add_document_options(tx, images=False)
+    tx.set_defaults(func=staged(cmd_text))
