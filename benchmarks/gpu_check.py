@@ -185,6 +185,9 @@ SYNC_VARIANTS = [
     ("causalfusion text", []),
     ("causalfusion class packed", ["model.condition=class", "model.num_classes=10", "model.pack_length=1024"]),
     ("causalfusion documents", ["model.max_images=3", "model.max_text_len=48"]),
+    # the LLaMA backbone: rotary positions from the layout, image copies picked per slot, packed
+    ("causalfusion llama frozen_text packed", ["model.backbone=llama", "model.backbone_training=frozen_text",
+                                              "model.pack_length=1024"]),
     ("transdiff text mrar", ["model.family=transdiff", "diffusion.process=rectified_flow", "model.transdiff.mrar_refs=2",
                              "model.transdiff.num_queries=16", "model.transdiff.decoder_depth=2"]),
 ]
@@ -360,11 +363,14 @@ def time_training(model, cfg, B: int, device: torch.device, repeats: int) -> dic
 def check_throughput(args, device: torch.device) -> dict:
     gpu = device.type == "cuda"
     peak = peak_tflops(args)
-    configs = [("tiny", 8)] if args.quick else [("small", 64), ("causalfusion_l", 32)]
+    # (config, batch, overrides): today's blocks, then the LLaMA blocks at the same width and depth
+    configs = [("tiny", 8, [])] if args.quick else [("small", 64, []), ("small", 64, ["model.backbone=llama"]),
+                                                    ("causalfusion_l", 32, [])]
     variants = [("sdpa", False)] + ([("flex", False), ("sdpa", True), ("flex", True)] if gpu else [])
     rows = []
-    for name, B in configs:
-        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    for name, B, overrides in configs:
+        cfg = load_config(REPO / "configs" / f"{name}.yaml", overrides)
+        name = f"{name} {cfg.model.backbone}"
         for attention, compiled in variants:
             # each row compiles from scratch: rows of other configs must not use up this row's
             # recompile budget (dynamo's limit is per code object), nor hand it their graphs

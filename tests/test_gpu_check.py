@@ -30,12 +30,12 @@ def test_gpu_check_cpu_quick_smoke(tmp_path):
     assert resume["resumed_at"] == 1 and resume["max_loss_diff"] == 0 and resume["data_hashes_equal"]
     assert len(sections["inference"]["captions"]) == 4 and sections["inference"]["eval_device"] == "cpu"
     assert sections["host_sync"]["variants"] == ["causalfusion text", "causalfusion class packed", "causalfusion documents",
-                                                    "transdiff text mrar"]
+                                                    "causalfusion llama frozen_text packed", "transdiff text mrar"]
     training = sections["throughput"]["training"]
     assert training and all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in training)
     assert all(r["graphs_timed"] == 0 for r in training)  # warm before timing: no compile inside a timed step
     assert {(r["ar_steps"], r["kv_cache"]) for r in sections["throughput"]["sampling"]} == {(1, True), (1, False), (16, True), (16, False)}
-    assert "| tiny | 0.3M | 8 | sdpa |" in proc.stdout and "### sampling" in proc.stdout
+    assert "| tiny dit | 0.3M | 8 | sdpa |" in proc.stdout and "### sampling" in proc.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

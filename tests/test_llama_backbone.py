@@ -172,17 +172,20 @@ def test_new_only_trains_only_the_image_layers_and_full_splits_the_learning_rate
 def test_zero3_run_from_a_hf_checkpoint_loads_partitioned_keeps_text_frozen_and_exports(synthetic_data, captions, tmp_path,
                                                                                         capfd):
     """`train.init_from` a Hugging Face directory on two ZeRO-3 ranks, frozen_text: the model is built
-    partitioned and filled one tensor at a time (no rank holds more than the largest tensor in full); after
-    multimodal steps the run's text-only logits are the checkpoint's, bit for bit; `eval text` and `export --hf`
-    work on the run, and transformers reads the export back with the checkpoint's own weights."""
+    partitioned and filled one tensor at a time (no rank holds more than the largest tensor in full); stopped
+    and resumed; after multimodal steps the run's text-only logits (trained weights and EMA) are the
+    checkpoint's, bit for bit; `eval text` and `export --hf` work on the run, and transformers reads the export
+    back with the checkpoint's own weights."""
     llm, ref = hf_checkpoint(tmp_path / "hf", captions)
     run_dir = tmp_path / "run"
+    args = ["train", CONFIG, f"data.train_shards={synthetic_data['train']}", f"train.run_dir={run_dir}",
+            f"data.index_cache={tmp_path / 'index_cache'}", f"train.init_from={llm}", "model.backbone_training=frozen_text",
+            "train.steps=3", "checkpoint.every_steps=3", "logging.log_every=1"]
     capfd.readouterr()
-    assert cli.main(["train", CONFIG, f"data.train_shards={synthetic_data['train']}", f"train.run_dir={run_dir}",
-                     f"data.index_cache={tmp_path / 'index_cache'}", f"train.init_from={llm}",
-                     "model.backbone_training=frozen_text", "train.steps=3", "checkpoint.every_steps=3",
-                     "logging.log_every=1"]) == 0
+    assert cli.main(args + ["train.stop_at=2"]) == 0
     err = capfd.readouterr().err
+    assert cli.main(args) == 0  # resumes at step 2 (init_from is not read again)
+    assert "resumed from step00000002" in capfd.readouterr().err
     line = next(x for x in err.splitlines() if "initial weights from the Hugging Face checkpoint" in x)
     held, total = (int(v) for v in line.split("held at once: ")[1].split(" elements")[0].split(" of the model's "))
     biggest = max(p.numel() for p in ref.parameters())
@@ -202,8 +205,10 @@ def test_zero3_run_from_a_hf_checkpoint_loads_partitioned_keeps_text_frozen_and_
         ours = trained.model.text_logits(ids, lens)
     torch.testing.assert_close(ours[valid][:, :ref.config.vocab_size], theirs[valid], rtol=1e-5, atol=1e-5)
     start = _converted(captions, tmp_path / "again", "frozen_text").model  # step 0, in one process
+    ema = load_run(run_dir, weights="ema").model
     with torch.no_grad():
         assert torch.equal(start.text_logits(ids, lens), ours)  # bit for bit after multimodal training on 2 ranks
+        assert torch.equal(ema.text_logits(ids, lens), ours)  # the EMA of a frozen weight is the weight
     assert not torch.equal(start.x_proj.weight, trained.model.x_proj.weight)  # while the image side trained
 
     text_file = tmp_path / "held_out.txt"

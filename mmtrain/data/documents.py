@@ -341,28 +341,6 @@ def count_words(text: str) -> int:
     return len(text.split())
 
 
-def sentencepiece_counter(model_path: str | os.PathLike) -> Callable[[str], int]:
-    """Tokens of a text span by the run's sentencepiece model (``tokenizer.text`` path, a ``.model``)."""
-    import sentencepiece as spm
-
-    processor = spm.SentencePieceProcessor(model_file=os.fspath(model_path))
-    return lambda text: len(processor.encode(text))
-
-
-def text_token_counter(path: str | os.PathLike) -> Callable[[str], int]:
-    """Tokens of a text span by the run's text tokenizer (what ``tokenizer.text_model`` names): a
-    sentencepiece ``.model`` (:func:`sentencepiece_counter`) or a Hugging Face tokenizer directory."""
-    if os.path.isdir(path):
-        from mmtrain.tokenize.hf_text import HFTextTokenizer
-
-        tok = HFTextTokenizer(path)
-        return lambda text: len(tok.encode(text, bos=False, eos=False))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--tokenizer {path}: no such file (expected the run's sentencepiece .model or a "
-                                "Hugging Face tokenizer directory)")
-    return sentencepiece_counter(path)
-
-
 def split_document(doc: Document, max_images: int, max_text_tokens: int,
                    count_tokens: Callable[[str], int] = count_words) -> list[Document]:
     """``doc`` cut at segment boundaries into parts of at most ``max_images`` images and

@@ -243,11 +243,20 @@ def add_document_options(p: argparse.ArgumentParser, images: bool = True) -> Non
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1-95 (default 95)")
 
 
+def text_token_counter(path: str):
+    """Tokens of a text span by the run's text tokenizer (``--tokenizer``: a sentencepiece ``.model`` or a
+    Hugging Face tokenizer directory, as ``tokenizer.text_model`` takes), without ``<s>``/``</s>``."""
+    from mmtrain.tokenize.run_text import load_text_tokenizer
+
+    tok = load_text_tokenizer(path)
+    return lambda text: len(tok.encode(text, bos=False, eos=False))
+
+
 def write_documents_from_args(documents: Any, args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
     """``write_document_shards`` with the options of :func:`add_document_options` (the image ones at the
     writer's defaults where the parser has none). ``count_tokens``: the counter of ``--tokenizer``, when
     the caller made it already."""
-    from mmtrain.data.documents import ImageOptions, count_words, text_token_counter, write_document_shards
+    from mmtrain.data.documents import ImageOptions, count_words, write_document_shards
 
     if "count_tokens" not in kwargs:
         kwargs["count_tokens"] = text_token_counter(args.tokenizer) if args.tokenizer else count_words
@@ -280,7 +289,7 @@ def cmd_documents_wds(args: argparse.Namespace) -> int:
 
 def cmd_text(args: argparse.Namespace) -> int:
     """A text corpus (.txt lines, .jsonl objects, a .parquet column) -> text-only document shards."""
-    from mmtrain.data.documents import count_words, text_token_counter
+    from mmtrain.data.documents import count_words
     from mmtrain.data.prep.sources.text import iter_text_documents
 
     count_tokens = text_token_counter(args.tokenizer) if args.tokenizer else count_words
