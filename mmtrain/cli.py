@@ -389,8 +389,7 @@ def cmd_convert_hf(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides) if args.config else Config()
     out, done = convert_hf_llm(args.llm_dir, args.out, cfg)
-    print(f"converted {args.llm_dir} -> {out}: {done['tensors']} tensors, {done['added_rows']} new token rows (mean-initialised), "
-          f"image inputs scaled by {done['image_input_scale']:.4f} to the text embedding's size; "
+    print(f"converted {args.llm_dir} -> {out}: {done['tensors']} tensors, {done['added_rows']} new token rows (mean-initialised); "
           f"model.safetensors + config.yaml + tokenizer/text_hf")
     return 0
 

@@ -305,10 +305,9 @@ class Trainer:
         self.family = family(self.model)
         if hf:
             done = load_hf_weights(self.model, cfg.train.init_from, self.rank)
-            log.info("initial weights from the Hugging Face checkpoint %s: %d tensors, %d rows added for new tokens, image "
-                     "inputs scaled by %.4f to the text embedding's size; the largest full parameter held at once: %d of the "
-                     "model's %d elements%s", cfg.train.init_from, done["tensors"], done["added_rows"], done["image_input_scale"],
-                     done["largest_gathered"], done["model_elements"],
+            log.info("initial weights from the Hugging Face checkpoint %s: %d tensors, %d rows added for new tokens; "
+                     "the largest full parameter held at once: %d of the model's %d elements%s", cfg.train.init_from,
+                     done["tensors"], done["added_rows"], done["largest_gathered"], done["model_elements"],
                      " (ZeRO-3: built partitioned, filled one tensor at a time)" if cfg.train.zero_stage == 3 else "")
         elif cfg.train.init_from and self.point is None:
             load_initial_weights(self.model, cfg.train.init_from)

@@ -89,9 +89,6 @@ def test_convert_hf_keeps_the_language_model_and_export_hf_gives_it_back(kind, c
     torch.testing.assert_close(ours[valid][:, :V0], theirs[valid], rtol=1e-5, atol=1e-5)
     emb = model.tok_embed.weight.detach()
     torch.testing.assert_close(emb[V0:], emb[:V0].mean(0).expand(2, -1))  # the new rows: the mean row
-    # the new image inputs start at the text embedding's size (2-D positions: RMS 0.71 before)
-    rms = lambda t: t.detach().float().pow(2).mean().sqrt()  # noqa: E731
-    torch.testing.assert_close(rms(model.pos_embed), rms(emb), rtol=1e-5, atol=0)
 
     with torch.no_grad():  # as training would: every weight moves
         for p in model.parameters():

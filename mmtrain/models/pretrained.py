@@ -154,29 +154,7 @@ def load_hf_weights(model: torch.nn.Module, directory: str | os.PathLike, rank: 
     return {"tensors": len(seen), "largest_gathered": largest, "model_elements": sum(numel[n] for n in params
                                                                                       if params[n] is not model.lm_head.weight
                                                                                       or not tied),
-            "added_rows": added, "image_input_scale": scale_image_inputs(model)}
-
-
-@torch.no_grad()
-def scale_image_inputs(model: torch.nn.Module) -> float:
-    """Bring the new image inputs to the scale of the pretrained text embedding, and return the factor.
-
-    A language model's token embeddings are small (RMS ~0.01-0.05 per dimension) and its blocks are
-    trained on residual streams of that size; an image token enters as ``x_proj(x) + pos_embed (+
-    t_embedder(t))`` at RMS ~1 (the 2-D sin-cos table is 0.71 alone). Left so, every block's update is
-    tiny next to an image token's input, which passes through the pretrained model almost unchanged:
-    measured on this repo's shapes (README), the diffusion loss of a run started from a pretrained text
-    model stayed at its initial value for 250 steps. So the 2-D position table, the input projection
-    and the timestep embedding's output layer are multiplied by ``s = RMS(text embedding) / RMS(2-D
-    positions)``: image tokens start at the size text tokens have."""
-    from mmtrain.models.base import gathered
-
-    with gathered([model.tok_embed.weight, model.pos_embed]):
-        scale = float(model.tok_embed.weight.float().pow(2).mean().sqrt() / model.pos_embed.float().pow(2).mean().sqrt())
-    for p in (model.pos_embed, model.x_proj.weight, model.x_proj.bias, model.t_embedder.mlp[2].weight, model.t_embedder.mlp[2].bias):
-        with gathered([p]):
-            p.mul_(scale)
-    return scale
+            "added_rows": added}
 
 
 def _image_copy_name(name: str) -> str:
