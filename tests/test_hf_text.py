@@ -2,11 +2,9 @@
 llama.add_token_rows. Nothing is downloaded."""
 import pytest
 import sentencepiece as spm
-import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
 
-from mmtrain.models.llama import Decoder, DecoderSpec, add_token_rows
 from mmtrain.tokenize.hf_text import HFTextTokenizer
 
 TEXTS = ["the quick brown fox jumps over the lazy dog", "a cat sat on the mat", "hello world, hello tokenizer",
@@ -85,34 +83,6 @@ def test_encode_batch_pads_and_cuts_like_text_tokenizer(bpe_dir):
     assert cut == [(1, len(full[1]))]
     with pytest.raises(ValueError, match="max_len"):
         tok.encode_batch(texts, max_len=1)
-
-
-@pytest.mark.parametrize("tied", [False, True])
-def test_add_token_rows(tied):
-    torch.manual_seed(0)
-    spec = DecoderSpec(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied)
-    dec = Decoder(spec).eval()
-    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        before = dec.forward_text(ids)
-    old_embed = dec.embed_tokens.weight.detach().clone()
-    old_head = dec.lm_head.weight.detach().clone()
-    add_token_rows(dec, 2)
-    assert dec.spec.vocab_size == 52 and dec.embed_tokens.weight.shape == (52, 32) and dec.lm_head.weight.shape == (52, 32)
-    torch.testing.assert_close(dec.embed_tokens.weight[:50], old_embed)
-    torch.testing.assert_close(dec.embed_tokens.weight[50:], old_embed.mean(0).expand(2, 32))
-    torch.testing.assert_close(dec.lm_head.weight[50:], old_head.mean(0).expand(2, 32))
-    assert (dec.lm_head.weight is dec.embed_tokens.weight) == tied
-    with torch.no_grad():
-        after = dec.forward_text(ids)
-    assert after.shape == (2, 7, 52)
-    torch.testing.assert_close(after[..., :50], before, rtol=0, atol=0)
-    # the new ids embed and train
-    dec.forward_text(torch.tensor([[50, 51]])).sum().backward()
-    assert dec.embed_tokens.weight.grad[50:].abs().sum() > 0
-    add_token_rows(dec, 0)
-    assert dec.spec.vocab_size == 52
 
 
 # --------------------------------------------------------------------------- a run's text tokenizer

@@ -23,7 +23,6 @@ d head dim, F intermediate (MLP) width, V vocabulary.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -440,21 +439,26 @@ def hf_to_local_key(key: str) -> str | None:
     return key[len("model."):] if key.startswith("model.") else key
 
 
-def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def safetensors_files(path: str) -> list[str]:
+    """The weight files of a local checkpoint: ``model.safetensors``, or the shards its index names."""
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
-        return load_file(single)
+        return [single]
     if os.path.isfile(index):
         with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(load_file(os.path.join(path, shard)))
-        return state
+            return [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def checkpoint_tensors(path: str):
+    """(key, tensor) of every tensor of a local checkpoint, read one at a time (never the whole file)."""
+    from safetensors import safe_open
+
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
 
 
 @torch.no_grad()
@@ -471,7 +475,7 @@ def load_hf_weights(decoder: Decoder, directory: str | os.PathLike) -> Decoder:
         raise ValueError(f"{path}/config.json describes another architecture than this decoder: {spec} vs {decoder.spec}")
     params = dict(decoder.named_parameters(remove_duplicate=False))
     seen, unexpected = set(), []
-    for key, tensor in _read_safetensors(path).items():
+    for key, tensor in checkpoint_tensors(path):
         name = hf_to_local_key(key)
         if name is None:
             continue
@@ -494,38 +498,3 @@ def from_pretrained(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
     """Build a :class:`Decoder` from a local checkpoint directory and load its weights."""
     decoder = Decoder(DecoderSpec.from_directory(directory)).to(dtype)
     return load_hf_weights(decoder, directory)
-
-
-@torch.no_grad()
-def add_token_rows(decoder: Decoder, n_new: int) -> Decoder:
-    """Grow ``decoder``'s vocabulary by ``n_new`` rows (e.g. for ``<boi>``/``<eoi>`` added to its tokenizer).
-
-    The new rows of ``embed_tokens`` (and of an untied ``lm_head``) are the mean of the existing
-    rows, so old tokens keep their logits and the new ones start as an average token. A tied
-    ``lm_head`` stays the same Parameter as ``embed_tokens``. ``decoder.spec.vocab_size`` is
-    updated. Note that a checkpoint's vocab may already be larger than its tokenizer (padded
-    rows): grow by ``max(0, len(tokenizer) - decoder.spec.vocab_size)``.
-    """
-    if not isinstance(n_new, int) or n_new < 0:
-        raise ValueError(f"add_token_rows: n_new must be an int >= 0, got {n_new!r}")
-    if n_new == 0:
-        return decoder
-    old = decoder.embed_tokens.weight  # V, D
-    V, D = old.shape
-    new_embed = nn.Embedding(V + n_new, D, device=old.device, dtype=old.dtype)
-    new_embed.weight[:V] = old
-    new_embed.weight[V:] = old.float().mean(0).to(old.dtype)
-    new_embed.weight.requires_grad_(old.requires_grad)
-    decoder.embed_tokens = new_embed
-    if decoder.spec.tie_word_embeddings:
-        decoder.lm_head.weight = decoder.embed_tokens.weight
-    else:
-        head = decoder.lm_head.weight  # V, D
-        new_head = nn.Linear(D, V + n_new, bias=False, device=head.device, dtype=head.dtype)
-        new_head.weight[:V] = head
-        new_head.weight[V:] = head.float().mean(0).to(head.dtype)
-        new_head.weight.requires_grad_(head.requires_grad)
-        decoder.lm_head = new_head
-    decoder.lm_head.out_features = V + n_new
-    decoder.spec = dataclasses.replace(decoder.spec, vocab_size=V + n_new)
-    return decoder

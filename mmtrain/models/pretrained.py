@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from mmtrain.models.config import ModelConfig
-from mmtrain.models.llama import DecoderSpec, _local_dir
+from mmtrain.models.llama import DecoderSpec, _local_dir, safetensors_files
 
 log = logging.getLogger("mmtrain.pretrained")
 
@@ -87,16 +87,6 @@ def _gathered(param: torch.nn.Parameter):
     return contextlib.nullcontext()
 
 
-def _safetensors_files(path: str) -> list[str]:
-    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return [single]
-    if os.path.isfile(index):
-        with open(index) as f:
-            return [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
-
-
 @torch.no_grad()
 def load_hf_weights(model: torch.nn.Module, directory: str | os.PathLike, rank: int = 0) -> dict:
     """Fill ``model`` (CausalFusion, ``backbone: llama``, built from :func:`model_config_from_hf`'s
@@ -107,14 +97,14 @@ def load_hf_weights(model: torch.nn.Module, directory: str | os.PathLike, rank: 
     ``model_elements`` (all parameters), ``added_rows``."""
     from safetensors import safe_open
 
-    path = _local_dir(directory)
+    path = _local_dir(directory)  # (mmtrain.models.llama.checkpoint_tensors reads every rank's copy; here only rank 0 reads)
     params = dict(model.named_parameters(remove_duplicate=False))
     numel = {n: (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) for n, p in params.items()}
     wanted = model.pretrained_parameter_names()
     tied = model.lm_head.weight is model.tok_embed.weight
     seen, unexpected, largest, added = set(), [], 0, 0
     image_copy = {n for n in params if ".image." in n}
-    for file in _safetensors_files(path):
+    for file in safetensors_files(path):
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
                 name = hf_to_model_key(key)

@@ -8,8 +8,8 @@ Ids:
 
 * ``<boi>``/``<eoi>`` are the tokenizer's own tokens of those names if its vocabulary has
   them, else they are added as special tokens with new ids past the old vocabulary
-  (:attr:`HFTextTokenizer.added_tokens` names those added; grow the model's embedding with
-  :func:`mmtrain.models.llama.add_token_rows`).
+  (:attr:`HFTextTokenizer.added_tokens` names those added; loading a checkpoint
+  (:func:`mmtrain.models.pretrained.load_hf_weights`) gives them the mean embedding row).
 * pad is the tokenizer's pad token, else its eos.
 * bos is the tokenizer's bos token, else its eos (Qwen-style tokenizers have no bos).
 
