@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from mmtrain.atomic import atomic_write_bytes
-from mmtrain.tokenize.text import TokenizerMismatchError
+from mmtrain.tokenize.text import TokenizerMismatchError, batch_ids
 
 BOI, EOI = "<boi>", "<eoi>"
 # The files of a saved tokenizer that decide its ids (what AutoTokenizer reads), hashed into the fingerprint.
@@ -211,27 +211,7 @@ class HFTextTokenizer:
         Returns ids ``# B, max_len`` padded with ``pad_id`` and lengths ``# B``; ``cut`` gets
         ``(row, tokens before the cut)`` for each text longer than ``max_len``.
         """
-        min_len = int(bos) + int(eos)
-        if max_len < max(1, min_len):
-            raise ValueError(
-                f"HFTextTokenizer.encode_batch: max_len must be >= {max(1, min_len)} "
-                f"(bos={bos}, eos={eos}), got {max_len}")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"HFTextTokenizer.encode_batch: texts[{i}] must be str, got {type(t).__name__}")
-        ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)  # B, L
-        lengths = torch.zeros(len(texts), dtype=torch.long)  # B
-        for row, body in enumerate(self._body(list(texts))):
-            seq = ([self.bos_id] if bos else []) + list(body) + ([self.eos_id] if eos else [])
-            if len(seq) > max_len:
-                if cut is not None:
-                    cut.append((row, len(seq)))
-                seq = seq[:max_len]
-                if eos:
-                    seq[-1] = self.eos_id
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            lengths[row] = len(seq)
-        return ids, lengths
+        return batch_ids("HFTextTokenizer", texts, self._body, max_len, self.pad_id, self.bos_id, self.eos_id, bos, eos, cut)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text for ``ids``: stops at the first eos (a leading bos that is the eos is skipped), drops pad/bos/boi/eoi."""

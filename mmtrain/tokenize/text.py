@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -249,6 +249,34 @@ def train_text_tokenizer(
     return TextTokenizer(model_bytes, meta, model_path=model_path)
 
 
+def batch_ids(owner: str, texts: Sequence[str], body_ids: Callable[[list[str]], list[list[int]]], max_len: int, pad_id: int,
+              bos_id: int, eos_id: int, bos: bool = True, eos: bool = True,
+              cut: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode_batch`` of every text tokenizer: ``body_ids`` (a batch of texts -> their ids without
+    specials) wrapped in bos/eos, truncated (keeping the leading bos and, if ``eos``, ending in eos) and
+    right-padded to ``max_len``; ``cut`` gets ``(row, tokens before the cut)`` of each text longer.
+    ``owner`` names the tokenizer in errors."""
+    min_len = int(bos) + int(eos)
+    if max_len < max(1, min_len):
+        raise ValueError(f"{owner}.encode_batch: max_len must be >= {max(1, min_len)} (bos={bos}, eos={eos}), got {max_len}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{owner}.encode_batch: texts[{i}] must be str, got {type(t).__name__}")
+    ids = torch.full((len(texts), max_len), pad_id, dtype=torch.long)  # B, L
+    lengths = torch.zeros(len(texts), dtype=torch.long)  # B
+    for row, body in enumerate(body_ids(list(texts)) if texts else []):
+        seq = ([bos_id] if bos else []) + list(body) + ([eos_id] if eos else [])
+        if len(seq) > max_len:
+            if cut is not None:
+                cut.append((row, len(seq)))
+            seq = seq[:max_len]
+            if eos:
+                seq[-1] = eos_id
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        lengths[row] = len(seq)
+    return ids, lengths
+
+
 class TextTokenizer:
     """A loaded SentencePiece model plus its sidecar metadata.
 
@@ -375,30 +403,9 @@ class TextTokenizer:
             ids: LongTensor ``# B, max_len`` padded with ``pad_id``.
             lengths: LongTensor ``# B`` number of non-pad tokens per row.
         """
-        min_len = int(bos) + int(eos)
-        if max_len < max(1, min_len):
-            raise ValueError(
-                f"TextTokenizer.encode_batch: max_len must be >= {max(1, min_len)} "
-                f"(bos={bos}, eos={eos}), got {max_len}"
-            )
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"TextTokenizer.encode_batch: texts[{i}] must be str, got {type(t).__name__}")
-        ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)  # B, L
-        lengths = torch.zeros(len(texts), dtype=torch.long)  # B
         # Batch call into C++ rather than a Python loop over encode().
-        pieces: list[list[int]] = self._sp.encode(list(texts), out_type=int) if texts else []
-        for row, body in enumerate(pieces):
-            seq = ([self.bos_id] if bos else []) + body + ([self.eos_id] if eos else [])
-            if len(seq) > max_len:
-                if cut is not None:
-                    cut.append((row, len(seq)))
-                seq = seq[:max_len]
-                if eos:
-                    seq[-1] = self.eos_id
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            lengths[row] = len(seq)
-        return ids, lengths
+        return batch_ids("TextTokenizer", texts, lambda batch: self._sp.encode(batch, out_type=int), max_len, self.pad_id,
+                         self.bos_id, self.eos_id, bos, eos, cut)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text for ``ids``: stops at the first eos, drops pad/bos/boi/eoi."""
