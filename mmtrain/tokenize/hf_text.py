@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from mmtrain.atomic import atomic_write_bytes
-from mmtrain.tokenize.text import TokenizerMismatchError, batch_ids
+from mmtrain.tokenize.text import TokenizerMismatchError, batch_ids, visible_ids
 
 BOI, EOI = "<boi>", "<eoi>"
 # The files of a saved tokenizer that decide its ids (what AutoTokenizer reads), hashed into the fingerprint.
@@ -215,20 +215,5 @@ class HFTextTokenizer:
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text for ``ids``: stops at the first eos (a leading bos that is the eos is skipped), drops pad/bos/boi/eoi."""
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() != 1:
-                raise ValueError(f"HFTextTokenizer.decode: expected a 1-D tensor, got shape {tuple(ids.shape)}")
-            ids = ids.tolist()
-        kept: list[int] = []
-        n = self.vocab_size
-        for i, tok in enumerate(ids):
-            tok = int(tok)
-            if not 0 <= tok < n:
-                raise ValueError(f"HFTextTokenizer.decode: token id {tok} is out of range [0, {n})")
-            if tok == self.eos_id:
-                if i == 0 and self.bos_id == self.eos_id:
-                    continue
-                break
-            if tok not in self._hidden_ids:
-                kept.append(tok)
+        kept = visible_ids("HFTextTokenizer", ids, self.vocab_size, self.bos_id, self.eos_id, self._hidden_ids)
         return self.hf.decode(kept, skip_special_tokens=False)

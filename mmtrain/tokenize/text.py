@@ -277,6 +277,29 @@ def batch_ids(owner: str, texts: Sequence[str], body_ids: Callable[[list[str]], 
     return ids, lengths
 
 
+def visible_ids(owner: str, ids: Sequence[int] | torch.Tensor, vocab_size: int, bos_id: int, eos_id: int,
+                hidden: frozenset[int]) -> list[int]:
+    """``decode`` of every text tokenizer: the ids of ``ids`` (1-D) up to the first eos (a leading eos that is
+    also the bos, as in tokenizers without a bos, is skipped), without the ``hidden`` ones (pad, bos, boi, eoi);
+    an id outside ``[0, vocab_size)`` is an error naming ``owner``."""
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() != 1:
+            raise ValueError(f"{owner}.decode: expected a 1-D tensor, got shape {tuple(ids.shape)}")
+        ids = ids.tolist()
+    kept: list[int] = []
+    for i, tok in enumerate(ids):
+        tok = int(tok)
+        if not 0 <= tok < vocab_size:
+            raise ValueError(f"{owner}.decode: token id {tok} is out of range [0, {vocab_size})")
+        if tok == eos_id:
+            if i == 0 and bos_id == eos_id:
+                continue
+            break
+        if tok not in hidden:
+            kept.append(tok)
+    return kept
+
+
 class TextTokenizer:
     """A loaded SentencePiece model plus its sidecar metadata.
 
@@ -409,20 +432,7 @@ class TextTokenizer:
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Text for ``ids``: stops at the first eos, drops pad/bos/boi/eoi."""
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() != 1:
-                raise ValueError(f"TextTokenizer.decode: expected a 1-D tensor, got shape {tuple(ids.shape)}")
-            ids = ids.tolist()
-        kept: list[int] = []
-        n = self.vocab_size
-        for tok in ids:
-            tok = int(tok)
-            if not 0 <= tok < n:
-                raise ValueError(f"TextTokenizer.decode: token id {tok} is out of range [0, {n})")
-            if tok == self.eos_id:
-                break
-            if tok not in self._hidden_ids:
-                kept.append(tok)
+        kept = visible_ids("TextTokenizer", ids, self.vocab_size, self.bos_id, self.eos_id, self._hidden_ids)
         return self._sp.decode(kept)
 
     # ------------------------------------------------------- fingerprinting
